@@ -1,0 +1,142 @@
+//! Types shared by the kernel programs (`probe-ebpf`) and the agent (`probe-user`).
+//!
+//! Every record the kernel writes to the ring buffer is one fixed-size [`RawEvent`], tagged by
+//! [`EventKind`]. A single fixed layout keeps the kernel side trivial and lets the recording file
+//! store events as a flat array.
+#![no_std]
+
+/// What a [`RawEvent`] describes.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A thread of the target became runnable and later got a CPU: `duration_ns` is the wait.
+    RunQueue = 1,
+    /// A thread of the target was off-CPU for `duration_ns`; stacks are where it blocked.
+    OffCpu = 2,
+    /// A periodic on-CPU sample of a target thread.
+    OnCpuSample = 3,
+    /// A TCP segment of a socket owned by the target was retransmitted.
+    TcpRetransmit = 4,
+}
+
+impl EventKind {
+    pub fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            1 => Some(Self::RunQueue),
+            2 => Some(Self::OffCpu),
+            3 => Some(Self::OnCpuSample),
+            4 => Some(Self::TcpRetransmit),
+            _ => None,
+        }
+    }
+}
+
+/// No stack was captured (or the stack map refused it: full or hash collision).
+pub const NO_STACK: i32 = -1;
+
+/// `flags` bit: the off-CPU interval began with an involuntary switch (preemption).
+pub const FLAG_PREEMPTED: u32 = 1;
+
+/// One event as written by the kernel. Little-endian, 88 bytes, no padding holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawEvent {
+    pub kind: u32,
+    /// CPU the event was observed on (for run-queue delay: the CPU the thread got).
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the end of the interval / at the sample.
+    pub ts_ns: u64,
+    /// Run-queue wait or off-CPU time; 0 for samples and retransmits.
+    pub duration_ns: u64,
+    pub tid: u32,
+    pub tgid: u32,
+    /// Stack-map ids; [`NO_STACK`] when absent.
+    pub kernel_stack_id: i32,
+    pub user_stack_id: i32,
+    /// Off-CPU: the `prev_state` the thread left the CPU with. Retransmit: TCP state.
+    pub state: u32,
+    pub flags: u32,
+    /// Retransmit only: address family (2 = AF_INET, 10 = AF_INET6), ports in host order.
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    /// Retransmit only: IPv4 in the first 4 bytes, or IPv6.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+impl RawEvent {
+    pub const SIZE: usize = core::mem::size_of::<RawEvent>();
+
+    pub const fn zeroed() -> Self {
+        RawEvent {
+            kind: 0,
+            cpu: 0,
+            ts_ns: 0,
+            duration_ns: 0,
+            tid: 0,
+            tgid: 0,
+            kernel_stack_id: NO_STACK,
+            user_stack_id: NO_STACK,
+            state: 0,
+            flags: 0,
+            family: 0,
+            local_port: 0,
+            remote_port: 0,
+            _pad: 0,
+            local_addr: [0; 16],
+            remote_addr: [0; 16],
+        }
+    }
+}
+
+const _: () = assert!(RawEvent::SIZE == 88);
+
+/// Indexes into the kernel's per-CPU `COUNTERS` array. Drops are counted where they happen so
+/// the user can tell "nothing happened" from "we lost it".
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// `bpf_ringbuf_reserve` failed: the agent did not drain fast enough.
+    RingBufferFull = 0,
+    /// `bpf_get_stackid` failed (map full, hash collision, or no user stack).
+    StackMissing = 1,
+    /// A per-thread state map was full; an interval could not be tracked.
+    StateMapFull = 2,
+    /// Events written to the ring buffer.
+    EventsSent = 3,
+}
+
+pub const COUNTER_SLOTS: u32 = 4;
+
+/// Offsets into kernel structs, resolved by the agent from the running kernel's BTF and
+/// passed to the programs as a global, because aya-ebpf has no CO-RE relocations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_state: u32,
+    pub _pad: u32,
+}
+
+/// Run-time settings the agent writes into the programs' globals before loading.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// Thread-group id (the PID users see) to observe.
+    pub target_tgid: u32,
+    /// 1 enables aya-log output from the kernel programs.
+    pub debug: u32,
+    /// Off-CPU intervals shorter than this are not reported (0 = report all).
+    pub min_offcpu_ns: u64,
+    pub offsets: KernelOffsets,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] data with no padding-dependent invariants.
+    unsafe impl aya::Pod for super::ProbeConfig {}
+    unsafe impl aya::Pod for super::RawEvent {}
+}

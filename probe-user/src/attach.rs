@@ -1,0 +1,419 @@
+//! Loading the kernel programs and attaching them to one target, with the scheduler hook chosen
+//! at run time from a fallback chain and the choice reported.
+
+use std::fmt;
+
+use aya::{
+    maps::HashMap as BpfHashMap,
+    programs::{
+        perf_event::{PerfEventScope, PerfTypeId, SamplePolicy},
+        BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, TracePoint,
+    },
+    Btf, Ebpf, EbpfLoader,
+};
+use probe_common::{KernelOffsets, ProbeConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::btf::KernelBtf;
+use crate::error::ProbeError;
+use crate::target;
+
+/// The compiled kernel programs, built by `build.rs` from `probe-ebpf`.
+static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
+
+/// Ways to observe context switches, in the order they are tried: cheapest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedHook {
+    /// fentry on finish_task_switch: a direct call, no tracepoint argument marshalling.
+    Fentry,
+    /// kprobe on finish_task_switch (its kallsyms name, often a .isra clone).
+    Kprobe,
+    /// BTF-typed sched_switch tracepoint.
+    TpBtf,
+    /// Raw sched_switch tracepoint: works wherever BPF raw tracepoints do.
+    RawTp,
+}
+
+impl SchedHook {
+    pub const CHAIN: [SchedHook; 4] = [
+        SchedHook::Fentry,
+        SchedHook::Kprobe,
+        SchedHook::TpBtf,
+        SchedHook::RawTp,
+    ];
+
+    fn program(self) -> &'static str {
+        match self {
+            SchedHook::Fentry => "sched_switch_fentry",
+            SchedHook::Kprobe => "sched_switch_kprobe",
+            SchedHook::TpBtf => "sched_switch_btf",
+            SchedHook::RawTp => "sched_switch_raw",
+        }
+    }
+}
+
+impl fmt::Display for SchedHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SchedHook::Fentry => "fentry/finish_task_switch",
+            SchedHook::Kprobe => "kprobe/finish_task_switch",
+            SchedHook::TpBtf => "tp_btf/sched_switch",
+            SchedHook::RawTp => "raw_tp/sched_switch",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookAttempt {
+    pub hook: String,
+    /// `None` when it attached.
+    pub error: Option<String>,
+}
+
+/// Which hooks are live, and why the ones before them in the chain are not.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachReport {
+    pub scheduler: String,
+    pub scheduler_attempts: Vec<HookAttempt>,
+    pub wakeup: String,
+    pub sampling: String,
+    pub tcp: Vec<String>,
+}
+
+impl fmt::Display for AttachReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "scheduler hook: {}", self.scheduler)?;
+        let failed: Vec<String> = self
+            .scheduler_attempts
+            .iter()
+            .filter_map(|a| a.error.as_ref().map(|e| format!("{} ({e})", a.hook)))
+            .collect();
+        if !failed.is_empty() {
+            write!(f, " [not available: {}]", failed.join("; "))?;
+        }
+        write!(
+            f,
+            "; wakeups: {}; sampling: {}; tcp: {}",
+            self.wakeup,
+            self.sampling,
+            self.tcp.join(", ")
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProbeSettings {
+    pub pid: u32,
+    /// On-CPU sampling frequency per CPU.
+    pub sample_hz: u64,
+    pub min_offcpu_ns: u64,
+    /// Use only this scheduler hook instead of walking the chain.
+    pub sched_hook: Option<SchedHook>,
+    pub debug_ebpf: bool,
+}
+
+pub struct AttachedProbes {
+    pub ebpf: Ebpf,
+    pub report: AttachReport,
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Root, or the capabilities BPF tracing needs, in the effective set.
+pub fn require_privileges() -> Result<(), ProbeError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(ProbeError::NotPrivileged)
+    }
+}
+
+/// Tracepoint field layouts the kernel programs read at fixed offsets; checked against the
+/// running kernel so a layout change fails loudly instead of producing garbage.
+const EXPECTED_FIELDS: &[(&str, &str, usize)] = &[
+    ("sock/sock_send_length", "void * sk", 8),
+    ("sock/sock_recv_length", "void * sk", 8),
+    ("sock/inet_sock_set_state", "const void * skaddr", 8),
+    ("sock/inet_sock_set_state", "int newstate", 20),
+    ("tcp/tcp_retransmit_skb", "const void * skaddr", 16),
+    ("tcp/tcp_retransmit_skb", "int state", 24),
+    ("tcp/tcp_retransmit_skb", "__u16 sport", 28),
+    ("tcp/tcp_retransmit_skb", "__u16 dport", 30),
+    ("tcp/tcp_retransmit_skb", "__u16 family", 32),
+    ("tcp/tcp_retransmit_skb", "__u8 saddr[4]", 34),
+    ("tcp/tcp_retransmit_skb", "__u8 daddr[4]", 38),
+    ("tcp/tcp_retransmit_skb", "__u8 saddr_v6[16]", 42),
+    ("tcp/tcp_retransmit_skb", "__u8 daddr_v6[16]", 58),
+];
+
+fn tracefs_root() -> Result<&'static str, ProbeError> {
+    for root in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if std::path::Path::new(root).join("events").is_dir() {
+            return Ok(root);
+        }
+    }
+    // Mounting is what `perf` and bpftrace do too; it needs the privileges we already require.
+    let _ = std::fs::create_dir_all("/sys/kernel/tracing");
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+        .status();
+    if matches!(status, Ok(s) if s.success()) {
+        return Ok("/sys/kernel/tracing");
+    }
+    Err(ProbeError::KernelLayout(
+        "tracefs is not mounted and could not be mounted at /sys/kernel/tracing".into(),
+    ))
+}
+
+fn check_tracepoint_layouts() -> Result<(), ProbeError> {
+    let root = tracefs_root()?;
+    for (event, field, offset) in EXPECTED_FIELDS {
+        let path = format!("{root}/events/{event}/format");
+        let format = std::fs::read_to_string(&path)
+            .map_err(|e| ProbeError::KernelLayout(format!("{path}: {e}")))?;
+        let wanted = format!("field:{field};\toffset:{offset};");
+        if !format.contains(&wanted) {
+            return Err(ProbeError::KernelLayout(format!(
+                "tracepoint {event} field `{field}` is not at offset {offset}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets, ProbeError> {
+    Ok(KernelOffsets {
+        task_pid: btf.member_offset("task_struct", "pid")?,
+        task_tgid: btf.member_offset("task_struct", "tgid")?,
+        // Renamed from `state` in 5.14.
+        task_state: btf
+            .member_offset("task_struct", "__state")
+            .or_else(|_| btf.member_offset("task_struct", "state"))?,
+        _pad: 0,
+    })
+}
+
+/// The kallsyms name of finish_task_switch: compilers often emit only a `.isra` clone.
+fn finish_task_switch_symbol() -> String {
+    std::fs::read_to_string("/proc/kallsyms")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .filter_map(|l| l.split_whitespace().nth(2))
+                .find(|name| *name == "finish_task_switch" || name.starts_with("finish_task_switch."))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "finish_task_switch".into())
+}
+
+fn attach_err(program: &str, err: impl fmt::Display) -> ProbeError {
+    ProbeError::Attach {
+        program: program.into(),
+        reason: err.to_string(),
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ProbeError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| attach_err(name, "program missing from the probe object"))?;
+    program.try_into().map_err(|e| attach_err(name, e))
+}
+
+/// Full error chain of an aya error on one line (the useful errno is usually at the bottom).
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+fn try_sched_hook(ebpf: &mut Ebpf, hook: SchedHook, btf: &Btf) -> Result<(), String> {
+    let name = hook.program();
+    let fail = |e: &dyn std::error::Error| chain(e);
+    match hook {
+        SchedHook::Fentry => {
+            let p: &mut FEntry = program_mut(ebpf, name).map_err(|e| e.to_string())?;
+            p.load("finish_task_switch", btf).map_err(|e| fail(&e))?;
+            p.attach().map(drop).map_err(|e| fail(&e))
+        }
+        SchedHook::Kprobe => {
+            let symbol = finish_task_switch_symbol();
+            let p: &mut KProbe = program_mut(ebpf, name).map_err(|e| e.to_string())?;
+            p.load().map_err(|e| fail(&e))?;
+            p.attach(&symbol, 0).map(drop).map_err(|e| fail(&e))
+        }
+        SchedHook::TpBtf => {
+            let p: &mut BtfTracePoint = program_mut(ebpf, name).map_err(|e| e.to_string())?;
+            p.load("sched_switch", btf).map_err(|e| fail(&e))?;
+            p.attach().map(drop).map_err(|e| fail(&e))
+        }
+        SchedHook::RawTp => {
+            let p: &mut RawTracePoint = program_mut(ebpf, name).map_err(|e| e.to_string())?;
+            p.load().map_err(|e| fail(&e))?;
+            p.attach("sched_switch").map(drop).map_err(|e| fail(&e))
+        }
+    }
+}
+
+/// Wakeup hooks follow the same idea: typed tracepoint first, raw one as the fallback.
+fn attach_wakeups(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, ProbeError> {
+    let btf_attempt = (|| -> Result<(), String> {
+        for (program, tracepoint) in [
+            ("sched_wakeup_btf", "sched_wakeup"),
+            ("sched_wakeup_new_btf", "sched_wakeup_new"),
+        ] {
+            let p: &mut BtfTracePoint = program_mut(ebpf, program).map_err(|e| e.to_string())?;
+            p.load(tracepoint, btf).map_err(|e| chain(&e))?;
+            p.attach().map_err(|e| chain(&e))?;
+        }
+        Ok(())
+    })();
+    if btf_attempt.is_ok() {
+        return Ok("tp_btf/sched_wakeup, tp_btf/sched_wakeup_new".into());
+    }
+    for (program, tracepoint) in [
+        ("sched_wakeup_raw", "sched_wakeup"),
+        ("sched_wakeup_new_raw", "sched_wakeup_new"),
+    ] {
+        let p: &mut RawTracePoint = program_mut(ebpf, program)?;
+        p.load().map_err(|e| attach_err(program, chain(&e)))?;
+        p.attach(tracepoint)
+            .map_err(|e| attach_err(program, chain(&e)))?;
+    }
+    Ok("raw_tp/sched_wakeup, raw_tp/sched_wakeup_new".into())
+}
+
+fn attach_sampling(ebpf: &mut Ebpf, hz: u64) -> Result<String, ProbeError> {
+    let program = "on_cpu_sample";
+    let cpus = aya::util::online_cpus().map_err(|(what, e)| attach_err(program, format!("{what}: {e}")))?;
+    let p: &mut PerfEvent = program_mut(ebpf, program)?;
+    p.load().map_err(|e| attach_err(program, chain(&e)))?;
+    for cpu in &cpus {
+        p.attach(
+            PerfTypeId::Software,
+            aya::programs::perf_event::perf_sw_ids::PERF_COUNT_SW_CPU_CLOCK as u64,
+            PerfEventScope::AllProcessesOneCpu { cpu: *cpu },
+            SamplePolicy::Frequency(hz),
+            false,
+        )
+        .map_err(|e| attach_err(program, chain(&e)))?;
+    }
+    Ok(format!("perf_event cpu-clock {hz} Hz on {} CPUs", cpus.len()))
+}
+
+fn attach_tcp(ebpf: &mut Ebpf, pid: u32) -> Result<Vec<String>, ProbeError> {
+    let mut attached = Vec::new();
+    for (program, category, name) in [
+        ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
+        ("sock_send_length", "sock", "sock_send_length"),
+        ("sock_recv_length", "sock", "sock_recv_length"),
+        ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ] {
+        let p: &mut TracePoint = program_mut(ebpf, program)?;
+        p.load().map_err(|e| attach_err(program, chain(&e)))?;
+        p.attach(category, name)
+            .map_err(|e| attach_err(program, chain(&e)))?;
+        attached.push(format!("tracepoint/{category}/{name}"));
+    }
+    let mut ports: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(
+        ebpf.map_mut("TARGET_PORTS")
+            .ok_or_else(|| attach_err("TARGET_PORTS", "map missing"))?,
+    )
+    .map_err(|e| attach_err("TARGET_PORTS", e))?;
+    for port in target::listening_ports(pid) {
+        ports
+            .insert(port, 1, 0)
+            .map_err(|e| attach_err("TARGET_PORTS", e))?;
+    }
+    Ok(attached)
+}
+
+/// Loads the programs for `settings.pid` and attaches all of them. Dropping the returned
+/// [`AttachedProbes`] detaches everything (aya closes the links with their fds).
+pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
+    require_privileges()?;
+    target::require_process(settings.pid)?;
+    let layout = KernelBtf::from_sys_fs()?;
+    let btf = Btf::from_sys_fs().map_err(|e| ProbeError::MissingBtf {
+        path: "/sys/kernel/btf/vmlinux".into(),
+        reason: e.to_string(),
+    })?;
+    check_tracepoint_layouts()?;
+    let config = ProbeConfig {
+        target_tgid: settings.pid,
+        debug: settings.debug_ebpf as u32,
+        min_offcpu_ns: settings.min_offcpu_ns,
+        offsets: kernel_offsets(&layout)?,
+    };
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&btf))
+        .set_global("CONFIG", &config, true)
+        .load(PROBE_OBJECT)
+        .map_err(|e| attach_err("probe object", chain(&e)))?;
+    if settings.debug_ebpf {
+        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
+            log::warn!("kernel-side logging unavailable: {e}");
+        }
+    }
+
+    let chain_to_try: Vec<SchedHook> = match settings.sched_hook {
+        Some(hook) => vec![hook],
+        None => SchedHook::CHAIN.to_vec(),
+    };
+    let mut attempts = Vec::new();
+    let mut chosen = None;
+    for hook in chain_to_try {
+        let result = try_sched_hook(&mut ebpf, hook, &btf);
+        attempts.push(HookAttempt {
+            hook: hook.to_string(),
+            error: result.as_ref().err().cloned(),
+        });
+        if result.is_ok() {
+            chosen = Some(hook);
+            break;
+        }
+    }
+    let Some(chosen) = chosen else {
+        let why: Vec<String> = attempts
+            .iter()
+            .map(|a| format!("{}: {}", a.hook, a.error.clone().unwrap_or_default()))
+            .collect();
+        return Err(ProbeError::NoSchedulerHook(why.join("; ")));
+    };
+
+    let wakeup = attach_wakeups(&mut ebpf, &btf)?;
+    let sampling = if settings.sample_hz > 0 {
+        attach_sampling(&mut ebpf, settings.sample_hz)?
+    } else {
+        "off".into()
+    };
+    let tcp = attach_tcp(&mut ebpf, settings.pid)?;
+    Ok(AttachedProbes {
+        ebpf,
+        report: AttachReport {
+            scheduler: chosen.to_string(),
+            scheduler_attempts: attempts,
+            wakeup,
+            sampling,
+            tcp,
+        },
+    })
+}

@@ -1,0 +1,225 @@
+//! Kernel records decoded into typed events.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use probe_common::{EventKind, RawEvent, FLAG_PREEMPTED, NO_STACK};
+use serde::Serialize;
+
+/// Stack-map id as written by the kernel; `None` when no stack was captured.
+pub type StackId = Option<u32>;
+
+fn stack(id: i32) -> StackId {
+    (id != NO_STACK && id >= 0).then_some(id as u32)
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    RunQueue {
+        ts_ns: u64,
+        tid: u32,
+        cpu: u32,
+        delay_ns: u64,
+    },
+    OffCpu {
+        ts_ns: u64,
+        tid: u32,
+        cpu: u32,
+        duration_ns: u64,
+        /// `prev_state` when the thread left the CPU (1 = interruptible sleep, 2 = uninterruptible).
+        state: u32,
+        /// It was preempted while runnable: this interval is run-queue wait, not blocking.
+        preempted: bool,
+        kernel_stack: StackId,
+        user_stack: StackId,
+    },
+    OnCpuSample {
+        ts_ns: u64,
+        tid: u32,
+        cpu: u32,
+        kernel_stack: StackId,
+        user_stack: StackId,
+    },
+    TcpRetransmit {
+        ts_ns: u64,
+        cpu: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        /// TCP state number (1 = ESTABLISHED, ...).
+        tcp_state: u32,
+    },
+}
+
+impl Event {
+    pub fn ts_ns(&self) -> u64 {
+        match *self {
+            Event::RunQueue { ts_ns, .. }
+            | Event::OffCpu { ts_ns, .. }
+            | Event::OnCpuSample { ts_ns, .. }
+            | Event::TcpRetransmit { ts_ns, .. } => ts_ns,
+        }
+    }
+
+    pub fn from_raw(raw: &RawEvent) -> Option<Event> {
+        let kernel_stack = stack(raw.kernel_stack_id);
+        let user_stack = stack(raw.user_stack_id);
+        Some(match EventKind::from_u32(raw.kind)? {
+            EventKind::RunQueue => Event::RunQueue {
+                ts_ns: raw.ts_ns,
+                tid: raw.tid,
+                cpu: raw.cpu,
+                delay_ns: raw.duration_ns,
+            },
+            EventKind::OffCpu => Event::OffCpu {
+                ts_ns: raw.ts_ns,
+                tid: raw.tid,
+                cpu: raw.cpu,
+                duration_ns: raw.duration_ns,
+                state: raw.state,
+                preempted: raw.flags & FLAG_PREEMPTED != 0,
+                kernel_stack,
+                user_stack,
+            },
+            EventKind::OnCpuSample => Event::OnCpuSample {
+                ts_ns: raw.ts_ns,
+                tid: raw.tid,
+                cpu: raw.cpu,
+                kernel_stack,
+                user_stack,
+            },
+            EventKind::TcpRetransmit => Event::TcpRetransmit {
+                ts_ns: raw.ts_ns,
+                cpu: raw.cpu,
+                local: socket_addr(raw.family, &raw.local_addr, raw.local_port),
+                remote: socket_addr(raw.family, &raw.remote_addr, raw.remote_port),
+                tcp_state: raw.state,
+            },
+        })
+    }
+}
+
+fn socket_addr(family: u16, addr: &[u8; 16], port: u16) -> SocketAddr {
+    let ip = if family == libc::AF_INET6 as u16 {
+        IpAddr::V6(Ipv6Addr::from(*addr))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// Little-endian wire form of [`RawEvent`], the same as the kernel writes on x86_64 and the
+/// recording stores. Explicit so recordings do not depend on the reader's struct layout.
+pub fn encode_raw(raw: &RawEvent, out: &mut Vec<u8>) {
+    out.extend_from_slice(&raw.kind.to_le_bytes());
+    out.extend_from_slice(&raw.cpu.to_le_bytes());
+    out.extend_from_slice(&raw.ts_ns.to_le_bytes());
+    out.extend_from_slice(&raw.duration_ns.to_le_bytes());
+    out.extend_from_slice(&raw.tid.to_le_bytes());
+    out.extend_from_slice(&raw.tgid.to_le_bytes());
+    out.extend_from_slice(&raw.kernel_stack_id.to_le_bytes());
+    out.extend_from_slice(&raw.user_stack_id.to_le_bytes());
+    out.extend_from_slice(&raw.state.to_le_bytes());
+    out.extend_from_slice(&raw.flags.to_le_bytes());
+    out.extend_from_slice(&raw.family.to_le_bytes());
+    out.extend_from_slice(&raw.local_port.to_le_bytes());
+    out.extend_from_slice(&raw.remote_port.to_le_bytes());
+    out.extend_from_slice(&raw._pad.to_le_bytes());
+    out.extend_from_slice(&raw.local_addr);
+    out.extend_from_slice(&raw.remote_addr);
+}
+
+/// Inverse of [`encode_raw`]; `None` if `bytes` is shorter than one record.
+pub fn decode_raw(bytes: &[u8]) -> Option<RawEvent> {
+    let bytes = bytes.get(..RawEvent::SIZE)?;
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+    let u16_at = |o: usize| u16::from_le_bytes(bytes[o..o + 2].try_into().unwrap());
+    Some(RawEvent {
+        kind: u32_at(0),
+        cpu: u32_at(4),
+        ts_ns: u64_at(8),
+        duration_ns: u64_at(16),
+        tid: u32_at(24),
+        tgid: u32_at(28),
+        kernel_stack_id: u32_at(32) as i32,
+        user_stack_id: u32_at(36) as i32,
+        state: u32_at(40),
+        flags: u32_at(44),
+        family: u16_at(48),
+        local_port: u16_at(50),
+        remote_port: u16_at(52),
+        _pad: u16_at(54),
+        local_addr: bytes[56..72].try_into().unwrap(),
+        remote_addr: bytes[72..88].try_into().unwrap(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_raw() -> RawEvent {
+        let mut raw = RawEvent::zeroed();
+        raw.kind = EventKind::TcpRetransmit as u32;
+        raw.cpu = 1;
+        raw.ts_ns = 123_456_789;
+        raw.family = libc::AF_INET as u16;
+        raw.local_port = 8080;
+        raw.remote_port = 40000;
+        raw.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        raw.remote_addr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        raw.state = 1;
+        raw.kernel_stack_id = 7;
+        raw
+    }
+
+    #[test]
+    fn wire_form_round_trips_and_matches_in_memory_layout() {
+        let raw = sample_raw();
+        let mut bytes = Vec::new();
+        encode_raw(&raw, &mut bytes);
+        assert_eq!(bytes.len(), RawEvent::SIZE);
+        assert_eq!(decode_raw(&bytes), Some(raw));
+        // The kernel hands us the in-memory layout: on little-endian hosts it must equal ours.
+        let in_memory = unsafe {
+            std::slice::from_raw_parts(&raw as *const RawEvent as *const u8, RawEvent::SIZE)
+        };
+        assert_eq!(in_memory, &bytes[..]);
+        assert_eq!(decode_raw(&bytes[..10]), None);
+    }
+
+    #[test]
+    fn retransmit_decodes_to_socket_addresses() {
+        let event = Event::from_raw(&sample_raw()).unwrap();
+        assert_eq!(
+            event,
+            Event::TcpRetransmit {
+                ts_ns: 123_456_789,
+                cpu: 1,
+                local: "127.0.0.1:8080".parse().unwrap(),
+                remote: "127.0.0.2:40000".parse().unwrap(),
+                tcp_state: 1,
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_kind_and_missing_stacks() {
+        let mut raw = RawEvent::zeroed();
+        raw.kind = 99;
+        assert!(Event::from_raw(&raw).is_none());
+        raw.kind = EventKind::OnCpuSample as u32;
+        raw.user_stack_id = 3;
+        match Event::from_raw(&raw).unwrap() {
+            Event::OnCpuSample {
+                kernel_stack,
+                user_stack,
+                ..
+            } => {
+                assert_eq!(kernel_stack, None);
+                assert_eq!(user_stack, Some(3));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! What /proc says about the target process: identity, threads, memory maps, listening ports.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProbeError;
+
+/// One executable file mapping of the target, enough to turn an address into a file offset.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryMap {
+    pub start: u64,
+    pub end: u64,
+    pub file_offset: u64,
+    pub path: String,
+}
+
+impl MemoryMap {
+    pub fn contains(&self, addr: u64) -> bool {
+        (self.start..self.end).contains(&addr)
+    }
+}
+
+pub fn require_process(pid: u32) -> Result<(), ProbeError> {
+    if pid == 0 || !PathBuf::from(format!("/proc/{pid}")).exists() {
+        return Err(ProbeError::NoSuchProcess(pid));
+    }
+    Ok(())
+}
+
+pub fn is_alive(pid: u32) -> bool {
+    // A zombie keeps its /proc entry but has no threads to observe.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_else(|_| format!("pid{pid}"))
+}
+
+pub fn exe(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+pub fn cmdline(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// tid → thread name for every live thread of the target.
+pub fn thread_names(pid: u32) -> BTreeMap<u32, String> {
+    let mut names = BTreeMap::new();
+    if let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for entry in dir.flatten() {
+            if let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() {
+                if let Ok(name) = fs::read_to_string(entry.path().join("comm")) {
+                    names.insert(tid, name.trim_end().to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Executable file-backed mappings from /proc/PID/maps.
+pub fn executable_maps(pid: u32) -> Vec<MemoryMap> {
+    fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|text| parse_maps(&text))
+        .unwrap_or_default()
+}
+
+pub fn parse_maps(text: &str) -> Vec<MemoryMap> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let range = fields.next()?;
+            let perms = fields.next()?;
+            let offset = fields.next()?;
+            let _dev = fields.next()?;
+            let _inode = fields.next()?;
+            let path: Vec<&str> = fields.collect();
+            let path = path.join(" ");
+            if !perms.contains('x') || path.is_empty() {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            Some(MemoryMap {
+                start: u64::from_str_radix(start, 16).ok()?,
+                end: u64::from_str_radix(end, 16).ok()?,
+                file_offset: u64::from_str_radix(offset, 16).ok()?,
+                path,
+            })
+        })
+        .collect()
+}
+
+/// Local ports of TCP sockets the target holds in LISTEN state.
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes = socket_inodes(pid);
+    let mut ports = HashSet::new();
+    for table in ["tcp", "tcp6"] {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
+            ports.extend(parse_listening(&text, &inodes));
+        }
+    }
+    let mut ports: Vec<u16> = ports.into_iter().collect();
+    ports.sort_unstable();
+    ports
+}
+
+fn socket_inodes(pid: u32) -> HashSet<u64> {
+    let mut inodes = HashSet::new();
+    if let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) {
+        for entry in dir.flatten() {
+            if let Ok(link) = fs::read_link(entry.path()) {
+                let link = link.to_string_lossy();
+                if let Some(inode) = link
+                    .strip_prefix("socket:[")
+                    .and_then(|s| s.strip_suffix(']'))
+                    .and_then(|s| s.parse().ok())
+                {
+                    inodes.insert(inode);
+                }
+            }
+        }
+    }
+    inodes
+}
+
+/// Ports from a /proc/net/tcp table whose row is LISTEN (state 0A) and whose inode is ours.
+pub fn parse_listening(table: &str, inodes: &HashSet<u64>) -> Vec<u16> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local = fields.get(1)?;
+            let state = fields.get(3)?;
+            let inode: u64 = fields.get(9)?.parse().ok()?;
+            if *state != "0A" || !inodes.contains(&inode) {
+                return None;
+            }
+            let (_, port) = local.rsplit_once(':')?;
+            u16::from_str_radix(port, 16).ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_keep_only_executable_file_mappings() {
+        let text = "\
+55d0a0000000-55d0a0001000 r--p 00000000 08:01 1234 /usr/bin/server
+55d0a0001000-55d0a0005000 r-xp 00001000 08:01 1234 /usr/bin/server
+7f0000000000-7f0000021000 rw-p 00000000 00:00 0
+7ffd1000000-7ffd1002000 r-xp 00000000 00:00 0 [vdso]
+7f1000000000-7f1000100000 r-xp 00002000 08:01 99 /opt/my lib/libx.so";
+        let maps = parse_maps(text);
+        assert_eq!(maps.len(), 3);
+        assert_eq!(maps[0].start, 0x55d0a0001000);
+        assert_eq!(maps[0].file_offset, 0x1000);
+        assert_eq!(maps[0].path, "/usr/bin/server");
+        assert_eq!(maps[1].path, "[vdso]");
+        assert_eq!(maps[2].path, "/opt/my lib/libx.so");
+        assert!(maps[0].contains(0x55d0a0001000) && !maps[0].contains(0x55d0a0005000));
+    }
+
+    #[test]
+    fn listening_ports_are_matched_by_inode() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0
+   1: 0100007F:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 222 1 0
+   2: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 111 1 0";
+        let ours: HashSet<u64> = [111].into_iter().collect();
+        assert_eq!(parse_listening(table, &ours), vec![8080]);
+    }
+
+    #[test]
+    fn own_process_is_visible() {
+        let me = std::process::id();
+        require_process(me).unwrap();
+        assert!(is_alive(me));
+        assert!(thread_names(me).contains_key(&me));
+        assert!(!executable_maps(me).is_empty());
+        assert!(matches!(
+            require_process(u32::MAX - 7),
+            Err(ProbeError::NoSuchProcess(_))
+        ));
+    }
+}
