@@ -1,11 +1,19 @@
 //! p99probe: attach to a server by PID and explain its latency from the kernel's view.
 //!
-//! Data flows one way: kernel programs → [`events`] → [`recorder`] → analysis
-//! ([`flamegraph`], [`histogram`]) → files. [`cli`] only turns flags into option structs.
+//! Data flows one way: kernel programs ([`attach`]) → [`events`] → [`recorder`] / [`recording`]
+//! → analysis ([`flamegraph`], [`histogram`], over a [`window`]) → files ([`output`]).
+//! [`cli`] only turns flags into option structs.
 
 pub mod attach;
 pub mod btf;
+pub mod cli;
 pub mod error;
 pub mod events;
+pub mod flamegraph;
+pub mod histogram;
 pub mod output;
+pub mod recorder;
+pub mod recording;
+pub mod symbolize;
 pub mod target;
+pub mod window;

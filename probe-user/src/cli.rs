@@ -1,0 +1,301 @@
+//! Command-line flags → option structs → library calls.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::attach::{ProbeSettings, SchedHook};
+use crate::error::ProbeError;
+use crate::flamegraph::{self, FlameKind};
+use crate::histogram::{self, human_ns};
+use crate::output::write_atomic;
+use crate::recorder::{record, RecordOptions};
+use crate::recording::Recording;
+use crate::window::Window;
+
+#[derive(Debug, Parser)]
+#[command(name = "p99probe", version, about = "Explains why a server's P99 latency spiked, from the kernel")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Record a running process: scheduler delay, off-CPU stacks, on-CPU samples, retransmits.
+    Record(RecordArgs),
+    /// Write a flame graph (SVG) and/or folded stacks from a recording.
+    Flamegraph(FlamegraphArgs),
+    /// Run-queue (scheduler) delay percentiles from a recording, as text and SVG.
+    SchedDelay(SchedDelayArgs),
+    /// Summarize a recording: target, hooks, event counts, drops.
+    Info(InfoArgs),
+}
+
+/// A duration such as `10s`, `250ms`, `1m30s`, or plain seconds (`2.5`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    if let Ok(seconds) = text.parse::<f64>() {
+        if seconds.is_finite() && seconds >= 0.0 {
+            return Ok(Duration::from_secs_f64(seconds));
+        }
+        return Err(format!("`{text}` is not a valid duration"));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e}"))
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// PID of the process to observe (all its threads, including ones created later).
+    #[arg(long)]
+    pub pid: u32,
+    /// How long to record; without it, until Ctrl-C or the process exits.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Recording file to write.
+    #[arg(long, short, default_value = "recording.p99")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// On-CPU sampling frequency per CPU (0 disables sampling).
+    #[arg(long, default_value_t = 499)]
+    pub sample_hz: u64,
+    /// Report off-CPU intervals at least this long (0 = all; short ones flood busy servers).
+    #[arg(long, value_parser = parse_duration, default_value = "1ms")]
+    pub min_offcpu: Duration,
+    /// Use only this scheduler hook instead of the fallback chain fentry → kprobe → tp_btf → raw_tp.
+    #[arg(long, value_enum)]
+    pub sched_hook: Option<SchedHook>,
+    /// Print the kernel programs' diagnostics (aya-log).
+    #[arg(long)]
+    pub debug_ebpf: bool,
+}
+
+impl ProbeArgs {
+    pub fn settings(&self, pid: u32) -> ProbeSettings {
+        ProbeSettings {
+            pid,
+            sample_hz: self.sample_hz,
+            min_offcpu_ns: self.min_offcpu.as_nanos() as u64,
+            sched_hook: self.sched_hook,
+            debug_ebpf: self.debug_ebpf,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct WindowArgs {
+    /// Window start, as an offset from the start of the recording (e.g. `2.5`, `2s500ms`).
+    #[arg(long, value_parser = parse_duration)]
+    pub from: Option<Duration>,
+    /// Window end, as an offset from the start of the recording.
+    #[arg(long, value_parser = parse_duration)]
+    pub to: Option<Duration>,
+}
+
+impl WindowArgs {
+    pub fn window(&self, recording: &Recording) -> Window {
+        Window::from_offsets(
+            recording.meta.start_ns,
+            recording.meta.end_ns,
+            self.from.map(|d| d.as_nanos() as u64),
+            self.to.map(|d| d.as_nanos() as u64),
+        )
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FlamegraphArgs {
+    pub recording: PathBuf,
+    #[arg(long, value_enum)]
+    pub kind: FlameKind,
+    #[command(flatten)]
+    pub window: WindowArgs,
+    /// SVG output.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Folded-stacks output (for inferno, flamegraph.pl, speedscope).
+    #[arg(long)]
+    pub folded: Option<PathBuf>,
+    /// Off-CPU: also count intervals where the thread was preempted (run-queue wait).
+    #[arg(long)]
+    pub include_preempted: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SchedDelayArgs {
+    pub recording: PathBuf,
+    #[command(flatten)]
+    pub window: WindowArgs,
+    /// Only delays on this CPU.
+    #[arg(long)]
+    pub cpu: Option<u32>,
+    /// SVG output.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Text output (also printed).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    pub recording: PathBuf,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Record(args) => run_record(args),
+        Command::Flamegraph(args) => run_flamegraph(args),
+        Command::SchedDelay(args) => run_sched_delay(args),
+        Command::Info(args) => run_info(args),
+    }
+}
+
+fn run_record(args: RecordArgs) -> anyhow::Result<()> {
+    let options = RecordOptions {
+        probe: args.probe.settings(args.pid),
+        duration: args.duration,
+        out: args.out,
+        progress: true,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let summary = runtime.block_on(async {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        record(&options, ctrl_c).await
+    })?;
+    eprintln!("{}", summary.hooks);
+    if summary.target_exited {
+        eprintln!("target {} exited during the recording; kept what was captured", args.pid);
+    }
+    let drops = summary.counters.ring_buffer_full;
+    println!(
+        "wrote {} ({} events, {} dropped in the kernel, {} stacks missing)",
+        summary.path.display(),
+        summary.events,
+        drops,
+        summary.counters.stacks_missing
+    );
+    Ok(())
+}
+
+fn write_file(path: &Path, contents: &[u8]) -> Result<(), ProbeError> {
+    write_atomic(path, contents)
+}
+
+fn run_flamegraph(args: FlamegraphArgs) -> anyhow::Result<()> {
+    if args.output.is_none() && args.folded.is_none() {
+        return Err(ProbeError::InvalidArgument("give --output FILE.svg and/or --folded FILE".into()).into());
+    }
+    let recording = Recording::load(&args.recording)?;
+    let window = args.window.window(&recording);
+    let folded = flamegraph::fold(&recording, args.kind, window, args.include_preempted);
+    if let Some(path) = &args.folded {
+        write_file(path, flamegraph::folded_text(&folded).as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.output {
+        let what = match args.kind {
+            FlameKind::Oncpu => "On-CPU",
+            FlameKind::Offcpu => "Off-CPU",
+        };
+        let title = format!("{what}: {} (pid {})", recording.meta.comm, recording.meta.pid);
+        let svg = flamegraph::render_svg(&folded, args.kind, &title)?;
+        write_file(path, &svg)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn run_sched_delay(args: SchedDelayArgs) -> anyhow::Result<()> {
+    let recording = Recording::load(&args.recording)?;
+    let window = args.window.window(&recording);
+    let histogram = histogram::run_queue_delays(&recording, window, args.cpu);
+    let label = match args.cpu {
+        Some(cpu) => format!("cpu{cpu}"),
+        None => "all CPUs".to_string(),
+    };
+    let text = histogram::render_text(&[(&label, &histogram)]);
+    print!("{text}");
+    if let Some(path) = &args.text {
+        write_file(path, text.as_bytes())?;
+    }
+    if let Some(path) = &args.output {
+        let title = format!(
+            "Run-queue delay: {} (pid {})",
+            recording.meta.comm, recording.meta.pid
+        );
+        write_file(path, histogram::render_svg(&title, &[(&label, &histogram)]).as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn run_info(args: InfoArgs) -> anyhow::Result<()> {
+    let recording = Recording::load(&args.recording)?;
+    let meta = &recording.meta;
+    let mut counts = std::collections::BTreeMap::<&str, u64>::new();
+    for event in recording.events() {
+        let kind = match event {
+            crate::events::Event::RunQueue { .. } => "run_queue",
+            crate::events::Event::OffCpu { .. } => "off_cpu",
+            crate::events::Event::OnCpuSample { .. } => "on_cpu_sample",
+            crate::events::Event::TcpRetransmit { .. } => "tcp_retransmit",
+        };
+        *counts.entry(kind).or_default() += 1;
+    }
+    println!("target: pid {} ({}) {}", meta.pid, meta.comm, meta.exe.as_deref().unwrap_or("?"));
+    println!("length: {}", human_ns(recording.duration_ns()));
+    println!("hooks: {}", meta.hooks);
+    println!("events: {counts:?}");
+    println!(
+        "kernel: {} sent, {} dropped (ring buffer full), {} stacks missing",
+        meta.counters.events_sent, meta.counters.ring_buffer_full, meta.counters.stacks_missing
+    );
+    if meta.target_exited {
+        println!("note: the target exited during the recording");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2.5").unwrap(), Duration::from_millis(2500));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn flags_parse_into_settings() {
+        let cli = Cli::try_parse_from([
+            "p99probe", "record", "--pid", "7", "--duration", "3s", "--min-offcpu", "0",
+            "--sched-hook", "raw-tp",
+        ])
+        .unwrap();
+        let Command::Record(args) = cli.command else {
+            panic!("not record")
+        };
+        let settings = args.probe.settings(args.pid);
+        assert_eq!(settings.pid, 7);
+        assert_eq!(settings.min_offcpu_ns, 0);
+        assert_eq!(settings.sample_hz, 499);
+        assert_eq!(settings.sched_hook, Some(SchedHook::RawTp));
+        assert_eq!(args.duration, Some(Duration::from_secs(3)));
+    }
+}

@@ -1,0 +1,180 @@
+//! Folded stacks and flame graphs (inferno) from a recording: on-CPU weighted by samples,
+//! off-CPU weighted by microseconds blocked.
+
+use std::collections::BTreeMap;
+
+use inferno::flamegraph::{self, color::BasicPalette, Palette};
+use serde::{Deserialize, Serialize};
+
+use crate::events::Event;
+use crate::recording::Recording;
+use crate::window::Window;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FlameKind {
+    Oncpu,
+    Offcpu,
+}
+
+/// Kernel frames carry perf's `_[k]` suffix so they stand apart from user frames.
+const KERNEL_SUFFIX: &str = "_[k]";
+
+/// Folded stacks: `frame;frame;...` (root first) → weight.
+pub type Folded = BTreeMap<String, u64>;
+
+fn sanitize(frame: &str) -> String {
+    // `;` separates frames and a trailing ` N` is the count: keep both out of names.
+    frame.replace(';', ":").replace('\n', " ")
+}
+
+fn stack_line(
+    recording: &Recording,
+    kernel: Option<u32>,
+    user: Option<u32>,
+) -> String {
+    let mut frames = vec![sanitize(&recording.meta.comm)];
+    let user_frames = recording.stack_names(user);
+    let kernel_frames = recording.stack_names(kernel);
+    if user_frames.is_empty() && kernel_frames.is_empty() {
+        frames.push("[no stack]".into());
+    }
+    frames.extend(user_frames.iter().map(|f| sanitize(f)));
+    frames.extend(
+        kernel_frames
+            .iter()
+            .map(|f| format!("{}{KERNEL_SUFFIX}", sanitize(f))),
+    );
+    frames.join(";")
+}
+
+/// Folded stacks of `kind` inside `window`. Off-CPU intervals are clipped to the window;
+/// intervals where the thread was preempted (run-queue wait, not blocking) are left out
+/// unless `include_preempted`.
+pub fn fold(recording: &Recording, kind: FlameKind, window: Window, include_preempted: bool) -> Folded {
+    let mut folded = Folded::new();
+    for event in recording.events() {
+        match (kind, event) {
+            (
+                FlameKind::Oncpu,
+                Event::OnCpuSample {
+                    ts_ns,
+                    kernel_stack,
+                    user_stack,
+                    ..
+                },
+            ) if window.contains(ts_ns) => {
+                *folded
+                    .entry(stack_line(recording, kernel_stack, user_stack))
+                    .or_default() += 1;
+            }
+            (
+                FlameKind::Offcpu,
+                Event::OffCpu {
+                    ts_ns,
+                    duration_ns,
+                    preempted,
+                    kernel_stack,
+                    user_stack,
+                    ..
+                },
+            ) if include_preempted || !preempted => {
+                let micros = window.overlap(ts_ns, duration_ns) / 1000;
+                if micros > 0 {
+                    *folded
+                        .entry(stack_line(recording, kernel_stack, user_stack))
+                        .or_default() += micros;
+                }
+            }
+            _ => {}
+        }
+    }
+    folded
+}
+
+pub fn folded_text(folded: &Folded) -> String {
+    let mut text = String::new();
+    for (stack, weight) in folded {
+        text.push_str(stack);
+        text.push(' ');
+        text.push_str(&weight.to_string());
+        text.push('\n');
+    }
+    text
+}
+
+/// Total weight of the stacks that contain `frame` (a frame name, exact match).
+pub fn weight_containing(folded: &Folded, frame: &str) -> u64 {
+    folded
+        .iter()
+        .filter(|(stack, _)| stack.split(';').any(|f| f == frame))
+        .map(|(_, w)| w)
+        .sum()
+}
+
+pub fn render_svg(folded: &Folded, kind: FlameKind, title: &str) -> anyhow::Result<Vec<u8>> {
+    let mut options = flamegraph::Options::default();
+    options.title = title.to_string();
+    match kind {
+        FlameKind::Oncpu => {
+            options.count_name = "samples".into();
+            options.colors = Palette::Basic(BasicPalette::Hot);
+        }
+        FlameKind::Offcpu => {
+            options.count_name = "us".into();
+            options.colors = Palette::Basic(BasicPalette::Blue);
+            options.subtitle = Some("off-CPU time (blocked), weighted by microseconds".into());
+        }
+    }
+    let mut svg = Vec::new();
+    let text = folded_text(folded);
+    if text.is_empty() {
+        // inferno refuses empty input; an empty capture still deserves a readable file.
+        options.subtitle = Some("no stacks in this window".into());
+        flamegraph::from_lines(&mut options, std::iter::once("[no data] 1"), &mut svg)?;
+    } else {
+        flamegraph::from_lines(&mut options, text.lines(), &mut svg)?;
+    }
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recording::tests::sample_recording;
+
+    #[test]
+    fn offcpu_is_weighted_by_microseconds_and_clipped() {
+        let recording = sample_recording();
+        let all = Window::new(0, u64::MAX);
+        let folded = fold(&recording, FlameKind::Offcpu, all, false);
+        assert_eq!(folded.len(), 1);
+        let (stack, weight) = folded.iter().next().unwrap();
+        assert_eq!(stack, "server;main;stall_here");
+        assert_eq!(*weight, 10 * 20_000);
+        assert_eq!(weight_containing(&folded, "stall_here"), 200_000);
+
+        // Event i spans [0.980s + i ms, 1.000s + i ms]: a window ending at 0.990s holds
+        // (10 - i) ms of each, 55 ms in all.
+        let early = Window::new(0, 990_000_000);
+        let folded = fold(&recording, FlameKind::Offcpu, early, false);
+        assert_eq!(folded.values().sum::<u64>(), 55_000);
+
+        assert!(fold(&recording, FlameKind::Oncpu, all, false).is_empty());
+    }
+
+    #[test]
+    fn renders_svg_even_when_empty() {
+        let recording = sample_recording();
+        let folded = fold(&recording, FlameKind::Offcpu, Window::new(0, u64::MAX), false);
+        let svg = String::from_utf8(render_svg(&folded, FlameKind::Offcpu, "t").unwrap()).unwrap();
+        assert!(svg.contains("stall_here"));
+        let svg = render_svg(&Folded::new(), FlameKind::Oncpu, "empty").unwrap();
+        assert!(String::from_utf8(svg).unwrap().contains("<svg"));
+    }
+
+    #[test]
+    fn frame_names_cannot_break_the_format() {
+        assert_eq!(sanitize("a;b\nc"), "a:b c");
+    }
+}
