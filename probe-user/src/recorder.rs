@@ -16,7 +16,7 @@ use crate::error::ProbeError;
 use crate::events::{decode_raw, Event};
 use crate::output::check_writable;
 use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
-use crate::symbolize::symbolize_stacks;
+use crate::symbolize::{symbolize_stacks, trim_tracing_frames};
 use crate::target::{self, MemoryMap};
 
 #[derive(Clone, Debug)]
@@ -199,7 +199,7 @@ pub async fn record(
     progress.finish_and_clear();
 
     let counters = read_counters(&attached.ebpf)?;
-    let stacks = read_stacks(&attached.ebpf, &events)?;
+    let mut stacks = read_stacks(&attached.ebpf, &events)?;
     let hooks = attached.report.clone();
     // Detach before the slow part (symbolization) so the target runs unobserved again.
     drop(ring);
@@ -208,6 +208,7 @@ pub async fn record(
     // Kernel timestamps are taken before the ring-buffer reservation, so CPUs can interleave.
     events.sort_by_key(|e| e.ts_ns);
     let symbols = symbolize_stacks(&stacks, &maps, pid);
+    trim_tracing_frames(&mut stacks, &symbols);
     let recording = Recording {
         meta: RecordingMeta {
             format_version: FORMAT_VERSION,

@@ -52,6 +52,47 @@ impl SymbolTable {
     }
 }
 
+/// Frames of our own probe's call path (tracepoint dispatch and the BPF program itself) that a
+/// kernel stack captured inside a tracepoint starts with.
+fn is_tracing_frame(name: &str) -> bool {
+    name.starts_with("bpf_trace_run")
+        || name.starts_with("__bpf_trace_")
+        || name.starts_with("__traceiter_")
+        || name.starts_with("bpf_prog_")
+}
+
+/// Drops, from the leaf end of every kernel stack, the frames up to and including the deepest
+/// tracing frame among the first few, so stacks start at the code that actually ran (e.g.
+/// `__schedule`) and not at the probe that observed it.
+pub fn trim_tracing_frames(stacks: &mut BTreeMap<u32, Vec<u64>>, table: &SymbolTable) {
+    const LOOK_AT: usize = 8;
+    for addrs in stacks.values_mut() {
+        if !addrs.first().is_some_and(|&a| is_kernel_address(a)) {
+            continue;
+        }
+        let deepest = addrs
+            .iter()
+            .take(LOOK_AT)
+            .enumerate()
+            .filter(|&(index, &addr)| {
+                table
+                    .frames
+                    .get(&lookup_address(addr, index))
+                    .is_some_and(|names| names.iter().any(|n| is_tracing_frame(n)))
+            })
+            .map(|(index, _)| index)
+            .last();
+        if let Some(index) = deepest {
+            addrs.drain(..=index);
+            // The new leaf is a return address, symbolized at address - 1: store it that way
+            // so the leaf lookup (which uses the address as is) finds it.
+            if let Some(leaf) = addrs.first_mut() {
+                *leaf = leaf.saturating_sub(1);
+            }
+        }
+    }
+}
+
 fn module_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
@@ -209,6 +250,28 @@ mod tests {
         let stacks: BTreeMap<u32, Vec<u64>> = [(1, vec![addr + 4])].into_iter().collect();
         let table = symbolize_stacks(&stacks, &[], 0);
         assert_eq!(table.stack_root_first(&[addr + 4]), vec!["do_nanosleep"]);
+    }
+
+    #[test]
+    fn tracing_frames_are_trimmed_from_kernel_leaves() {
+        let k = 0xffff_ffff_8100_0000u64;
+        let table = SymbolTable {
+            frames: [
+                (k + 0x10, vec!["[bpf]".to_string()]),
+                (k + 0x1f, vec!["bpf_trace_run4".to_string()]),
+                (k + 0x2f, vec!["__schedule".to_string()]),
+                (k + 0x3f, vec!["schedule".to_string()]),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let mut stacks: BTreeMap<u32, Vec<u64>> =
+            [(1, vec![k + 0x10, k + 0x20, k + 0x30, k + 0x40]), (2, vec![0x1000])]
+                .into_iter()
+                .collect();
+        trim_tracing_frames(&mut stacks, &table);
+        assert_eq!(table.stack_root_first(&stacks[&1]), vec!["schedule", "__schedule"]);
+        assert_eq!(stacks[&2], vec![0x1000]);
     }
 
     #[test]

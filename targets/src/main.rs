@@ -1,1 +1,243 @@
-fn main(){}
+//! `p99probe-target`: processes whose behaviour p99probe's tests and demo control exactly.
+//! Each mode prints `ready` (and for servers `ready PORT`) once it is doing what it says, and
+//! stops by itself after `--duration` seconds (default 60) so nothing outlives a test run.
+//!
+//! Function names that tests look for are `#[inline(never)]` and built with frame pointers.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: p99probe-target MODE [--duration SECS] [options]
+modes:
+  sleeper   [--stall-ms 20]          a thread that sleeps in stall_here() in a loop
+  spinner                            a thread that burns CPU in spin_here()
+  worker    [--cpu N]                bursts of CPU work (work_burst) with 1 ms sleeps, pinned
+  hog       [--cpu N]                pure CPU hog, pinned
+  server    [--port 0] [--response-bytes 4096] [--stall-every N --stall-ms M]
+                                     line-based TCP server; every Nth request stalls in stall_here()
+  client    --port P [--conns 4]     request/response load against a server"
+    );
+    std::process::exit(2)
+}
+
+struct Opts {
+    args: Vec<String>,
+}
+
+impl Opts {
+    fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
+        self.args
+            .iter()
+            .position(|a| a == name)
+            .and_then(|i| self.args.get(i + 1))
+            .map(|v| v.parse().unwrap_or_else(|_| usage()))
+            .unwrap_or(default)
+    }
+}
+
+fn ready(extra: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ready{extra}");
+    let _ = out.flush();
+}
+
+fn pin_to_cpu(cpu: usize) {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            panic!("sched_setaffinity({cpu}) failed");
+        }
+    }
+}
+
+/// nanosleep issued by a `syscall` instruction inside this function, so the user stack at the
+/// block starts in `stall_here` itself. (Through libc's frameless wrapper, frame-pointer
+/// unwinding would skip the function that called it.)
+#[inline(never)]
+#[no_mangle]
+pub extern "C" fn stall_here(millis: u64) {
+    let ts = libc::timespec {
+        tv_sec: (millis / 1000) as libc::time_t,
+        tv_nsec: ((millis % 1000) * 1_000_000) as libc::c_long,
+    };
+    unsafe {
+        let _ret: i64;
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") libc::SYS_nanosleep => _ret,
+            in("rdi") &ts as *const libc::timespec,
+            in("rsi") 0usize,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+}
+
+#[inline(never)]
+#[no_mangle]
+pub extern "C" fn spin_here(iterations: u64) -> u64 {
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for i in 0..iterations {
+        x = std::hint::black_box(x.rotate_left(5) ^ i).wrapping_mul(0x100000001b3);
+    }
+    x
+}
+
+#[inline(never)]
+#[no_mangle]
+pub extern "C" fn work_burst(millis: u64) -> u64 {
+    let end = Instant::now() + Duration::from_millis(millis);
+    let mut acc = 0;
+    while Instant::now() < end {
+        acc ^= spin_here(1000);
+    }
+    acc
+}
+
+fn sleeper(opts: &Opts, until: Instant) {
+    let stall_ms = opts.get("--stall-ms", 20u64);
+    let handle = std::thread::Builder::new()
+        .name("stall-loop".into())
+        .spawn(move || {
+            while Instant::now() < until {
+                stall_here(stall_ms);
+            }
+        })
+        .unwrap();
+    ready("");
+    handle.join().unwrap();
+}
+
+fn spinner(until: Instant) {
+    let handle = std::thread::Builder::new()
+        .name("spin-loop".into())
+        .spawn(move || {
+            while Instant::now() < until {
+                std::hint::black_box(spin_here(1_000_000));
+            }
+        })
+        .unwrap();
+    ready("");
+    handle.join().unwrap();
+}
+
+fn worker(opts: &Opts, until: Instant) {
+    pin_to_cpu(opts.get("--cpu", 0usize));
+    ready("");
+    while Instant::now() < until {
+        std::hint::black_box(work_burst(5));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn hog(opts: &Opts, until: Instant) {
+    pin_to_cpu(opts.get("--cpu", 0usize));
+    ready("");
+    while Instant::now() < until {
+        std::hint::black_box(spin_here(1_000_000));
+    }
+}
+
+fn serve_connection(stream: TcpStream, response: &[u8], stall_every: u64, stall_ms: u64) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut line = String::new();
+    let mut served = 0u64;
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        served += 1;
+        if stall_every > 0 && served % stall_every == 0 {
+            stall_here(stall_ms);
+        }
+        if writer.write_all(response).is_err() {
+            return;
+        }
+    }
+}
+
+fn server(opts: &Opts, until: Instant) {
+    let port = opts.get("--port", 0u16);
+    let bytes = opts.get("--response-bytes", 4096usize);
+    let stall_every = opts.get("--stall-every", 0u64);
+    let stall_ms = opts.get("--stall-ms", 20u64);
+    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    let mut response = vec![b'x'; bytes.max(1)];
+    *response.last_mut().unwrap() = b'\n';
+    let response: &'static [u8] = Box::leak(response.into_boxed_slice());
+    std::thread::spawn(move || {
+        let left = until.saturating_duration_since(Instant::now());
+        std::thread::sleep(left);
+        std::process::exit(0);
+    });
+    ready(&format!(" {port}"));
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || serve_connection(stream, response, stall_every, stall_ms));
+    }
+}
+
+fn client(opts: &Opts, until: Instant) {
+    let port: u16 = opts.get("--port", 0u16);
+    if port == 0 {
+        usage();
+    }
+    let conns = opts.get("--conns", 4usize);
+    let threads: Vec<_> = (0..conns)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut requests = 0u64;
+                while Instant::now() < until {
+                    let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) else {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    };
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut writer = stream;
+                    let mut line = Vec::new();
+                    while Instant::now() < until {
+                        if writer.write_all(b"GET\n").is_err() {
+                            break;
+                        }
+                        line.clear();
+                        match reader.by_ref().read_until(b'\n', &mut line) {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => requests += 1,
+                        }
+                    }
+                }
+                requests
+            })
+        })
+        .collect();
+    ready("");
+    let total: u64 = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+    println!("requests {total}");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(mode) = args.first().cloned() else {
+        usage()
+    };
+    let opts = Opts { args };
+    let until = Instant::now() + Duration::from_secs_f64(opts.get("--duration", 60.0f64));
+    match mode.as_str() {
+        "sleeper" => sleeper(&opts, until),
+        "spinner" => spinner(until),
+        "worker" => worker(&opts, until),
+        "hog" => hog(&opts, until),
+        "server" => server(&opts, until),
+        "client" => client(&opts, until),
+        _ => usage(),
+    }
+}
