@@ -23,15 +23,17 @@ fn main() {
     let mut cargo = Command::new("rustup");
     cargo
         .args(["run", "nightly", "cargo", "build", "--release", "--quiet"])
-        .current_dir(&ebpf_dir)
-        .env("CARGO_TARGET_DIR", &target_dir);
+        .current_dir(&ebpf_dir);
     // The outer build's settings (host rustflags, clippy's wrapper, toolchain pin) must not
     // leak into the BPF build.
+    let leaks = |key: &str| {
+        key.starts_with("CARGO_")
+            || key.starts_with("RUSTC")
+            || matches!(key, "RUSTFLAGS" | "RUSTDOCFLAGS" | "RUSTUP_TOOLCHAIN")
+    };
     for (key, _) in std::env::vars() {
-        if key.starts_with("CARGO_") || key.starts_with("RUSTC") || key == "RUSTFLAGS" || key == "RUSTUP_TOOLCHAIN" || key == "RUSTDOCFLAGS" {
-            if key != "CARGO_HOME" {
-                cargo.env_remove(&key);
-            }
+        if leaks(&key) && key != "CARGO_HOME" {
+            cargo.env_remove(&key);
         }
     }
     cargo.env("CARGO_TARGET_DIR", &target_dir);

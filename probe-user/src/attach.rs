@@ -210,7 +210,9 @@ fn finish_task_switch_symbol() -> String {
         .and_then(|text| {
             text.lines()
                 .filter_map(|l| l.split_whitespace().nth(2))
-                .find(|name| *name == "finish_task_switch" || name.starts_with("finish_task_switch."))
+                .find(|name| {
+                    *name == "finish_task_switch" || name.starts_with("finish_task_switch.")
+                })
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "finish_task_switch".into())
@@ -303,7 +305,8 @@ fn attach_wakeups(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, ProbeError> {
 
 fn attach_sampling(ebpf: &mut Ebpf, hz: u64) -> Result<String, ProbeError> {
     let program = "on_cpu_sample";
-    let cpus = aya::util::online_cpus().map_err(|(what, e)| attach_err(program, format!("{what}: {e}")))?;
+    let cpus = aya::util::online_cpus()
+        .map_err(|(what, e)| attach_err(program, format!("{what}: {e}")))?;
     let p: &mut PerfEvent = program_mut(ebpf, program)?;
     p.load().map_err(|e| attach_err(program, chain(&e)))?;
     for cpu in &cpus {
@@ -316,7 +319,10 @@ fn attach_sampling(ebpf: &mut Ebpf, hz: u64) -> Result<String, ProbeError> {
         )
         .map_err(|e| attach_err(program, chain(&e)))?;
     }
-    Ok(format!("perf_event cpu-clock {hz} Hz on {} CPUs", cpus.len()))
+    Ok(format!(
+        "perf_event cpu-clock {hz} Hz on {} CPUs",
+        cpus.len()
+    ))
 }
 
 fn attach_tcp(ebpf: &mut Ebpf, pid: u32) -> Result<Vec<String>, ProbeError> {

@@ -109,7 +109,11 @@ impl KernelBtf {
                             name: name_at(u32_at(m)?),
                             type_id: u32_at(m + 4)?,
                             // With kind_flag the top 8 bits hold a bitfield size.
-                            bit_offset: if kind_flag { raw_offset & 0xff_ffff } else { raw_offset },
+                            bit_offset: if kind_flag {
+                                raw_offset & 0xff_ffff
+                            } else {
+                                raw_offset
+                            },
                         });
                     }
                     pos += vlen * 12;
@@ -140,7 +144,9 @@ impl KernelBtf {
             .by_name
             .get(name)
             .ok_or_else(|| ProbeError::KernelLayout(format!("no struct {name} in BTF")))?;
-        self.find_bits(id, member, 0).map(|bits| bits / 8).ok_or_else(missing)
+        self.find_bits(id, member, 0)
+            .map(|bits| bits / 8)
+            .ok_or_else(missing)
     }
 
     fn find_bits(&self, id: u32, member: &str, depth: u32) -> Option<u32> {
@@ -186,11 +192,27 @@ mod tests {
         // 2: anonymous union { b, c }
         push(&[0, (KIND_UNION << 24) | 2, 4, s("b"), 1, 0, s("c"), 1, 0]);
         // 3: struct outer { a @0, <anon> @32 bits }
-        push(&[s("outer"), (KIND_STRUCT << 24) | 2, 8, s("a"), 1, 0, 0, 2, 32]);
+        push(&[
+            s("outer"),
+            (KIND_STRUCT << 24) | 2,
+            8,
+            s("a"),
+            1,
+            0,
+            0,
+            2,
+            32,
+        ]);
         let mut blob = Vec::new();
         blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
         blob.extend_from_slice(&[1, 0]);
-        for w in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for w in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             blob.extend_from_slice(&w.to_le_bytes());
         }
         blob.extend_from_slice(&types);

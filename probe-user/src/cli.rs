@@ -16,7 +16,11 @@ use crate::recording::Recording;
 use crate::window::Window;
 
 #[derive(Debug, Parser)]
-#[command(name = "p99probe", version, about = "Explains why a server's P99 latency spiked, from the kernel")]
+#[command(
+    name = "p99probe",
+    version,
+    about = "Explains why a server's P99 latency spiked, from the kernel"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -125,6 +129,9 @@ pub struct FlamegraphArgs {
     /// Off-CPU: also count intervals where the thread was preempted (run-queue wait).
     #[arg(long)]
     pub include_preempted: bool,
+    /// Print the N heaviest stacks.
+    #[arg(long, default_value_t = 0)]
+    pub top: usize,
 }
 
 #[derive(Debug, Args)]
@@ -176,7 +183,10 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
     })?;
     eprintln!("{}", summary.hooks);
     if summary.target_exited {
-        eprintln!("target {} exited during the recording; kept what was captured", args.pid);
+        eprintln!(
+            "target {} exited during the recording; kept what was captured",
+            args.pid
+        );
     }
     let drops = summary.counters.ring_buffer_full;
     println!(
@@ -194,12 +204,27 @@ fn write_file(path: &Path, contents: &[u8]) -> Result<(), ProbeError> {
 }
 
 fn run_flamegraph(args: FlamegraphArgs) -> anyhow::Result<()> {
-    if args.output.is_none() && args.folded.is_none() {
-        return Err(ProbeError::InvalidArgument("give --output FILE.svg and/or --folded FILE".into()).into());
+    if args.output.is_none() && args.folded.is_none() && args.top == 0 {
+        return Err(ProbeError::InvalidArgument(
+            "give --output FILE.svg, --folded FILE and/or --top N".into(),
+        )
+        .into());
     }
     let recording = Recording::load(&args.recording)?;
     let window = args.window.window(&recording);
     let folded = flamegraph::fold(&recording, args.kind, window, args.include_preempted);
+    let total: u64 = folded.values().sum();
+    for (weight, frames) in flamegraph::top_stacks(&folded, args.top) {
+        let unit = match args.kind {
+            FlameKind::Oncpu => "samples",
+            FlameKind::Offcpu => "us",
+        };
+        println!(
+            "{weight:>10} {unit} {:>5.1}%  {}",
+            100.0 * weight as f64 / total.max(1) as f64,
+            flamegraph::describe_stack(&frames, 3)
+        );
+    }
     if let Some(path) = &args.folded {
         write_file(path, flamegraph::folded_text(&folded).as_bytes())?;
         println!("wrote {}", path.display());
@@ -209,7 +234,10 @@ fn run_flamegraph(args: FlamegraphArgs) -> anyhow::Result<()> {
             FlameKind::Oncpu => "On-CPU",
             FlameKind::Offcpu => "Off-CPU",
         };
-        let title = format!("{what}: {} (pid {})", recording.meta.comm, recording.meta.pid);
+        let title = format!(
+            "{what}: {} (pid {})",
+            recording.meta.comm, recording.meta.pid
+        );
         let svg = flamegraph::render_svg(&folded, args.kind, &title)?;
         write_file(path, &svg)?;
         println!("wrote {}", path.display());
@@ -235,7 +263,10 @@ fn run_sched_delay(args: SchedDelayArgs) -> anyhow::Result<()> {
             "Run-queue delay: {} (pid {})",
             recording.meta.comm, recording.meta.pid
         );
-        write_file(path, histogram::render_svg(&title, &[(&label, &histogram)]).as_bytes())?;
+        write_file(
+            path,
+            histogram::render_svg(&title, &[(&label, &histogram)]).as_bytes(),
+        )?;
         println!("wrote {}", path.display());
     }
     Ok(())
@@ -254,7 +285,12 @@ fn run_info(args: InfoArgs) -> anyhow::Result<()> {
         };
         *counts.entry(kind).or_default() += 1;
     }
-    println!("target: pid {} ({}) {}", meta.pid, meta.comm, meta.exe.as_deref().unwrap_or("?"));
+    println!(
+        "target: pid {} ({}) {}",
+        meta.pid,
+        meta.comm,
+        meta.exe.as_deref().unwrap_or("?")
+    );
     println!("length: {}", human_ns(recording.duration_ns()));
     println!("hooks: {}", meta.hooks);
     println!("events: {counts:?}");
@@ -284,8 +320,16 @@ mod tests {
     #[test]
     fn flags_parse_into_settings() {
         let cli = Cli::try_parse_from([
-            "p99probe", "record", "--pid", "7", "--duration", "3s", "--min-offcpu", "0",
-            "--sched-hook", "raw-tp",
+            "p99probe",
+            "record",
+            "--pid",
+            "7",
+            "--duration",
+            "3s",
+            "--min-offcpu",
+            "0",
+            "--sched-hook",
+            "raw-tp",
         ])
         .unwrap();
         let Command::Record(args) = cli.command else {

@@ -28,11 +28,7 @@ fn sanitize(frame: &str) -> String {
     frame.replace(';', ":").replace('\n', " ")
 }
 
-fn stack_line(
-    recording: &Recording,
-    kernel: Option<u32>,
-    user: Option<u32>,
-) -> String {
+fn stack_line(recording: &Recording, kernel: Option<u32>, user: Option<u32>) -> String {
     let mut frames = vec![sanitize(&recording.meta.comm)];
     let user_frames = recording.stack_names(user);
     let kernel_frames = recording.stack_names(kernel);
@@ -51,7 +47,12 @@ fn stack_line(
 /// Folded stacks of `kind` inside `window`. Off-CPU intervals are clipped to the window;
 /// intervals where the thread was preempted (run-queue wait, not blocking) are left out
 /// unless `include_preempted`.
-pub fn fold(recording: &Recording, kind: FlameKind, window: Window, include_preempted: bool) -> Folded {
+pub fn fold(
+    recording: &Recording,
+    kind: FlameKind,
+    window: Window,
+    include_preempted: bool,
+) -> Folded {
     let mut folded = Folded::new();
     for event in recording.events() {
         match (kind, event) {
@@ -112,6 +113,39 @@ pub fn weight_containing(folded: &Folded, frame: &str) -> u64 {
         .sum()
 }
 
+/// The `n` heaviest stacks as `(weight, frames root-first)`, heaviest first.
+pub fn top_stacks(folded: &Folded, n: usize) -> Vec<(u64, Vec<String>)> {
+    let mut stacks: Vec<(u64, Vec<String>)> = folded
+        .iter()
+        .map(|(stack, weight)| (*weight, stack.split(';').map(str::to_string).collect()))
+        .collect();
+    stacks.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    stacks.truncate(n);
+    stacks
+}
+
+/// A one-line digest of a stack for people: the innermost `depth` user frames, and the kernel
+/// function it ended in (`a → b → c [do_nanosleep]`).
+pub fn describe_stack(frames: &[String], depth: usize) -> String {
+    let user: Vec<&str> = frames
+        .iter()
+        .skip(1) // process name
+        .filter(|f| !f.ends_with(KERNEL_SUFFIX))
+        .map(String::as_str)
+        .collect();
+    let kernel_leaf = frames
+        .iter()
+        .rev()
+        .find(|f| f.ends_with(KERNEL_SUFFIX) && !f.contains("schedule"))
+        .map(|f| f.trim_end_matches(KERNEL_SUFFIX));
+    let start = user.len().saturating_sub(depth);
+    let mut text = user[start..].join(" → ");
+    if let Some(kernel) = kernel_leaf {
+        text.push_str(&format!(" [{kernel}]"));
+    }
+    text
+}
+
 pub fn render_svg(folded: &Folded, kind: FlameKind, title: &str) -> anyhow::Result<Vec<u8>> {
     let mut options = flamegraph::Options::default();
     options.title = title.to_string();
@@ -166,11 +200,34 @@ mod tests {
     #[test]
     fn renders_svg_even_when_empty() {
         let recording = sample_recording();
-        let folded = fold(&recording, FlameKind::Offcpu, Window::new(0, u64::MAX), false);
+        let folded = fold(
+            &recording,
+            FlameKind::Offcpu,
+            Window::new(0, u64::MAX),
+            false,
+        );
         let svg = String::from_utf8(render_svg(&folded, FlameKind::Offcpu, "t").unwrap()).unwrap();
         assert!(svg.contains("stall_here"));
         let svg = render_svg(&Folded::new(), FlameKind::Oncpu, "empty").unwrap();
         assert!(String::from_utf8(svg).unwrap().contains("<svg"));
+    }
+
+    #[test]
+    fn top_stacks_and_descriptions() {
+        let mut folded = Folded::new();
+        folded.insert(
+            "srv;main;handle;stall_here;do_nanosleep_[k];schedule_[k]".into(),
+            30,
+        );
+        folded.insert("srv;main;idle".into(), 50);
+        let top = top_stacks(&folded, 1);
+        assert_eq!(top.len(), 1);
+        assert_eq!(top[0].0, 50);
+        let all = top_stacks(&folded, 5);
+        assert_eq!(
+            describe_stack(&all[1].1, 2),
+            "handle → stall_here [do_nanosleep]"
+        );
     }
 
     #[test]

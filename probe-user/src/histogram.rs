@@ -116,7 +116,12 @@ pub fn render_svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
         .map(|(_, h)| (h.len().max(10) as f64).log10().ceil())
         .fold(1.0, f64::max)
         .min(6.0);
-    let max_value = series.iter().map(|(_, h)| h.max()).max().unwrap_or(1).max(1) as f64;
+    let max_value = series
+        .iter()
+        .map(|(_, h)| h.max())
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
     let y_top = nice_ceiling(max_value);
     let x_of = |nines: f64| left + plot_w * nines / max_nines;
     let y_of = |value: f64| top + plot_h * (1.0 - value / y_top);
@@ -277,7 +282,10 @@ mod tests {
         let base = histogram_of(&[1_000, 2_000, 3_000]);
         let spike = histogram_of(&[1_000_000, 5_000_000]);
         let text = render_text(&[("baseline", &base), ("spike", &spike)]);
-        assert!(text.contains("baseline") && text.contains("5.00ms"), "{text}");
+        assert!(
+            text.contains("baseline") && text.contains("5.00ms"),
+            "{text}"
+        );
         let svg = render_svg("delay <cpu0>", &[("baseline", &base), ("spike", &spike)]);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);

@@ -65,7 +65,9 @@ mod tests {
     #[test]
     fn unwritable_paths_are_reported() {
         let err = check_writable(Path::new("/proc/definitely/not/here.p99")).unwrap_err();
-        assert!(err.to_string().starts_with("cannot write output /proc/definitely"));
+        assert!(err
+            .to_string()
+            .starts_with("cannot write output /proc/definitely"));
         let dir = tempfile::tempdir().unwrap();
         assert!(check_writable(dir.path()).is_err());
         assert!(check_writable(&dir.path().join("ok.p99")).is_ok());

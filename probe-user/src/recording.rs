@@ -121,8 +121,8 @@ impl Recording {
             .checked_add(meta_len)
             .filter(|&end| end + 8 <= body.len())
             .ok_or("metadata length exceeds the file")?;
-        let meta: RecordingMeta = serde_json::from_slice(&body[20..meta_end])
-            .map_err(|e| format!("metadata: {e}"))?;
+        let meta: RecordingMeta =
+            serde_json::from_slice(&body[20..meta_end]).map_err(|e| format!("metadata: {e}"))?;
         let count = u64::from_le_bytes(body[meta_end..meta_end + 8].try_into().unwrap()) as usize;
         let events = &body[meta_end + 8..];
         if count.checked_mul(RawEvent::SIZE) != Some(events.len()) {
@@ -209,7 +209,10 @@ pub(crate) mod tests {
     #[test]
     fn round_trips_through_bytes_and_disk() {
         let recording = sample_recording();
-        assert_eq!(Recording::from_bytes(&recording.to_bytes()).unwrap(), recording);
+        assert_eq!(
+            Recording::from_bytes(&recording.to_bytes()).unwrap(),
+            recording
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.p99");
         recording.save(&path).unwrap();
@@ -222,14 +225,20 @@ pub(crate) mod tests {
         let bytes = sample_recording().to_bytes();
         let mut flipped = bytes.clone();
         flipped[40] ^= 0xff;
-        assert!(Recording::from_bytes(&flipped).unwrap_err().contains("checksum"));
+        assert!(Recording::from_bytes(&flipped)
+            .unwrap_err()
+            .contains("checksum"));
         assert!(Recording::from_bytes(&bytes[..bytes.len() - 100])
             .unwrap_err()
             .contains("checksum"));
-        assert!(Recording::from_bytes(b"hello").unwrap_err().contains("magic"));
+        assert!(Recording::from_bytes(b"hello")
+            .unwrap_err()
+            .contains("magic"));
         let mut future = bytes.clone();
         future[8] = 9;
-        assert!(Recording::from_bytes(&future).unwrap_err().contains("version 9"));
+        assert!(Recording::from_bytes(&future)
+            .unwrap_err()
+            .contains("version 9"));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.p99");
         std::fs::write(&path, &flipped).unwrap();

@@ -81,7 +81,7 @@ pub fn trim_tracing_frames(stacks: &mut BTreeMap<u32, Vec<u64>>, table: &SymbolT
                     .is_some_and(|names| names.iter().any(|n| is_tracing_frame(n)))
             })
             .map(|(index, _)| index)
-            .last();
+            .next_back();
         if let Some(index) = deepest {
             addrs.drain(..=index);
             // The new leaf is a return address, symbolized at address - 1: store it that way
@@ -139,10 +139,11 @@ fn symbolize_kernel(symbolizer: &Symbolizer, addrs: &[u64], table: &mut SymbolTa
     if addrs.is_empty() {
         return;
     }
-    let mut kernel = Kernel::default();
-    kernel.vmlinux = MaybeDefault::None;
-    kernel.debug_syms = false;
-    let source = Source::Kernel(kernel);
+    let source = Source::Kernel(Kernel {
+        vmlinux: MaybeDefault::None,
+        debug_syms: false,
+        ..Default::default()
+    });
     match symbolizer.symbolize(&source, Input::AbsAddr(addrs)) {
         Ok(results) => {
             for (addr, result) in addrs.iter().zip(results.iter()) {
@@ -222,7 +223,7 @@ mod tests {
 
     #[test]
     fn own_function_symbolizes_through_saved_maps() {
-        let addr = a_function_with_a_unique_name as usize as u64;
+        let addr = a_function_with_a_unique_name as *const () as usize as u64;
         assert_eq!(a_function_with_a_unique_name(), 42);
         let pid = std::process::id();
         let maps = crate::target::executable_maps(pid);
@@ -230,7 +231,9 @@ mod tests {
         let table = symbolize_stacks(&stacks, &maps, pid);
         let names = table.stack_root_first(&[addr]);
         assert!(
-            names.iter().any(|n| n.contains("a_function_with_a_unique_name")),
+            names
+                .iter()
+                .any(|n| n.contains("a_function_with_a_unique_name")),
             "{names:?}"
         );
     }
@@ -265,12 +268,17 @@ mod tests {
             .into_iter()
             .collect(),
         };
-        let mut stacks: BTreeMap<u32, Vec<u64>> =
-            [(1, vec![k + 0x10, k + 0x20, k + 0x30, k + 0x40]), (2, vec![0x1000])]
-                .into_iter()
-                .collect();
+        let mut stacks: BTreeMap<u32, Vec<u64>> = [
+            (1, vec![k + 0x10, k + 0x20, k + 0x30, k + 0x40]),
+            (2, vec![0x1000]),
+        ]
+        .into_iter()
+        .collect();
         trim_tracing_frames(&mut stacks, &table);
-        assert_eq!(table.stack_root_first(&stacks[&1]), vec!["schedule", "__schedule"]);
+        assert_eq!(
+            table.stack_root_first(&stacks[&1]),
+            vec!["schedule", "__schedule"]
+        );
         assert_eq!(stacks[&2], vec![0x1000]);
     }
 

@@ -155,7 +155,7 @@ fn serve_connection(stream: TcpStream, response: &[u8], stall_every: u64, stall_
             Ok(_) => {}
         }
         served += 1;
-        if stall_every > 0 && served % stall_every == 0 {
+        if stall_every > 0 && served.is_multiple_of(stall_every) {
             stall_here(stall_ms);
         }
         if writer.write_all(response).is_err() {

@@ -1,1 +1,240 @@
-fn main(){}
+//! Project automation: `cargo xtask setup | build | demo | test`.
+//!
+//! Everything a fresh machine of this image lacks is installed here, idempotently and quickly
+//! when already present: Debian packages, nightly rust-src, and bpf-linker built against the
+//! toolchain's own LLVM (version and library name read from `rustc`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (fast when already installed).
+    Setup,
+    /// Setup, then build the agent and the test targets (release).
+    Build,
+    /// Build, then record a built-in demo target under load with an injected stall.
+    Demo {
+        /// Where the demo writes its outputs.
+        #[arg(long, default_value = "demo-output")]
+        out: PathBuf,
+    },
+    /// Setup, then formatting, lints, unit and integration tests (needs root).
+    Test,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {shown}"))?;
+    if !out.status.success() {
+        bail!("{shown} failed with {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Debian packages, by the command each provides.
+const PACKAGES: &[(&str, &str)] = &[
+    ("go", "golang-go"),
+    ("nft", "nftables"),
+    ("wrk", "wrk"),
+    ("setpriv", "util-linux"),
+    ("mount", "mount"),
+];
+
+fn install_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(command, _)| !have(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn install_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// The stable toolchain's LLVM: major version and the shared library's file name.
+fn toolchain_llvm() -> Result<(String, PathBuf, String)> {
+    let version = output(Command::new("rustc").args(["+stable", "-vV"]))?;
+    let llvm = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc -vV does not report an LLVM version")?
+        .trim()
+        .to_string();
+    let major = llvm.split('.').next().unwrap_or_default().to_string();
+    let sysroot = output(Command::new("rustc").args(["+stable", "--print", "sysroot"]))?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    let library = std::fs::read_dir(&lib_dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with(&format!("libLLVM.so.{major}")))
+        .with_context(|| format!("no libLLVM.so.{major}* in {}", lib_dir.display()))?;
+    Ok((major, lib_dir.join(&library), library))
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let (major, library_path, library_name) = toolchain_llvm()?;
+    let prefix = Path::new("/opt/rust-llvm");
+    let marker = prefix.join("bpf-linker-built-for");
+    let wanted = format!("{major} {library_name}\n");
+    let current = std::fs::read_to_string(&marker).unwrap_or_default();
+    let works = Command::new("bpf-linker")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if works && current == wanted {
+        return Ok(());
+    }
+    eprintln!("xtask: building bpf-linker against the toolchain's LLVM {major} ({library_name})");
+    let lib64 = prefix.join("lib64");
+    std::fs::create_dir_all(&lib64)?;
+    // bpf-linker's rpath wants both the plain name (link time) and the soname (run time).
+    for name in ["libLLVM.so", library_name.as_str()] {
+        let link = lib64.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&library_path, &link)?;
+    }
+    run(Command::new("cargo")
+        .args([
+            "+stable",
+            "install",
+            "bpf-linker",
+            "--force",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
+        .env("LLVM_PREFIX", prefix))?;
+    std::fs::write(marker, wanted)?;
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    install_packages()?;
+    install_rust_src()?;
+    install_bpf_linker()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "probe-user", "-p", "targets"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("{what} loads eBPF programs into the kernel and must run as root (try: sudo -E cargo xtask ...)");
+    }
+    Ok(())
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn test() -> Result<()> {
+    require_root("the test suite")?;
+    setup()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo")
+        .args(["+nightly", "fmt", "--check"])
+        .current_dir(root().join("probe-ebpf")))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build(false)?;
+    run(cargo().args(["test", "--workspace", "--", "--test-threads=1"]))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            build(true)
+        }
+        Task::Demo { out } => {
+            require_root("the demo")?;
+            setup()?;
+            build(true)?;
+            run(Command::new(root().join("scripts/demo.sh"))
+                .arg(&out)
+                .current_dir(root()))
+        }
+        Task::Test => test(),
+    }
+}

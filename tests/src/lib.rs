@@ -1,0 +1,222 @@
+//! Helpers for the end-to-end tests: spawn targets with known behaviour, record them with the
+//! real kernel programs, induce loss with nftables. These tests need root and fail (never skip)
+//! without it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use p99probe::attach::ProbeSettings;
+use p99probe::recorder::{record, RecordOptions};
+use p99probe::recording::Recording;
+
+/// Scheduler measurements are disturbed by other tests on a 2-CPU machine: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "end-to-end tests load eBPF programs and must run as root (cargo xtask test)"
+    );
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `target/<profile>/` of this build, found from the test executable (`.../deps/test-xxx`).
+pub fn build_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+/// A workspace binary; built on demand so `cargo test` alone also works.
+pub fn binary(name: &str) -> PathBuf {
+    let path = build_dir().join(name);
+    if !path.exists() {
+        let profile = build_dir()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "targets", "-p", "probe-user"]);
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building {name} failed");
+    }
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct Spawned {
+    pub child: Child,
+    /// The port it printed with `ready PORT`, if any.
+    pub port: Option<u16>,
+}
+
+impl Spawned {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `program args` and waits (up to 60 s) for its `ready [PORT]` line.
+pub fn spawn_ready(program: &Path, args: &[&str]) -> Spawned {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().and_then(Result::ok);
+        let _ = tx.send(first);
+        // Keep draining so the child never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("{} {args:?} never said ready", program.display()));
+    let mut words = line.split_whitespace();
+    assert_eq!(
+        words.next(),
+        Some("ready"),
+        "unexpected first line {line:?}"
+    );
+    let port = words.next().map(|p| p.parse().expect("port"));
+    Spawned { child, port }
+}
+
+pub fn target(args: &[&str]) -> Spawned {
+    spawn_ready(&binary("p99probe-target"), args)
+}
+
+pub fn settings(pid: u32) -> ProbeSettings {
+    ProbeSettings {
+        pid,
+        sample_hz: 499,
+        min_offcpu_ns: 1_000_000,
+        sched_hook: None,
+        debug_ebpf: false,
+    }
+}
+
+/// Records with the real kernel programs for `duration` and reads the file back.
+pub fn record_for(settings: ProbeSettings, duration: Duration) -> Recording {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("test.p99");
+    let options = RecordOptions {
+        probe: settings,
+        duration: Some(duration),
+        out: out.clone(),
+        progress: false,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(record(&options, std::future::pending()))
+        .expect("recording failed");
+    Recording::load(&out).expect("recording reads back")
+}
+
+/// Drops `percent`% of incoming TCP segments from the given source ports on loopback while
+/// alive (nftables, `input` hook: a drop there makes the sender retransmit). Removed on drop.
+pub struct PacketLoss {
+    table: String,
+}
+
+impl PacketLoss {
+    pub fn on_source_ports(ports: &[u16], percent: u32) -> PacketLoss {
+        let table = format!("p99probe_test_{}", std::process::id());
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let script = format!(
+            "add table inet {table}\n\
+             add chain inet {table} input {{ type filter hook input priority 0; policy accept; }}\n\
+             add rule inet {table} input iif lo tcp sport {{ {} }} numgen random mod 100 < {percent} drop\n",
+            ports.join(", ")
+        );
+        let loss = PacketLoss { table };
+        nft(&["-f", "-"], Some(&script));
+        loss
+    }
+}
+
+impl Drop for PacketLoss {
+    fn drop(&mut self) {
+        nft(&["delete", "table", "inet", &self.table], None);
+    }
+}
+
+fn nft(args: &[&str], stdin: Option<&str>) {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft (nftables) is installed by cargo xtask setup");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success(), "nft {args:?} failed");
+}
+
+/// The kernel's count of retransmitted TCP segments (all sockets), from /proc/net/snmp.
+pub fn retransmitted_segments() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let names: Vec<&str> = tcp.next().unwrap().split_whitespace().collect();
+    let values: Vec<&str> = tcp.next().unwrap().split_whitespace().collect();
+    let index = names.iter().position(|n| *n == "RetransSegs").unwrap();
+    values[index].parse().unwrap()
+}
+
+/// Builds the Go test server with Debian's golang-go into a temporary directory.
+pub fn build_go_server() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("go/server.go");
+    let binary = dir.path().join("goserver");
+    let status = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .env("GOCACHE", dir.path().join("gocache"))
+        .env("GOPATH", dir.path().join("gopath"))
+        .env("GO111MODULE", "off")
+        .status()
+        .expect("go (golang-go) is installed by cargo xtask setup");
+    assert!(status.success(), "go build failed");
+    (dir, binary)
+}
+
+/// Median of a non-empty list.
+pub fn median(values: &mut [u64]) -> u64 {
+    assert!(!values.is_empty(), "median of nothing");
+    values.sort_unstable();
+    values[values.len() / 2]
+}

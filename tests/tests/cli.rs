@@ -1,0 +1,226 @@
+//! The `p99probe` binary on bad input: one clear line, non-zero exit, and no lost data.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use integration_tests::*;
+use p99probe::recording::Recording;
+
+fn p99probe(args: &[&str]) -> Output {
+    Command::new(binary("p99probe"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn assert_one_line_error(output: &Output, expected: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "exit 0 for an error; stderr: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    assert!(stderr.contains(expected), "{stderr:?} lacks {expected:?}");
+}
+
+#[test]
+fn unknown_pid_is_one_line_and_nonzero() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.p99");
+    let output = p99probe(&[
+        "record",
+        "--pid",
+        "999999999",
+        "--duration",
+        "1s",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&output, "no process with PID 999999999");
+    assert!(!out.exists());
+}
+
+#[test]
+fn unwritable_output_fails_before_attaching() {
+    let _serial = serial();
+    let sleeper = target(&["sleeper", "--duration", "20"]);
+    let pid = sleeper.pid().to_string();
+    let output = p99probe(&[
+        "record",
+        "--pid",
+        &pid,
+        "--duration",
+        "1s",
+        "--out",
+        "/proc/no-such-dir/x.p99",
+    ]);
+    assert_one_line_error(&output, "cannot write output /proc/no-such-dir/x.p99");
+}
+
+#[test]
+fn unprivileged_user_is_told_to_use_root() {
+    let _serial = serial();
+    let sleeper = target(&["sleeper", "--duration", "20"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let out = dir.path().join("x.p99");
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(binary("p99probe"))
+        .args([
+            "record",
+            "--pid",
+            &sleeper.pid().to_string(),
+            "--duration",
+            "1s",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "needs root");
+}
+
+#[test]
+fn corrupt_recording_is_one_line_and_nonzero() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.p99");
+    std::fs::write(&path, b"P99PROBE\x01\x00\x00\x00garbage").unwrap();
+    assert_one_line_error(
+        &p99probe(&["info", path.to_str().unwrap()]),
+        "corrupt recording",
+    );
+    assert_one_line_error(
+        &p99probe(&["info", dir.path().join("missing.p99").to_str().unwrap()]),
+        "cannot read recording",
+    );
+}
+
+#[test]
+fn target_exiting_mid_capture_keeps_what_was_captured() {
+    let _serial = serial();
+    let sleeper = target(&["sleeper", "--stall-ms", "20", "--duration", "1.5"]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exit.p99");
+    let output = p99probe(&[
+        "record",
+        "--pid",
+        &sleeper.pid().to_string(),
+        "--duration",
+        "10s",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("exited during the recording"));
+    let recording = Recording::load(&out).unwrap();
+    assert!(recording.meta.target_exited);
+    assert!(recording.duration_ns() < Duration::from_secs(5).as_nanos() as u64);
+    // Symbolized after the exit from the saved maps: the function is still named.
+    let named = recording.events().any(|e| match e {
+        p99probe::events::Event::OffCpu { user_stack, .. } => recording
+            .stack_names(user_stack)
+            .iter()
+            .any(|f| f == "stall_here"),
+        _ => false,
+    });
+    assert!(named, "no off-CPU stack in stall_here survived the exit");
+}
+
+#[test]
+fn analysis_commands_write_their_files() {
+    let _serial = serial();
+    let sleeper = target(&["sleeper", "--duration", "20"]);
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("r.p99");
+    let rec_s = rec.to_str().unwrap();
+    let output = p99probe(&[
+        "record",
+        "--pid",
+        &sleeper.pid().to_string(),
+        "--duration",
+        "1s",
+        "--out",
+        rec_s,
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("scheduler hook: "),
+        "hook not reported: {stderr}"
+    );
+
+    let svg = dir.path().join("off.svg");
+    let folded = dir.path().join("off.folded");
+    let output = p99probe(&[
+        "flamegraph",
+        rec_s,
+        "--kind",
+        "offcpu",
+        "-o",
+        svg.to_str().unwrap(),
+        "--folded",
+        folded.to_str().unwrap(),
+        "--from",
+        "0.2",
+        "--to",
+        "0.8",
+    ]);
+    assert!(output.status.success());
+    assert!(std::fs::read_to_string(&svg)
+        .unwrap()
+        .contains("stall_here"));
+    let text = std::fs::read_to_string(&folded).unwrap();
+    // 0.6 s of a thread that is asleep nearly all the time.
+    let blocked_us: u64 = text
+        .lines()
+        .filter(|l| l.contains("stall_here"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(
+        (450_000..=600_000).contains(&blocked_us),
+        "{blocked_us} us in 0.6 s"
+    );
+
+    let delay_svg = dir.path().join("delay.svg");
+    let delay_txt = dir.path().join("delay.txt");
+    let output = p99probe(&[
+        "sched-delay",
+        rec_s,
+        "-o",
+        delay_svg.to_str().unwrap(),
+        "--text",
+        delay_txt.to_str().unwrap(),
+    ]);
+    assert!(output.status.success());
+    assert!(std::fs::read_to_string(&delay_svg)
+        .unwrap()
+        .contains("<polyline"));
+    assert!(std::fs::read_to_string(&delay_txt)
+        .unwrap()
+        .contains("p99.9"));
+}

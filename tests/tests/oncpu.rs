@@ -1,0 +1,26 @@
+//! On-CPU sampling: a busy loop in a named function dominates the on-CPU flame graph.
+
+use std::time::Duration;
+
+use integration_tests::*;
+use p99probe::flamegraph::{fold, render_svg, weight_containing, FlameKind};
+use p99probe::window::Window;
+
+#[test]
+fn busy_loop_dominates_the_oncpu_flame_graph() {
+    let _serial = serial();
+    let spinner = target(&["spinner", "--duration", "20"]);
+    let recording = record_for(settings(spinner.pid()), Duration::from_secs(2));
+    let window = Window::new(recording.meta.start_ns, recording.meta.end_ns);
+    let folded = fold(&recording, FlameKind::Oncpu, window, false);
+    let total: u64 = folded.values().sum();
+    let spinning = weight_containing(&folded, "spin_here");
+    // One CPU-bound thread at 499 Hz for 2 s: ~1000 samples.
+    assert!(total >= 500, "only {total} on-CPU samples");
+    assert!(
+        spinning * 10 >= total * 8,
+        "spin_here is in {spinning} of {total} samples"
+    );
+    let svg = String::from_utf8(render_svg(&folded, FlameKind::Oncpu, "spinner").unwrap()).unwrap();
+    assert!(svg.contains("spin_here"));
+}
