@@ -17,6 +17,12 @@ pub enum EventKind {
     OnCpuSample = 3,
     /// A TCP segment of a socket owned by the target was retransmitted.
     TcpRetransmit = 4,
+    /// The target wrote a response: `duration_ns` is from the arrival of the request's first
+    /// bytes on the socket to the write ("server" latency).
+    RequestServed = 5,
+    /// The peer acknowledged the whole response: `duration_ns` is from the request's arrival
+    /// to that acknowledgement ("delivery" latency, includes retransmissions).
+    RequestDelivered = 6,
 }
 
 impl EventKind {
@@ -26,6 +32,8 @@ impl EventKind {
             2 => Some(Self::OffCpu),
             3 => Some(Self::OnCpuSample),
             4 => Some(Self::TcpRetransmit),
+            5 => Some(Self::RequestServed),
+            6 => Some(Self::RequestDelivered),
             _ => None,
         }
     }
@@ -37,7 +45,7 @@ pub const NO_STACK: i32 = -1;
 /// `flags` bit: the off-CPU interval began with an involuntary switch (preemption).
 pub const FLAG_PREEMPTED: u32 = 1;
 
-/// One event as written by the kernel. Little-endian, 88 bytes, no padding holes.
+/// One event as written by the kernel. Little-endian, 96 bytes, no padding holes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawEvent {
@@ -46,8 +54,11 @@ pub struct RawEvent {
     pub cpu: u32,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the end of the interval / at the sample.
     pub ts_ns: u64,
-    /// Run-queue wait or off-CPU time; 0 for samples and retransmits.
+    /// Run-queue wait, off-CPU time, or request latency; 0 for samples and retransmits.
     pub duration_ns: u64,
+    /// Off-CPU only: the part of `duration_ns` spent runnable, waiting for a CPU (so
+    /// `duration_ns - wait_ns` is the time the thread was blocked).
+    pub wait_ns: u64,
     pub tid: u32,
     pub tgid: u32,
     /// Stack-map ids; [`NO_STACK`] when absent.
@@ -75,6 +86,7 @@ impl RawEvent {
             cpu: 0,
             ts_ns: 0,
             duration_ns: 0,
+            wait_ns: 0,
             tid: 0,
             tgid: 0,
             kernel_stack_id: NO_STACK,
@@ -91,7 +103,7 @@ impl RawEvent {
     }
 }
 
-const _: () = assert!(RawEvent::SIZE == 88);
+const _: () = assert!(RawEvent::SIZE == 96);
 
 /// Indexes into the kernel's per-CPU `COUNTERS` array. Drops are counted where they happen so
 /// the user can tell "nothing happened" from "we lost it".
@@ -118,6 +130,10 @@ pub struct KernelOffsets {
     pub task_pid: u32,
     pub task_tgid: u32,
     pub task_state: u32,
+    /// `struct tcp_sock.write_seq`: sequence number after the last byte the sender queued.
+    pub tcp_write_seq: u32,
+    /// `struct sk_buff.data`: on TCP receive, points at the TCP header.
+    pub skb_data: u32,
     pub _pad: u32,
 }
 

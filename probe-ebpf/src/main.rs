@@ -36,6 +36,8 @@ static CONFIG: ProbeConfig = ProbeConfig {
         task_pid: 0,
         task_tgid: 0,
         task_state: 0,
+        tcp_write_seq: 0,
+        skb_data: 0,
         _pad: 0,
     },
 };
@@ -67,6 +69,20 @@ static TARGET_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536,
 #[map]
 static TARGET_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 
+/// sk → the request in flight on it: when its bytes arrived, and once answered, the sequence
+/// number the peer must acknowledge for the response to be delivered.
+#[map]
+static REQUESTS: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(65536, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InFlight {
+    arrived_ns: u64,
+    /// 0 until the response is written.
+    answered: u32,
+    response_end_seq: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct SwitchedOut {
@@ -79,6 +95,7 @@ struct SwitchedOut {
 
 const TASK_RUNNING: u32 = 0;
 const TASK_DEAD: u32 = 0x80;
+const TCP_ESTABLISHED: i32 = 1;
 const TCP_CLOSE: i32 = 7;
 
 #[inline(always)]
@@ -184,10 +201,12 @@ fn switched_in<C: EbpfContext>(
     thread_is_current: bool,
 ) {
     let cpu = unsafe { bpf_get_smp_processor_id() };
+    let mut waited = 0;
     if let Some(since) = unsafe { RUNNABLE_SINCE.get(&tid) } {
         let since = *since;
         let _ = RUNNABLE_SINCE.remove(&tid);
         if now > since {
+            waited = now - since;
             let mut event = RawEvent::zeroed();
             event.kind = EventKind::RunQueue as u32;
             event.cpu = cpu;
@@ -210,6 +229,7 @@ fn switched_in<C: EbpfContext>(
         event.cpu = cpu;
         event.ts_ns = now;
         event.duration_ns = duration;
+        event.wait_ns = if waited < duration { waited } else { duration };
         event.tid = tid;
         event.tgid = tgid;
         event.state = out.state;
@@ -364,8 +384,13 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
 // them against the running kernel before attaching.
 mod tp {
     pub const SOCK_LENGTH_SK: usize = 8;
+    pub const SOCK_LENGTH_RET: usize = 20;
     pub const SET_STATE_SKADDR: usize = 8;
     pub const SET_STATE_NEWSTATE: usize = 20;
+    pub const SET_STATE_SPORT: usize = 24;
+    pub const DATA_READY_SKADDR: usize = 8;
+    pub const PROBE_SKBADDR: usize = 120;
+    pub const PROBE_SKADDR: usize = 128;
     pub const RETRANS_SKADDR: usize = 16;
     pub const RETRANS_STATE: usize = 24;
     pub const RETRANS_SPORT: usize = 28;
@@ -378,34 +403,161 @@ mod tp {
 }
 
 #[inline(always)]
-fn learn_socket(ctx: &TracePointContext) {
-    let cfg = config();
-    if (bpf_get_current_pid_tgid() >> 32) as u32 != cfg.target_tgid {
-        return;
-    }
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(tp::SOCK_LENGTH_SK) } {
-        let _ = TARGET_SOCKETS.insert(&sk, &1, 0);
-    }
+fn is_target_socket(sk: u64) -> bool {
+    unsafe { TARGET_SOCKETS.get(&sk).is_some() }
 }
 
+#[inline(always)]
+fn emit_request(kind: EventKind, tid: u32, now: u64, latency: u64) {
+    let mut event = RawEvent::zeroed();
+    event.kind = kind as u32;
+    event.cpu = unsafe { bpf_get_smp_processor_id() };
+    event.ts_ns = now;
+    event.duration_ns = latency;
+    event.tid = tid;
+    event.tgid = config().target_tgid;
+    emit(&event);
+}
+
+/// Request bytes arrived (softirq): start timing unless a request is already waiting.
+#[tracepoint(category = "sock", name = "sk_data_ready")]
+pub fn sk_data_ready(ctx: TracePointContext) -> u32 {
+    let Ok(sk) = (unsafe { ctx.read_at::<u64>(tp::DATA_READY_SKADDR) }) else {
+        return 0;
+    };
+    if !is_target_socket(sk) {
+        return 0;
+    }
+    if let Some(inflight) = REQUESTS.get_ptr_mut(&sk) {
+        // More bytes of a request not yet answered: it started at its first bytes.
+        if unsafe { (*inflight).answered } == 0 {
+            return 0;
+        }
+    }
+    let inflight = InFlight {
+        arrived_ns: unsafe { bpf_ktime_get_ns() },
+        answered: 0,
+        response_end_seq: 0,
+    };
+    let _ = REQUESTS.insert(&sk, &inflight, 0);
+    0
+}
+
+/// The target sent on a socket: learn the socket, and answer the request waiting on it.
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
-    learn_socket(&ctx);
+    let cfg = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 != cfg.target_tgid {
+        return 0;
+    }
+    let Ok(sk) = (unsafe { ctx.read_at::<u64>(tp::SOCK_LENGTH_SK) }) else {
+        return 0;
+    };
+    let _ = TARGET_SOCKETS.insert(&sk, &1, 0);
+    let sent = unsafe { ctx.read_at::<i32>(tp::SOCK_LENGTH_RET) }.unwrap_or(0);
+    if sent <= 0 {
+        return 0;
+    }
+    if let Some(inflight) = REQUESTS.get_ptr_mut(&sk) {
+        let inflight = unsafe { &mut *inflight };
+        if inflight.answered == 0 {
+            let now = unsafe { bpf_ktime_get_ns() };
+            emit_request(
+                EventKind::RequestServed,
+                pid_tgid as u32,
+                now,
+                now.saturating_sub(inflight.arrived_ns),
+            );
+            let write_seq = unsafe {
+                bpf_probe_read_kernel(
+                    (sk as *const u8).add(cfg.offsets.tcp_write_seq as usize) as *const u32
+                )
+            };
+            match write_seq {
+                Ok(seq) => {
+                    inflight.answered = 1;
+                    inflight.response_end_seq = seq;
+                }
+                Err(_) => {
+                    let _ = REQUESTS.remove(&sk);
+                }
+            }
+        }
+    }
     0
 }
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    learn_socket(&ctx);
+    if (bpf_get_current_pid_tgid() >> 32) as u32 == config().target_tgid {
+        if let Ok(sk) = unsafe { ctx.read_at::<u64>(tp::SOCK_LENGTH_SK) } {
+            let _ = TARGET_SOCKETS.insert(&sk, &1, 0);
+        }
+    }
     0
+}
+
+/// Every incoming segment on an established socket, before its ACK is processed: when it
+/// acknowledges the whole response, the response was delivered.
+#[tracepoint(category = "tcp", name = "tcp_probe")]
+pub fn tcp_probe(ctx: TracePointContext) -> u32 {
+    let _ = try_tcp_probe(&ctx);
+    0
+}
+
+fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i64> {
+    let sk: u64 = unsafe { ctx.read_at(tp::PROBE_SKADDR)? };
+    let Some(inflight) = REQUESTS.get_ptr_mut(&sk) else {
+        return Ok(());
+    };
+    let inflight = unsafe { *inflight };
+    if inflight.answered == 0 {
+        return Ok(());
+    }
+    let cfg = config();
+    let ack_seq = unsafe {
+        let skb: u64 = ctx.read_at(tp::PROBE_SKBADDR)?;
+        let data: u64 = bpf_probe_read_kernel(
+            (skb as *const u8).add(cfg.offsets.skb_data as usize) as *const u64,
+        )?;
+        // tcphdr.ack_seq, network byte order.
+        u32::from_be(bpf_probe_read_kernel(
+            (data as *const u8).add(8) as *const u32
+        )?)
+    };
+    if (ack_seq.wrapping_sub(inflight.response_end_seq) as i32) >= 0 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        emit_request(
+            EventKind::RequestDelivered,
+            0,
+            now,
+            now.saturating_sub(inflight.arrived_ns),
+        );
+        let _ = REQUESTS.remove(&sk);
+    }
+    Ok(())
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     unsafe {
-        if ctx.read_at::<i32>(tp::SET_STATE_NEWSTATE) == Ok(TCP_CLOSE) {
-            if let Ok(sk) = ctx.read_at::<u64>(tp::SET_STATE_SKADDR) {
-                let _ = TARGET_SOCKETS.remove(&sk);
+        let (Ok(sk), Ok(state)) = (
+            ctx.read_at::<u64>(tp::SET_STATE_SKADDR),
+            ctx.read_at::<i32>(tp::SET_STATE_NEWSTATE),
+        ) else {
+            return 0;
+        };
+        if state == TCP_CLOSE {
+            let _ = TARGET_SOCKETS.remove(&sk);
+            let _ = REQUESTS.remove(&sk);
+        } else if state == TCP_ESTABLISHED {
+            // A connection accepted on one of the target's listening ports is the target's
+            // from its first byte, before the target has touched it.
+            if let Ok(sport) = ctx.read_at::<u16>(tp::SET_STATE_SPORT) {
+                if TARGET_PORTS.get(&sport).is_some() {
+                    let _ = TARGET_SOCKETS.insert(&sk, &1, 0);
+                }
             }
         }
     }

@@ -145,6 +145,11 @@ const EXPECTED_FIELDS: &[(&str, &str, usize)] = &[
     ("sock/sock_recv_length", "void * sk", 8),
     ("sock/inet_sock_set_state", "const void * skaddr", 8),
     ("sock/inet_sock_set_state", "int newstate", 20),
+    ("sock/inet_sock_set_state", "__u16 sport", 24),
+    ("sock/sk_data_ready", "const void * skaddr", 8),
+    ("sock/sock_send_length", "int ret", 20),
+    ("tcp/tcp_probe", "const void * skbaddr", 120),
+    ("tcp/tcp_probe", "const void * skaddr", 128),
     ("tcp/tcp_retransmit_skb", "const void * skaddr", 16),
     ("tcp/tcp_retransmit_skb", "int state", 24),
     ("tcp/tcp_retransmit_skb", "__u16 sport", 28),
@@ -199,6 +204,8 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets, ProbeError> {
         task_state: btf
             .member_offset("task_struct", "__state")
             .or_else(|_| btf.member_offset("task_struct", "state"))?,
+        tcp_write_seq: btf.member_offset("tcp_sock", "write_seq")?,
+        skb_data: btf.member_offset("sk_buff", "data")?,
         _pad: 0,
     })
 }
@@ -332,6 +339,8 @@ fn attach_tcp(ebpf: &mut Ebpf, pid: u32) -> Result<Vec<String>, ProbeError> {
         ("sock_send_length", "sock", "sock_send_length"),
         ("sock_recv_length", "sock", "sock_recv_length"),
         ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+        ("sk_data_ready", "sock", "sk_data_ready"),
+        ("tcp_probe", "tcp", "tcp_probe"),
     ] {
         let p: &mut TracePoint = program_mut(ebpf, program)?;
         p.load().map_err(|e| attach_err(program, chain(&e)))?;

@@ -282,6 +282,8 @@ fn run_info(args: InfoArgs) -> anyhow::Result<()> {
             crate::events::Event::OffCpu { .. } => "off_cpu",
             crate::events::Event::OnCpuSample { .. } => "on_cpu_sample",
             crate::events::Event::TcpRetransmit { .. } => "tcp_retransmit",
+            crate::events::Event::RequestServed { .. } => "request_served",
+            crate::events::Event::RequestDelivered { .. } => "request_delivered",
         };
         *counts.entry(kind).or_default() += 1;
     }

@@ -26,6 +26,8 @@ pub enum Event {
         tid: u32,
         cpu: u32,
         duration_ns: u64,
+        /// Part of `duration_ns` spent runnable, waiting for a CPU after the wakeup.
+        wait_ns: u64,
         /// `prev_state` when the thread left the CPU (1 = interruptible sleep, 2 = uninterruptible).
         state: u32,
         /// It was preempted while runnable: this interval is run-queue wait, not blocking.
@@ -48,6 +50,14 @@ pub enum Event {
         /// TCP state number (1 = ESTABLISHED, ...).
         tcp_state: u32,
     },
+    /// A request answered: `latency_ns` from the arrival of its bytes to the response write.
+    RequestServed {
+        ts_ns: u64,
+        tid: u32,
+        latency_ns: u64,
+    },
+    /// A response acknowledged by the peer: `latency_ns` from the request's arrival.
+    RequestDelivered { ts_ns: u64, latency_ns: u64 },
 }
 
 impl Event {
@@ -56,7 +66,9 @@ impl Event {
             Event::RunQueue { ts_ns, .. }
             | Event::OffCpu { ts_ns, .. }
             | Event::OnCpuSample { ts_ns, .. }
-            | Event::TcpRetransmit { ts_ns, .. } => ts_ns,
+            | Event::TcpRetransmit { ts_ns, .. }
+            | Event::RequestServed { ts_ns, .. }
+            | Event::RequestDelivered { ts_ns, .. } => ts_ns,
         }
     }
 
@@ -75,6 +87,7 @@ impl Event {
                 tid: raw.tid,
                 cpu: raw.cpu,
                 duration_ns: raw.duration_ns,
+                wait_ns: raw.wait_ns.min(raw.duration_ns),
                 state: raw.state,
                 preempted: raw.flags & FLAG_PREEMPTED != 0,
                 kernel_stack,
@@ -93,6 +106,15 @@ impl Event {
                 local: socket_addr(raw.family, &raw.local_addr, raw.local_port),
                 remote: socket_addr(raw.family, &raw.remote_addr, raw.remote_port),
                 tcp_state: raw.state,
+            },
+            EventKind::RequestServed => Event::RequestServed {
+                ts_ns: raw.ts_ns,
+                tid: raw.tid,
+                latency_ns: raw.duration_ns,
+            },
+            EventKind::RequestDelivered => Event::RequestDelivered {
+                ts_ns: raw.ts_ns,
+                latency_ns: raw.duration_ns,
             },
         })
     }
@@ -114,6 +136,7 @@ pub fn encode_raw(raw: &RawEvent, out: &mut Vec<u8>) {
     out.extend_from_slice(&raw.cpu.to_le_bytes());
     out.extend_from_slice(&raw.ts_ns.to_le_bytes());
     out.extend_from_slice(&raw.duration_ns.to_le_bytes());
+    out.extend_from_slice(&raw.wait_ns.to_le_bytes());
     out.extend_from_slice(&raw.tid.to_le_bytes());
     out.extend_from_slice(&raw.tgid.to_le_bytes());
     out.extend_from_slice(&raw.kernel_stack_id.to_le_bytes());
@@ -139,18 +162,19 @@ pub fn decode_raw(bytes: &[u8]) -> Option<RawEvent> {
         cpu: u32_at(4),
         ts_ns: u64_at(8),
         duration_ns: u64_at(16),
-        tid: u32_at(24),
-        tgid: u32_at(28),
-        kernel_stack_id: u32_at(32) as i32,
-        user_stack_id: u32_at(36) as i32,
-        state: u32_at(40),
-        flags: u32_at(44),
-        family: u16_at(48),
-        local_port: u16_at(50),
-        remote_port: u16_at(52),
-        _pad: u16_at(54),
-        local_addr: bytes[56..72].try_into().unwrap(),
-        remote_addr: bytes[72..88].try_into().unwrap(),
+        wait_ns: u64_at(24),
+        tid: u32_at(32),
+        tgid: u32_at(36),
+        kernel_stack_id: u32_at(40) as i32,
+        user_stack_id: u32_at(44) as i32,
+        state: u32_at(48),
+        flags: u32_at(52),
+        family: u16_at(56),
+        local_port: u16_at(58),
+        remote_port: u16_at(60),
+        _pad: u16_at(62),
+        local_addr: bytes[64..80].try_into().unwrap(),
+        remote_addr: bytes[80..96].try_into().unwrap(),
     })
 }
 

@@ -1,13 +1,22 @@
-// A Go net/http server for p99probe's tests. Besides serving HTTP, it runs two goroutines with
-// known behaviour: one blocks its OS thread in main.stallHere (a raw nanosleep syscall, so the
-// thread really goes off-CPU), one burns CPU in main.spinHere.
+// A Go net/http server with injectable misbehaviour, for p99probe's tests and demo.
+//
+//	-background        also run a goroutine that sleeps in main.stallHere and one that spins in
+//	                   main.spinHere, forever (for stack and symbolization tests)
+//	-stall-every N -stall-ms M   every Nth request sleeps M ms in main.stallHere (a raw
+//	                   nanosleep, so the OS thread really goes off-CPU)
+//	-spin-every N -spin-ms M     every Nth request burns M ms of CPU in main.spinHere
+//	-inject-after D -inject-for D  misbehave only inside this window after start
+//
+// It prints "ready PORT" once listening and exits by itself after -lifetime.
 package main
 
 import (
+	"flag"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -28,21 +37,58 @@ func spinHere(n int) uint64 {
 	return x
 }
 
+//go:noinline
+func spinFor(d time.Duration) uint64 {
+	end := time.Now().Add(d)
+	var x uint64
+	for time.Now().Before(end) {
+		x += spinHere(10_000)
+	}
+	return x
+}
+
 var sink uint64
 
 func main() {
-	go func() {
-		for {
-			stallHere(20 * time.Millisecond)
-		}
-	}()
-	go func() {
-		for {
-			sink += spinHere(1_000_000)
-			time.Sleep(time.Millisecond)
-		}
-	}()
+	background := flag.Bool("background", false, "run the background stall and spin goroutines")
+	stallEvery := flag.Int64("stall-every", 0, "every Nth request stalls")
+	stallMs := flag.Int("stall-ms", 20, "stall length")
+	spinEvery := flag.Int64("spin-every", 0, "every Nth request spins")
+	spinMs := flag.Int("spin-ms", 10, "spin length")
+	injectAfter := flag.Duration("inject-after", 0, "start misbehaving after this long")
+	injectFor := flag.Duration("inject-for", time.Hour, "misbehave for this long")
+	lifetime := flag.Duration("lifetime", 60*time.Second, "exit after this long")
+	flag.Parse()
+
+	start := time.Now()
+	injecting := func() bool {
+		since := time.Since(start)
+		return since >= *injectAfter && since < *injectAfter+*injectFor
+	}
+	if *background {
+		go func() {
+			for {
+				stallHere(20 * time.Millisecond)
+			}
+		}()
+		go func() {
+			for {
+				sink += spinHere(1_000_000)
+				time.Sleep(time.Millisecond)
+			}
+		}()
+	}
+	var requests int64
 	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		n := atomic.AddInt64(&requests, 1)
+		if injecting() {
+			if *stallEvery > 0 && n%*stallEvery == 0 {
+				stallHere(time.Duration(*stallMs) * time.Millisecond)
+			}
+			if *spinEvery > 0 && n%*spinEvery == 0 {
+				atomic.AddUint64(&sink, spinFor(time.Duration(*spinMs)*time.Millisecond))
+			}
+		}
 		fmt.Fprintln(w, "ok")
 	})
 	listener, err := net.Listen("tcp", "127.0.0.1:0")
@@ -52,7 +98,7 @@ func main() {
 	}
 	fmt.Printf("ready %d\n", listener.Addr().(*net.TCPAddr).Port)
 	go func() {
-		time.Sleep(60 * time.Second)
+		time.Sleep(*lifetime)
 		os.Exit(0)
 	}()
 	http.Serve(listener, nil)

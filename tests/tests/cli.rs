@@ -224,3 +224,62 @@ fn analysis_commands_write_their_files() {
         .unwrap()
         .contains("p99.9"));
 }
+
+/// Names (as the kernel truncates them, 15 chars) of loaded BPF programs.
+fn loaded_program_names() -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool is installed by cargo xtask setup");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(" name ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn ctrl_c_flushes_detaches_and_exits_zero() {
+    let _serial = serial();
+    let sleeper = target(&["sleeper", "--duration", "20"]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("int.p99");
+    let child = Command::new(binary("p99probe"))
+        .args([
+            "record",
+            "--pid",
+            &sleeper.pid().to_string(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the programs are attached, then interrupt.
+    let attached = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        loaded_program_names()
+            .iter()
+            .any(|n| n.starts_with("sched_switch"))
+    });
+    assert!(attached, "p99probe never attached");
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let recording = Recording::load(&out).unwrap();
+    assert!(recording.events().count() > 10);
+    assert!(
+        !loaded_program_names()
+            .iter()
+            .any(|n| n.starts_with("sched_switch")),
+        "programs still loaded after exit: {:?}",
+        loaded_program_names()
+    );
+}

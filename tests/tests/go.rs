@@ -12,7 +12,7 @@ use p99probe::window::Window;
 fn go_server_stacks_symbolize_to_go_function_names() {
     let _serial = serial();
     let (_dir, binary) = build_go_server();
-    let server = spawn_ready(&binary, &[]);
+    let server = spawn_ready(&binary, &["-background"]);
     let recording = record_for(settings(server.pid()), Duration::from_secs(3));
 
     let stall_stacks: Vec<(u64, Vec<String>)> = recording

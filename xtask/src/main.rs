@@ -75,6 +75,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("setpriv", "util-linux"),
     ("mount", "mount"),
+    ("bpftool", "bpftool"),
 ];
 
 fn install_packages() -> Result<()> {
@@ -217,7 +218,52 @@ fn test() -> Result<()> {
         "warnings",
     ]))?;
     build(false)?;
-    run(cargo().args(["test", "--workspace", "--", "--test-threads=1"]))
+    run_tests(cargo().args([
+        "test",
+        "--workspace",
+        "--no-fail-fast",
+        "--",
+        "--test-threads=1",
+    ]))
+}
+
+/// Runs cargo test, passing its output through, and closes with one total line so the result
+/// is not mistaken for the last (often empty) test binary's.
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
