@@ -23,6 +23,8 @@ pub enum EventKind {
     /// The peer acknowledged the whole response: `duration_ns` is from the request's arrival
     /// to that acknowledgement ("delivery" latency, includes retransmissions).
     RequestDelivered = 6,
+    /// A latency reported from outside the kernel (`--latency-feed`); written by the agent.
+    ExternalLatency = 7,
 }
 
 impl EventKind {
@@ -34,6 +36,7 @@ impl EventKind {
             4 => Some(Self::TcpRetransmit),
             5 => Some(Self::RequestServed),
             6 => Some(Self::RequestDelivered),
+            7 => Some(Self::ExternalLatency),
             _ => None,
         }
     }

@@ -28,6 +28,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Attach to a server, watch its request latency, and capture the window around every P99
+    /// spike with flame graphs, histograms, a timeline and a ranked verdict.
+    Attach(AttachArgs),
+    /// Build a capture directory from a recording, for a window given or the worst one found.
+    Report(ReportArgs),
     /// Record a running process: scheduler delay, off-CPU stacks, on-CPU samples, retransmits.
     Record(RecordArgs),
     /// Write a flame graph (SVG) and/or folded stacks from a recording.
@@ -62,6 +67,73 @@ pub struct RecordArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub probe: ProbeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// PID of the server.
+    #[arg(long)]
+    pub pid: u32,
+    /// Capture when P99 exceeds this (e.g. `50ms`).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "p99_factor", required_unless_present = "p99_factor")]
+    pub p99: Option<Duration>,
+    /// Capture when P99 exceeds this multiple of the baseline P99 learned over `--learn`.
+    #[arg(long)]
+    pub p99_factor: Option<f64>,
+    /// How long to learn the baseline P99 for `--p99-factor`.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub learn: Duration,
+    /// Which request latency the trigger watches.
+    #[arg(long, value_enum, default_value = "server")]
+    pub latency: crate::latency::LatencyKind,
+    /// Take latencies from outside instead: `stdin` or `udp:PORT`, one per line (`12.5ms`).
+    #[arg(long)]
+    pub latency_feed: Option<crate::monitor::LatencyFeed>,
+    /// Sliding window for the P99.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub window: Duration,
+    /// Keep this much before the trigger in each capture.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pub pre: Duration,
+    /// Keep recording this long after the trigger.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub post: Duration,
+    /// Baseline compared against the spike: this long, before the pre-window.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub baseline: Duration,
+    /// Minimum time between two captures.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub cooldown: Duration,
+    /// Stop after this many captures.
+    #[arg(long, default_value_t = 3)]
+    pub max_captures: usize,
+    /// Ignore windows with fewer requests than this.
+    #[arg(long, default_value_t = 20)]
+    pub min_requests: u64,
+    /// Stop after this long (default: until Ctrl-C, max captures, or the target exits).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Parent directory of the capture directories.
+    #[arg(long, short, default_value = "p99probe-captures")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    pub recording: PathBuf,
+    /// The spike window; without it, the worst P99 window of the recording.
+    #[command(flatten)]
+    pub window: WindowArgs,
+    /// Length of the window searched for when none is given.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub search_window: Duration,
+    #[arg(long, value_enum, default_value = "server")]
+    pub latency: crate::latency::LatencyKind,
+    /// Parent directory of the capture directory.
+    #[arg(long, short, default_value = "p99probe-captures")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -157,11 +229,141 @@ pub struct InfoArgs {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Attach(args) => run_attach(args),
+        Command::Report(args) => run_report(args),
         Command::Record(args) => run_record(args),
         Command::Flamegraph(args) => run_flamegraph(args),
         Command::SchedDelay(args) => run_sched_delay(args),
         Command::Info(args) => run_info(args),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn print_verdict(causes: &[crate::verdict::Cause]) {
+    for (rank, cause) in causes.iter().enumerate() {
+        println!(
+            "  {}. {:<16} score {:>8.1}  {}",
+            rank + 1,
+            serde_json::to_value(cause.cause)
+                .unwrap()
+                .as_str()
+                .unwrap_or("?"),
+            cause.score,
+            cause.summary
+        );
+    }
+}
+
+fn run_attach(args: AttachArgs) -> anyhow::Result<()> {
+    let threshold = match (args.p99, args.p99_factor) {
+        (Some(p99), _) => crate::trigger::Threshold::Absolute {
+            p99_ns: p99.as_nanos() as u64,
+        },
+        (None, Some(factor)) if factor > 1.0 => crate::trigger::Threshold::Factor {
+            factor,
+            learn_ns: args.learn.as_nanos() as u64,
+        },
+        _ => {
+            return Err(ProbeError::InvalidArgument(
+                "give --p99 DURATION, or --p99-factor greater than 1".into(),
+            )
+            .into())
+        }
+    };
+    let options = crate::monitor::AttachOptions {
+        probe: args.probe.settings(args.pid),
+        latency: args.latency,
+        feed: args.latency_feed,
+        threshold,
+        window: args.window,
+        pre: args.pre,
+        post: args.post,
+        baseline: args.baseline,
+        cooldown: args.cooldown,
+        max_captures: args.max_captures,
+        min_requests: args.min_requests,
+        duration: args.duration,
+        out_dir: args.out,
+        progress: true,
+        max_buffered_events: 4_000_000,
+    };
+    let summary = runtime()?.block_on(async {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        crate::monitor::attach_and_watch(&options, ctrl_c).await
+    })?;
+    eprintln!("{}", summary.hooks);
+    if summary.target_exited {
+        eprintln!("target {} exited", args.pid);
+    }
+    println!(
+        "{} capture(s); {} events dropped in the kernel",
+        summary.captures.len(),
+        summary.counters.ring_buffer_full
+    );
+    for capture in &summary.captures {
+        println!("{}", capture.dir.display());
+        if let Some(cause) = &capture.top_cause {
+            println!("  most likely: {:?}: {}", cause.cause, cause.summary);
+        }
+    }
+    Ok(())
+}
+
+fn run_report(args: ReportArgs) -> anyhow::Result<()> {
+    let recording = Recording::load(&args.recording)?;
+    let whole = Window::new(recording.meta.start_ns, recording.meta.end_ns);
+    let spike = if args.window.from.is_some() || args.window.to.is_some() {
+        args.window.window(&recording)
+    } else {
+        crate::latency::worst_window(
+            &recording,
+            args.latency,
+            args.search_window.as_nanos() as u64,
+            20,
+        )
+        .map(|(window, _)| window)
+        .ok_or_else(|| {
+            ProbeError::InvalidArgument(format!(
+                "no window with enough {:?} request latencies in {}; give --from/--to",
+                args.latency,
+                args.recording.display()
+            ))
+        })?
+    };
+    let baseline: Vec<Window> = [
+        Window::new(whole.start_ns, spike.start_ns),
+        Window::new(spike.end_ns, whole.end_ns),
+    ]
+    .into_iter()
+    .filter(|w| w.len_ns() > 0)
+    .collect();
+    let request = crate::capture::CaptureRequest {
+        recording: &recording,
+        spike,
+        baseline: baseline.clone(),
+        fire: None,
+        latency_kind: args.latency,
+    };
+    let dir = crate::capture::write_capture(&args.out, &request)?;
+    let (report, _, _) =
+        crate::report::Report::build(&recording, spike, &baseline, None, args.latency);
+    println!(
+        "spike window {:.2}s..{:.2}s: {}",
+        report.spike_window.start_s,
+        report.spike_window.end_s,
+        dir.display()
+    );
+    print_verdict(&report.verdict);
+    Ok(())
 }
 
 fn run_record(args: RecordArgs) -> anyhow::Result<()> {
@@ -171,11 +373,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
         out: args.out,
         progress: true,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let summary = runtime.block_on(async {
+    let summary = runtime()?.block_on(async {
         let ctrl_c = async {
             let _ = tokio::signal::ctrl_c().await;
         };
@@ -284,6 +482,7 @@ fn run_info(args: InfoArgs) -> anyhow::Result<()> {
             crate::events::Event::TcpRetransmit { .. } => "tcp_retransmit",
             crate::events::Event::RequestServed { .. } => "request_served",
             crate::events::Event::RequestDelivered { .. } => "request_delivered",
+            crate::events::Event::ExternalLatency { .. } => "external_latency",
         };
         *counts.entry(kind).or_default() += 1;
     }

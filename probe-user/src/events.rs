@@ -58,6 +58,8 @@ pub enum Event {
     },
     /// A response acknowledged by the peer: `latency_ns` from the request's arrival.
     RequestDelivered { ts_ns: u64, latency_ns: u64 },
+    /// A latency fed from outside (a load generator or script).
+    ExternalLatency { ts_ns: u64, latency_ns: u64 },
 }
 
 impl Event {
@@ -68,7 +70,8 @@ impl Event {
             | Event::OnCpuSample { ts_ns, .. }
             | Event::TcpRetransmit { ts_ns, .. }
             | Event::RequestServed { ts_ns, .. }
-            | Event::RequestDelivered { ts_ns, .. } => ts_ns,
+            | Event::RequestDelivered { ts_ns, .. }
+            | Event::ExternalLatency { ts_ns, .. } => ts_ns,
         }
     }
 
@@ -116,8 +119,21 @@ impl Event {
                 ts_ns: raw.ts_ns,
                 latency_ns: raw.duration_ns,
             },
+            EventKind::ExternalLatency => Event::ExternalLatency {
+                ts_ns: raw.ts_ns,
+                latency_ns: raw.duration_ns,
+            },
         })
     }
+}
+
+/// The record the agent stores for an externally reported latency.
+pub fn external_latency(ts_ns: u64, latency_ns: u64) -> RawEvent {
+    let mut raw = RawEvent::zeroed();
+    raw.kind = EventKind::ExternalLatency as u32;
+    raw.ts_ns = ts_ns;
+    raw.duration_ns = latency_ns;
+    raw
 }
 
 fn socket_addr(family: u16, addr: &[u8; 16], port: u16) -> SocketAddr {

@@ -44,9 +44,10 @@ fn stack_line(recording: &Recording, kernel: Option<u32>, user: Option<u32>) -> 
     frames.join(";")
 }
 
-/// Folded stacks of `kind` inside `window`. Off-CPU intervals are clipped to the window;
-/// intervals where the thread was preempted (run-queue wait, not blocking) are left out
-/// unless `include_preempted`.
+/// Folded stacks of `kind` inside `window`. Off-CPU stacks are weighted by the time the thread
+/// was blocked (switch-out to wakeup; the run-queue wait after the wakeup is scheduler delay and
+/// shown there), clipped to the window; intervals where the thread was preempted are left out
+/// unless `include_preempted`, and then count whole.
 pub fn fold(
     recording: &Recording,
     kind: FlameKind,
@@ -74,13 +75,15 @@ pub fn fold(
                 Event::OffCpu {
                     ts_ns,
                     duration_ns,
+                    wait_ns,
                     preempted,
                     kernel_stack,
                     user_stack,
                     ..
                 },
             ) if include_preempted || !preempted => {
-                let micros = window.overlap(ts_ns, duration_ns) / 1000;
+                let wait = if preempted { 0 } else { wait_ns };
+                let micros = window.overlap(ts_ns - wait, duration_ns - wait) / 1000;
                 if micros > 0 {
                     *folded
                         .entry(stack_line(recording, kernel_stack, user_stack))
@@ -124,8 +127,31 @@ pub fn top_stacks(folded: &Folded, n: usize) -> Vec<(u64, Vec<String>)> {
     stacks
 }
 
-/// A one-line digest of a stack for people: the innermost `depth` user frames, and the kernel
-/// function it ended in (`a → b → c [do_nanosleep]`).
+/// Frames of runtimes and standard libraries: a digest anchors on the code below them.
+fn is_library_frame(frame: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "runtime.",
+        "runtime/",
+        "syscall.",
+        "internal/",
+        "std::",
+        "core::",
+        "alloc::",
+        "tokio::",
+        "__libc",
+        "__GI_",
+        "libc",
+        "[unknown",
+        "[no stack]",
+        "start_thread",
+        "clone",
+    ];
+    PREFIXES.iter().any(|p| frame.starts_with(p)) || frame == "syscall"
+}
+
+/// A one-line digest of a stack for people: the innermost user frames around the deepest
+/// application (non-library) frame, and the kernel function it ended in
+/// (`handle → stall_here → syscall.Nanosleep … [do_nanosleep]`).
 pub fn describe_stack(frames: &[String], depth: usize) -> String {
     let user: Vec<&str> = frames
         .iter()
@@ -138,8 +164,17 @@ pub fn describe_stack(frames: &[String], depth: usize) -> String {
         .rev()
         .find(|f| f.ends_with(KERNEL_SUFFIX) && !f.contains("schedule"))
         .map(|f| f.trim_end_matches(KERNEL_SUFFIX));
-    let start = user.len().saturating_sub(depth);
-    let mut text = user[start..].join(" → ");
+    let anchor = user
+        .iter()
+        .rposition(|f| !is_library_frame(f))
+        .unwrap_or(user.len().saturating_sub(1));
+    // The anchor, what called it, and one frame it called (if any).
+    let end = (anchor + 2).min(user.len());
+    let start = end.saturating_sub(depth);
+    let mut text = user[start..end].join(" → ");
+    if end < user.len() {
+        text.push_str(" …");
+    }
     if let Some(kernel) = kernel_leaf {
         text.push_str(&format!(" [{kernel}]"));
     }
@@ -157,7 +192,7 @@ pub fn render_svg(folded: &Folded, kind: FlameKind, title: &str) -> anyhow::Resu
         FlameKind::Offcpu => {
             options.count_name = "us".into();
             options.colors = Palette::Basic(BasicPalette::Blue);
-            options.subtitle = Some("off-CPU time (blocked), weighted by microseconds".into());
+            options.subtitle = Some("time blocked (switch-out to wakeup), in microseconds".into());
         }
     }
     let mut svg = Vec::new();
@@ -227,6 +262,14 @@ mod tests {
         assert_eq!(
             describe_stack(&all[1].1, 2),
             "handle → stall_here [do_nanosleep]"
+        );
+        let go: Vec<String> = "srv;runtime.goexit;main.handler;main.stallHere;syscall.Nanosleep;syscall.Syscall;do_nanosleep_[k]"
+            .split(';')
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            describe_stack(&go, 3),
+            "main.handler → main.stallHere → syscall.Nanosleep … [do_nanosleep]"
         );
     }
 

@@ -4,16 +4,26 @@
 //! → analysis ([`flamegraph`], [`histogram`], over a [`window`]) → files ([`output`]).
 //! [`cli`] only turns flags into option structs.
 
+pub mod analysis;
 pub mod attach;
 pub mod btf;
+pub mod capture;
 pub mod cli;
 pub mod error;
 pub mod events;
 pub mod flamegraph;
+pub mod flight;
 pub mod histogram;
+pub mod latency;
+pub mod monitor;
 pub mod output;
+pub mod pprof;
 pub mod recorder;
 pub mod recording;
+pub mod report;
 pub mod symbolize;
 pub mod target;
+pub mod timeline;
+pub mod trigger;
+pub mod verdict;
 pub mod window;

@@ -11,7 +11,7 @@ use aya::Ebpf;
 use probe_common::{Counter, RawEvent};
 use tokio::io::unix::AsyncFd;
 
-use crate::attach::{attach, AttachReport, ProbeSettings};
+use crate::attach::{attach, AttachReport, AttachedProbes, ProbeSettings};
 use crate::error::ProbeError;
 use crate::events::{decode_raw, Event};
 use crate::output::check_writable;
@@ -123,38 +123,156 @@ fn merge_maps(known: &mut Vec<MemoryMap>, current: Vec<MemoryMap>) {
     }
 }
 
+/// The kernel programs attached to one target, with what /proc says about it. Shared by
+/// `record` and `attach`.
+pub struct LiveSession {
+    attached: AttachedProbes,
+    ring: AsyncFd<RingBuf<MapData>>,
+    pub pid: u32,
+    pub start_ns: u64,
+    pub start_unix_ms: u64,
+    pub comm: String,
+    exe: Option<String>,
+    cmdline: Vec<String>,
+    threads: BTreeMap<u32, String>,
+    maps: Vec<MemoryMap>,
+    settings: RecordSettings,
+}
+
+impl LiveSession {
+    pub fn start(probe: &ProbeSettings) -> Result<LiveSession, ProbeError> {
+        let pid = probe.pid;
+        let mut attached = attach(probe)?;
+        let ring = RingBuf::try_from(
+            attached
+                .ebpf
+                .take_map("EVENTS")
+                .ok_or_else(|| map_err("EVENTS", "map missing"))?,
+        )
+        .map_err(|e| map_err("EVENTS", e))?;
+        // SAFETY: the RingBuf owns its map fd and keeps it open until the AsyncFd (which owns
+        // the RingBuf) is dropped.
+        let ring =
+            unsafe { AsyncFd::register(ring) }.map_err(|e| map_err("EVENTS", e.to_string()))?;
+        Ok(LiveSession {
+            attached,
+            ring,
+            pid,
+            start_ns: monotonic_ns(),
+            start_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            comm: target::comm(pid),
+            exe: target::exe(pid),
+            cmdline: target::cmdline(pid),
+            threads: target::thread_names(pid),
+            maps: target::executable_maps(pid),
+            settings: RecordSettings {
+                sample_hz: probe.sample_hz,
+                min_offcpu_ns: probe.min_offcpu_ns,
+            },
+        })
+    }
+
+    pub fn hooks(&self) -> &AttachReport {
+        &self.attached.report
+    }
+
+    /// Waits until the kernel has written events, then drains them all into `out`.
+    pub async fn next_events(&mut self, out: &mut Vec<RawEvent>) -> Result<(), ProbeError> {
+        let mut guard = self
+            .ring
+            .readable_mut()
+            .await
+            .map_err(|e| map_err("EVENTS", e))?;
+        drain(guard.get_inner_mut(), out);
+        guard.clear_ready();
+        Ok(())
+    }
+
+    pub fn drain_now(&mut self, out: &mut Vec<RawEvent>) {
+        drain(self.ring.get_mut(), out);
+    }
+
+    /// Re-reads threads and maps; false once the target has exited.
+    pub fn refresh_target(&mut self) -> bool {
+        if !target::is_alive(self.pid) {
+            return false;
+        }
+        self.threads.extend(target::thread_names(self.pid));
+        merge_maps(&mut self.maps, target::executable_maps(self.pid));
+        true
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters, ProbeError> {
+        read_counters(&self.attached.ebpf)
+    }
+
+    /// Everything a recording of `events` needs from the live kernel; symbolizing it (slow,
+    /// no kernel needed) is left to [`PendingRecording::finish`].
+    pub fn snapshot(
+        &self,
+        events: Vec<RawEvent>,
+        start_ns: u64,
+        end_ns: u64,
+        target_exited: bool,
+    ) -> Result<PendingRecording, ProbeError> {
+        let stacks = read_stacks(&self.attached.ebpf, &events)?;
+        let mut events = events;
+        // Kernel timestamps are taken before the ring-buffer reservation, so CPUs interleave.
+        events.sort_by_key(|e| e.ts_ns);
+        Ok(PendingRecording {
+            meta: RecordingMeta {
+                format_version: FORMAT_VERSION,
+                tool_version: env!("CARGO_PKG_VERSION").into(),
+                pid: self.pid,
+                comm: self.comm.clone(),
+                exe: self.exe.clone(),
+                cmdline: self.cmdline.clone(),
+                start_ns,
+                end_ns,
+                start_unix_ms: self.start_unix_ms
+                    + start_ns.saturating_sub(self.start_ns) / 1_000_000,
+                target_exited,
+                hooks: self.attached.report.clone(),
+                settings: self.settings.clone(),
+                counters: self.counters()?,
+                threads: self.threads.clone(),
+                maps: self.maps.clone(),
+                stacks,
+                symbols: Default::default(),
+            },
+            events,
+        })
+    }
+}
+
+/// A recording whose stacks are read but not yet symbolized.
+pub struct PendingRecording {
+    meta: RecordingMeta,
+    events: Vec<RawEvent>,
+}
+
+impl PendingRecording {
+    pub fn finish(mut self) -> Recording {
+        self.meta.symbols = symbolize_stacks(&self.meta.stacks, &self.meta.maps, self.meta.pid);
+        trim_tracing_frames(&mut self.meta.stacks, &self.meta.symbols);
+        Recording {
+            meta: self.meta,
+            raw_events: self.events,
+        }
+    }
+}
+
 /// Records the target until `duration` passes, `stop` resolves (Ctrl-C), or the target exits;
 /// whatever was captured is written in every one of those cases.
 pub async fn record(
     opts: &RecordOptions,
     stop: impl Future<Output = ()>,
 ) -> Result<RecordSummary, ProbeError> {
-    let pid = opts.probe.pid;
     check_writable(&opts.out)?;
-    let mut attached = attach(&opts.probe)?;
-    let ring = RingBuf::try_from(
-        attached
-            .ebpf
-            .take_map("EVENTS")
-            .ok_or_else(|| map_err("EVENTS", "map missing"))?,
-    )
-    .map_err(|e| map_err("EVENTS", e))?;
-    // SAFETY: the RingBuf owns its map fd and keeps it open until the AsyncFd (which owns the
-    // RingBuf) is dropped.
-    let mut ring =
-        unsafe { AsyncFd::register(ring) }.map_err(|e| map_err("EVENTS", e.to_string()))?;
-
-    let start_ns = monotonic_ns();
-    let start_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let comm = target::comm(pid);
-    let exe = target::exe(pid);
-    let cmdline = target::cmdline(pid);
-    let mut threads = target::thread_names(pid);
-    let mut maps = target::executable_maps(pid);
-
+    let mut session = LiveSession::start(&opts.probe)?;
     let progress = if opts.progress {
         indicatif::ProgressBar::new_spinner()
     } else {
@@ -172,73 +290,36 @@ pub async fn record(
     let mut target_exited = false;
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.map_err(|e| map_err("EVENTS", e))?;
-                drain(guard.get_inner_mut(), &mut events);
-                guard.clear_ready();
-            }
+            result = session.next_events(&mut events) => result?,
             _ = &mut deadline => break,
             _ = &mut stop => break,
             _ = poll.tick() => {
-                if !target::is_alive(pid) {
+                if !session.refresh_target() {
                     target_exited = true;
                     break;
                 }
-                threads.extend(target::thread_names(pid));
-                merge_maps(&mut maps, target::executable_maps(pid));
-                let elapsed = (monotonic_ns() - start_ns) as f64 / 1e9;
+                let elapsed = (monotonic_ns() - session.start_ns) as f64 / 1e9;
                 progress.set_message(format!(
-                    "recording pid {pid} ({comm}): {elapsed:.1}s, {} events", events.len()
+                    "recording pid {} ({}): {elapsed:.1}s, {} events",
+                    session.pid, session.comm, events.len()
                 ));
                 progress.tick();
             }
         }
     }
-    drain(ring.get_mut(), &mut events);
+    session.drain_now(&mut events);
     let end_ns = monotonic_ns();
     progress.finish_and_clear();
-
-    let counters = read_counters(&attached.ebpf)?;
-    let mut stacks = read_stacks(&attached.ebpf, &events)?;
-    let hooks = attached.report.clone();
+    let pending = session.snapshot(events, session.start_ns, end_ns, target_exited)?;
+    let hooks = session.hooks().clone();
     // Detach before the slow part (symbolization) so the target runs unobserved again.
-    drop(ring);
-    drop(attached);
-
-    // Kernel timestamps are taken before the ring-buffer reservation, so CPUs can interleave.
-    events.sort_by_key(|e| e.ts_ns);
-    let symbols = symbolize_stacks(&stacks, &maps, pid);
-    trim_tracing_frames(&mut stacks, &symbols);
-    let recording = Recording {
-        meta: RecordingMeta {
-            format_version: FORMAT_VERSION,
-            tool_version: env!("CARGO_PKG_VERSION").into(),
-            pid,
-            comm,
-            exe,
-            cmdline,
-            start_ns,
-            end_ns,
-            start_unix_ms,
-            target_exited,
-            hooks: hooks.clone(),
-            settings: RecordSettings {
-                sample_hz: opts.probe.sample_hz,
-                min_offcpu_ns: opts.probe.min_offcpu_ns,
-            },
-            counters,
-            threads,
-            maps,
-            stacks,
-            symbols,
-        },
-        raw_events: events,
-    };
+    drop(session);
+    let recording = pending.finish();
     recording.save(&opts.out)?;
     Ok(RecordSummary {
         path: opts.out.clone(),
         events: recording.raw_events.len(),
-        counters,
+        counters: recording.meta.counters,
         hooks,
         target_exited,
     })

@@ -1,0 +1,125 @@
+//! What happened inside a set of time windows: request latency, run-queue delay, off-CPU and
+//! on-CPU stacks, retransmits. The verdict compares two of these (spike and baseline).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::Event;
+use crate::flamegraph::{fold, FlameKind, Folded};
+use crate::histogram::{new_histogram, Percentiles};
+use crate::latency::{latencies_in, LatencyKind};
+use crate::recording::Recording;
+use crate::window::Window;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Retransmit {
+    /// Seconds from the start of the recording.
+    pub offset_s: f64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub tcp_state: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestLatency {
+    pub server: Percentiles,
+    pub delivery: Percentiles,
+    pub external: Percentiles,
+}
+
+#[derive(Clone, Debug)]
+pub struct WindowStats {
+    pub windows: Vec<Window>,
+    pub seconds: f64,
+    pub latency: RequestLatency,
+    pub run_queue: Percentiles,
+    /// Total run-queue wait per CPU, ns.
+    pub run_queue_by_cpu: BTreeMap<u32, u64>,
+    pub run_queue_total_ns: u64,
+    /// Blocked time in µs per stack.
+    pub off_cpu: Folded,
+    /// Samples per stack.
+    pub on_cpu: Folded,
+    pub retransmits: Vec<Retransmit>,
+}
+
+fn merge(into: &mut Folded, from: Folded) {
+    for (stack, weight) in from {
+        *into.entry(stack).or_default() += weight;
+    }
+}
+
+impl WindowStats {
+    pub fn compute(recording: &Recording, windows: &[Window]) -> WindowStats {
+        let seconds = windows.iter().map(|w| w.len_ns()).sum::<u64>() as f64 / 1e9;
+        let inside = |ts: u64| windows.iter().any(|w| w.contains(ts));
+        let mut run_queue = new_histogram();
+        let mut run_queue_by_cpu = BTreeMap::new();
+        let mut run_queue_total_ns = 0;
+        let mut retransmits = Vec::new();
+        for event in recording.events() {
+            match event {
+                Event::RunQueue {
+                    ts_ns,
+                    cpu,
+                    delay_ns,
+                    ..
+                } if inside(ts_ns) => {
+                    run_queue.saturating_record(delay_ns.max(1));
+                    *run_queue_by_cpu.entry(cpu).or_default() += delay_ns;
+                    run_queue_total_ns += delay_ns;
+                }
+                Event::TcpRetransmit {
+                    ts_ns,
+                    local,
+                    remote,
+                    tcp_state,
+                    ..
+                } if inside(ts_ns) => retransmits.push(Retransmit {
+                    offset_s: ts_ns.saturating_sub(recording.meta.start_ns) as f64 / 1e9,
+                    local,
+                    remote,
+                    tcp_state,
+                }),
+                _ => {}
+            }
+        }
+        let mut off_cpu = Folded::new();
+        let mut on_cpu = Folded::new();
+        for window in windows {
+            merge(
+                &mut off_cpu,
+                fold(recording, FlameKind::Offcpu, *window, false),
+            );
+            merge(
+                &mut on_cpu,
+                fold(recording, FlameKind::Oncpu, *window, false),
+            );
+        }
+        WindowStats {
+            windows: windows.to_vec(),
+            seconds,
+            latency: RequestLatency {
+                server: Percentiles::of(&latencies_in(recording, LatencyKind::Server, windows)),
+                delivery: Percentiles::of(&latencies_in(recording, LatencyKind::Delivery, windows)),
+                external: Percentiles::of(&latencies_in(recording, LatencyKind::External, windows)),
+            },
+            run_queue: Percentiles::of(&run_queue),
+            run_queue_by_cpu,
+            run_queue_total_ns,
+            off_cpu,
+            on_cpu,
+            retransmits,
+        }
+    }
+
+    pub fn latency_of(&self, kind: LatencyKind) -> &Percentiles {
+        match kind {
+            LatencyKind::Server => &self.latency.server,
+            LatencyKind::Delivery => &self.latency.delivery,
+            LatencyKind::External => &self.latency.external,
+        }
+    }
+}

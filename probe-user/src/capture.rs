@@ -1,0 +1,197 @@
+//! A capture directory: everything that explains one spike, written from a recording of the
+//! window around it. Used by `attach` (live) and `report` (post-mortem) alike.
+//!
+//! The directory is assembled under a temporary name and renamed into place, so a reader (or a
+//! script polling for `report.json`) never sees a half-written capture.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::ProbeError;
+use crate::flamegraph::{self, FlameKind, Folded};
+use crate::histogram::{render_svg as histogram_svg, render_text, run_queue_delays};
+use crate::latency::LatencyKind;
+use crate::output::write_atomic;
+use crate::pprof;
+use crate::recording::Recording;
+use crate::report::Report;
+use crate::timeline;
+use crate::trigger::Fire;
+use crate::window::Window;
+
+pub struct CaptureRequest<'a> {
+    pub recording: &'a Recording,
+    pub spike: Window,
+    pub baseline: Vec<Window>,
+    pub fire: Option<Fire>,
+    pub latency_kind: LatencyKind,
+}
+
+fn unwritable(path: &Path, err: impl ToString) -> ProbeError {
+    ProbeError::Unwritable {
+        path: path.display().to_string(),
+        reason: err.to_string(),
+    }
+}
+
+/// `20261122T193012Z` for a Unix time in milliseconds.
+pub fn utc_stamp(unix_ms: u64) -> String {
+    let rfc = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms),
+    )
+    .to_string();
+    rfc.replace(['-', ':'], "")
+}
+
+/// Baseline weights scaled to the spike window's length, so the diff compares rates.
+fn scaled(folded: &Folded, factor: f64) -> Folded {
+    folded
+        .iter()
+        .map(|(stack, weight)| (stack.clone(), (*weight as f64 * factor).round() as u64))
+        .filter(|(_, weight)| *weight > 0)
+        .collect()
+}
+
+fn differential_svg(baseline: &Folded, spike: &Folded, title: &str) -> anyhow::Result<Vec<u8>> {
+    let before = flamegraph::folded_text(baseline);
+    let after = flamegraph::folded_text(spike);
+    let mut diff = Vec::new();
+    inferno::differential::from_readers(
+        inferno::differential::Options::default(),
+        before.as_bytes(),
+        after.as_bytes(),
+        &mut diff,
+    )?;
+    let diff = String::from_utf8(diff)?;
+    let mut options = inferno::flamegraph::Options::default();
+    options.title = title.into();
+    options.subtitle = Some(
+        "spike vs baseline (baseline scaled to the spike's length): red grew, blue shrank".into(),
+    );
+    options.count_name = "us".into();
+    let mut svg = Vec::new();
+    if diff.trim().is_empty() {
+        inferno::flamegraph::from_lines(&mut options, std::iter::once("[no data] 1 1"), &mut svg)?;
+    } else {
+        inferno::flamegraph::from_lines(&mut options, diff.lines(), &mut svg)?;
+    }
+    Ok(svg)
+}
+
+/// Writes the capture directory under `parent` and returns its path.
+pub fn write_capture(parent: &Path, request: &CaptureRequest<'_>) -> Result<PathBuf, ProbeError> {
+    let recording = request.recording;
+    let stamp_ms = recording.meta.start_unix_ms
+        + request
+            .fire
+            .map(|f| f.at_ns)
+            .unwrap_or(request.spike.start_ns)
+            .saturating_sub(recording.meta.start_ns)
+            / 1_000_000;
+    let name = format!("{}-pid{}", utc_stamp(stamp_ms), recording.meta.pid);
+    std::fs::create_dir_all(parent).map_err(|e| unwritable(parent, e))?;
+    let mut final_dir = parent.join(&name);
+    let mut suffix = 1;
+    while final_dir.exists() {
+        suffix += 1;
+        final_dir = parent.join(format!("{name}-{suffix}"));
+    }
+    let temp_dir = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&temp_dir);
+    std::fs::create_dir(&temp_dir).map_err(|e| unwritable(&temp_dir, e))?;
+    let result = fill(&temp_dir, request);
+    if let Err(err) = result {
+        let _ = std::fs::remove_dir_all(&temp_dir);
+        return Err(err);
+    }
+    std::fs::rename(&temp_dir, &final_dir).map_err(|e| unwritable(&final_dir, e))?;
+    Ok(final_dir)
+}
+
+fn fill(dir: &Path, request: &CaptureRequest<'_>) -> Result<(), ProbeError> {
+    let recording = request.recording;
+    let write = |name: &str, bytes: &[u8]| write_atomic(&dir.join(name), bytes);
+    let svg_err = |name: &str, e: anyhow::Error| unwritable(&dir.join(name), e);
+    let (report, spike, baseline) = Report::build(
+        recording,
+        request.spike,
+        &request.baseline,
+        request.fire.as_ref(),
+        request.latency_kind,
+    );
+    let who = format!("{} (pid {})", recording.meta.comm, recording.meta.pid);
+
+    write(
+        "oncpu.folded",
+        flamegraph::folded_text(&spike.on_cpu).as_bytes(),
+    )?;
+    let svg = flamegraph::render_svg(
+        &spike.on_cpu,
+        FlameKind::Oncpu,
+        &format!("On-CPU in the spike: {who}"),
+    )
+    .map_err(|e| svg_err("oncpu.svg", e))?;
+    write("oncpu.svg", &svg)?;
+
+    write(
+        "offcpu.folded",
+        flamegraph::folded_text(&spike.off_cpu).as_bytes(),
+    )?;
+    write(
+        "offcpu-baseline.folded",
+        flamegraph::folded_text(&baseline.off_cpu).as_bytes(),
+    )?;
+    let svg = flamegraph::render_svg(
+        &spike.off_cpu,
+        FlameKind::Offcpu,
+        &format!("Off-CPU in the spike: {who}"),
+    )
+    .map_err(|e| svg_err("offcpu.svg", e))?;
+    write("offcpu.svg", &svg)?;
+    let factor = if baseline.seconds > 0.0 {
+        spike.seconds / baseline.seconds
+    } else {
+        0.0
+    };
+    let svg = differential_svg(
+        &scaled(&baseline.off_cpu, factor),
+        &spike.off_cpu,
+        &format!("Off-CPU, spike vs baseline: {who}"),
+    )
+    .map_err(|e| svg_err("offcpu-diff.svg", e))?;
+    write("offcpu-diff.svg", &svg)?;
+
+    let spike_delay = run_queue_delays(recording, request.spike, None);
+    let mut base_delay = crate::histogram::new_histogram();
+    for window in &request.baseline {
+        let _ = base_delay.add(run_queue_delays(recording, *window, None));
+    }
+    let series = [("baseline", &base_delay), ("spike", &spike_delay)];
+    write("sched-delay.txt", render_text(&series).as_bytes())?;
+    write(
+        "sched-delay.svg",
+        histogram_svg(&format!("Run-queue delay: {who}"), &series).as_bytes(),
+    )?;
+
+    write(
+        "timeline.svg",
+        timeline::render(
+            recording,
+            request.spike,
+            &request.baseline,
+            request.fire.as_ref(),
+            request.latency_kind,
+        )
+        .as_bytes(),
+    )?;
+    write(
+        "profile.pb.gz",
+        &pprof::encode_gzip(recording, &[request.spike]),
+    )?;
+    recording.save(&dir.join("recording.p99"))?;
+
+    let json = serde_json::to_vec_pretty(&report).expect("report serializes");
+    write("report.md", report.to_markdown().as_bytes())?;
+    // Last: its presence means the capture is complete.
+    write("report.json", &json)?;
+    Ok(())
+}

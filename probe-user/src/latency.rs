@@ -1,0 +1,213 @@
+//! Request latency: the kernel's per-request measurements (or an external feed), P99 over a
+//! sliding window, and the worst window of a recording.
+
+use std::collections::VecDeque;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::events::Event;
+use crate::histogram::{new_histogram, Percentiles};
+use crate::recording::Recording;
+use crate::window::Window;
+
+/// Which request latency drives the trigger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LatencyKind {
+    /// Request bytes arrived on the socket → response written by the server.
+    Server,
+    /// Request bytes arrived → response acknowledged by the peer (includes retransmissions).
+    Delivery,
+    /// Latencies fed from outside (`--latency-feed`).
+    External,
+}
+
+/// `(end timestamp, latency)` of a request event of `kind`.
+pub fn request_latency(event: &Event, kind: LatencyKind) -> Option<(u64, u64)> {
+    match (kind, event) {
+        (
+            LatencyKind::Server,
+            Event::RequestServed {
+                ts_ns, latency_ns, ..
+            },
+        )
+        | (LatencyKind::Delivery, Event::RequestDelivered { ts_ns, latency_ns })
+        | (LatencyKind::External, Event::ExternalLatency { ts_ns, latency_ns }) => {
+            Some((*ts_ns, *latency_ns))
+        }
+        _ => None,
+    }
+}
+
+/// Latencies of `kind` whose request ended inside any of `windows`.
+pub fn latencies_in(
+    recording: &Recording,
+    kind: LatencyKind,
+    windows: &[Window],
+) -> Histogram<u64> {
+    let mut histogram = new_histogram();
+    for event in recording.events() {
+        if let Some((ts, latency)) = request_latency(&event, kind) {
+            if windows.iter().any(|w| w.contains(ts)) {
+                histogram.saturating_record(latency.max(1));
+            }
+        }
+    }
+    histogram
+}
+
+/// Percentiles over the last `window_ns`, kept as per-slice histograms so old slices fall off
+/// in O(1) and memory stays bounded however many requests arrive.
+pub struct SlidingLatency {
+    slice_ns: u64,
+    slices: VecDeque<(u64, Histogram<u64>)>,
+    window_ns: u64,
+}
+
+const SLICES_PER_WINDOW: u64 = 10;
+
+impl SlidingLatency {
+    pub fn new(window_ns: u64) -> Self {
+        SlidingLatency {
+            slice_ns: (window_ns / SLICES_PER_WINDOW).max(1),
+            slices: VecDeque::new(),
+            window_ns,
+        }
+    }
+
+    pub fn record(&mut self, ts_ns: u64, latency_ns: u64) {
+        let slice_start = ts_ns - ts_ns % self.slice_ns;
+        match self
+            .slices
+            .iter_mut()
+            .rev()
+            .find(|(start, _)| *start == slice_start)
+        {
+            Some((_, histogram)) => histogram.saturating_record(latency_ns.max(1)),
+            None => {
+                let mut histogram = new_histogram();
+                histogram.saturating_record(latency_ns.max(1));
+                self.slices.push_back((slice_start, histogram));
+                self.slices
+                    .make_contiguous()
+                    .sort_by_key(|(start, _)| *start);
+            }
+        }
+    }
+
+    /// Percentiles of the requests that ended in `(now - window, now]`.
+    pub fn percentiles(&mut self, now_ns: u64) -> Percentiles {
+        let oldest = now_ns.saturating_sub(self.window_ns);
+        while self
+            .slices
+            .front()
+            .is_some_and(|(start, _)| start + self.slice_ns <= oldest)
+        {
+            self.slices.pop_front();
+        }
+        let mut merged = new_histogram();
+        for (_, histogram) in self.slices.iter().filter(|(start, _)| *start <= now_ns) {
+            let _ = merged.add(histogram);
+        }
+        Percentiles::of(&merged)
+    }
+}
+
+/// The `window_ns`-long window (stepped by a tenth of it) with the highest P99 among those with
+/// at least `min_requests` requests: where a recording's spike is, found after the fact.
+pub fn worst_window(
+    recording: &Recording,
+    kind: LatencyKind,
+    window_ns: u64,
+    min_requests: u64,
+) -> Option<(Window, Percentiles)> {
+    let latencies: Vec<(u64, u64)> = recording
+        .events()
+        .filter_map(|e| request_latency(&e, kind))
+        .collect();
+    let step = (window_ns / 10).max(1);
+    let (start, end) = (recording.meta.start_ns, recording.meta.end_ns);
+    let mut best: Option<(Window, Percentiles)> = None;
+    let mut from = start;
+    let mut first = 0;
+    while from + window_ns <= end.max(start + window_ns) {
+        let window = Window::new(from, from + window_ns);
+        while first < latencies.len() && latencies[first].0 < from {
+            first += 1;
+        }
+        let mut histogram = new_histogram();
+        for &(ts, latency) in latencies[first..]
+            .iter()
+            .take_while(|(ts, _)| *ts < window.end_ns)
+        {
+            let _ = ts;
+            histogram.saturating_record(latency.max(1));
+        }
+        let p = Percentiles::of(&histogram);
+        if p.count >= min_requests && best.as_ref().is_none_or(|(_, b)| p.p99_ns > b.p99_ns) {
+            best = Some((window, p));
+        }
+        if from + window_ns >= end {
+            break;
+        }
+        from += step;
+    }
+    best
+}
+
+/// Parses one line of an external latency feed: `12.5ms`, `800us`, `3s`, or a bare number of
+/// milliseconds.
+pub fn parse_feed_line(line: &str) -> Option<u64> {
+    let line = line.trim();
+    if line.is_empty() {
+        return None;
+    }
+    if let Ok(ms) = line.parse::<f64>() {
+        return (ms.is_finite() && ms >= 0.0).then_some((ms * 1e6) as u64);
+    }
+    let split = line.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = line.split_at(split);
+    let value: f64 = number.trim().parse().ok()?;
+    let scale = match unit.trim() {
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "ms" => 1e6,
+        "s" => 1e9,
+        _ => return None,
+    };
+    (value.is_finite() && value >= 0.0).then_some((value * scale) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sliding_window_forgets_old_requests() {
+        let mut sliding = SlidingLatency::new(1_000_000_000);
+        for i in 0..100u64 {
+            sliding.record(i * 10_000_000, 1_000_000); // 1 ms for the first second
+        }
+        sliding.record(1_500_000_000, 50_000_000);
+        let p = sliding.percentiles(1_000_000_000);
+        assert_eq!(p.count, 100);
+        assert!(p.p99_ns < 1_100_000);
+        // At 2.4 s only the slow request (and nothing from the first second) is left.
+        let p = sliding.percentiles(2_400_000_000);
+        assert_eq!(p.count, 1);
+        assert!(p.p99_ns >= 49_000_000);
+        assert_eq!(sliding.percentiles(10_000_000_000).count, 0);
+    }
+
+    #[test]
+    fn feed_lines() {
+        assert_eq!(parse_feed_line("12.5ms"), Some(12_500_000));
+        assert_eq!(parse_feed_line("800us"), Some(800_000));
+        assert_eq!(parse_feed_line("3"), Some(3_000_000));
+        assert_eq!(parse_feed_line(" 2 s "), Some(2_000_000_000));
+        assert_eq!(parse_feed_line("fast"), None);
+        assert_eq!(parse_feed_line("-1"), None);
+        assert_eq!(parse_feed_line(""), None);
+    }
+}

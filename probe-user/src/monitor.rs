@@ -1,0 +1,354 @@
+//! `p99probe attach`: watch the target's request latency, and when P99 crosses the threshold,
+//! capture the window around it (from the flight recorder) into a capture directory.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use probe_common::RawEvent;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+
+use crate::attach::{AttachReport, ProbeSettings};
+use crate::capture::{write_capture, CaptureRequest};
+use crate::error::ProbeError;
+use crate::events::{external_latency, Event};
+use crate::flight::FlightRecorder;
+use crate::histogram::human_ns;
+use crate::latency::{parse_feed_line, request_latency, LatencyKind, SlidingLatency};
+use crate::recorder::{monotonic_ns, LiveSession};
+use crate::recording::KernelCounters;
+use crate::trigger::{Fire, Threshold, Trigger, TriggerConfig};
+use crate::verdict::Cause;
+use crate::window::Window;
+
+/// Where external latencies come from, one per line (`12.5ms`, `800us`, or bare milliseconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LatencyFeed {
+    Stdin,
+    Udp(u16),
+}
+
+impl std::str::FromStr for LatencyFeed {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "stdin" || text == "-" {
+            return Ok(LatencyFeed::Stdin);
+        }
+        text.strip_prefix("udp:")
+            .and_then(|p| p.parse().ok())
+            .map(LatencyFeed::Udp)
+            .ok_or_else(|| format!("`{text}`: use `stdin` or `udp:PORT`"))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AttachOptions {
+    pub probe: ProbeSettings,
+    pub latency: LatencyKind,
+    pub feed: Option<LatencyFeed>,
+    pub threshold: Threshold,
+    /// Sliding window the P99 is computed over.
+    pub window: Duration,
+    pub pre: Duration,
+    pub post: Duration,
+    /// Compared against the spike: this long, ending where `pre` begins.
+    pub baseline: Duration,
+    pub cooldown: Duration,
+    pub max_captures: usize,
+    pub min_requests: u64,
+    pub duration: Option<Duration>,
+    pub out_dir: PathBuf,
+    pub progress: bool,
+    /// Flight-recorder bound; the oldest events go first beyond it.
+    pub max_buffered_events: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct CaptureDone {
+    pub dir: PathBuf,
+    pub fire: Fire,
+    pub top_cause: Option<Cause>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AttachSummary {
+    pub captures: Vec<CaptureDone>,
+    pub hooks: AttachReport,
+    pub counters: KernelCounters,
+    pub target_exited: bool,
+    pub evicted_for_memory: u64,
+}
+
+fn spawn_feed(feed: &LatencyFeed) -> Result<mpsc::Receiver<u64>, ProbeError> {
+    let (tx, rx) = mpsc::channel(4096);
+    match feed.clone() {
+        LatencyFeed::Stdin => {
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(ns) = parse_feed_line(&line) {
+                        if tx.send(ns).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+        LatencyFeed::Udp(port) => {
+            let socket = std::net::UdpSocket::bind(("127.0.0.1", port))
+                .and_then(|s| s.set_nonblocking(true).map(|_| s))
+                .and_then(tokio::net::UdpSocket::from_std)
+                .map_err(|e| {
+                    ProbeError::InvalidArgument(format!("latency feed udp:{port}: {e}"))
+                })?;
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = socket.recv(&mut buf).await {
+                    for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                        if let Some(ns) = parse_feed_line(line) {
+                            if tx.send(ns).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    }
+    Ok(rx)
+}
+
+struct Capturer<'a> {
+    opts: &'a AttachOptions,
+    running: Vec<tokio::task::JoinHandle<Result<CaptureDone, ProbeError>>>,
+}
+
+impl Capturer<'_> {
+    /// Snapshots the window around `fire` (ending at `end_ns`) and writes it in the
+    /// background, so draining the kernel's events never stops.
+    fn start(
+        &mut self,
+        session: &LiveSession,
+        flight: &FlightRecorder,
+        fire: Fire,
+        end_ns: u64,
+        target_exited: bool,
+    ) -> Result<(), ProbeError> {
+        let ns = |d: Duration| d.as_nanos() as u64;
+        let from = fire
+            .at_ns
+            .saturating_sub(ns(self.opts.pre) + ns(self.opts.baseline))
+            .max(session.start_ns);
+        let spike = Window::new(
+            fire.at_ns.saturating_sub(ns(self.opts.window)).max(from),
+            end_ns,
+        );
+        let baseline_end = fire.at_ns.saturating_sub(ns(self.opts.pre)).max(from);
+        // Attached too recently for a full pre-window: compare with whatever came before.
+        let baseline_end = if baseline_end > from {
+            baseline_end
+        } else {
+            spike.start_ns
+        };
+        let baseline = Window::new(from, baseline_end);
+        let pending =
+            session.snapshot(flight.snapshot(from, end_ns), from, end_ns, target_exited)?;
+        let out_dir = self.opts.out_dir.clone();
+        let latency_kind = self.opts.latency;
+        self.running.push(tokio::task::spawn_blocking(move || {
+            let recording = pending.finish();
+            let request = CaptureRequest {
+                recording: &recording,
+                spike,
+                baseline: vec![baseline],
+                fire: Some(fire),
+                latency_kind,
+            };
+            let dir = write_capture(&out_dir, &request)?;
+            let top_cause = crate::report::Report::build(
+                &recording,
+                spike,
+                &[baseline],
+                Some(&fire),
+                latency_kind,
+            )
+            .0
+            .verdict
+            .into_iter()
+            .next();
+            Ok(CaptureDone {
+                dir,
+                fire,
+                top_cause,
+            })
+        }));
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<Vec<CaptureDone>, ProbeError> {
+        let mut done = Vec::new();
+        for task in self.running {
+            done.push(
+                task.await
+                    .map_err(|e| ProbeError::InvalidArgument(format!("capture task: {e}")))??,
+            );
+        }
+        Ok(done)
+    }
+}
+
+pub async fn attach_and_watch(
+    opts: &AttachOptions,
+    stop: impl Future<Output = ()>,
+) -> Result<AttachSummary, ProbeError> {
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| ProbeError::Unwritable {
+        path: opts.out_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    crate::output::check_writable(&opts.out_dir.join(".p99probe-write-test"))?;
+    let mut feed = match &opts.feed {
+        Some(feed) => Some(spawn_feed(feed)?),
+        None => None,
+    };
+    let latency_kind = if opts.feed.is_some() {
+        LatencyKind::External
+    } else {
+        opts.latency
+    };
+    let mut session = LiveSession::start(&opts.probe)?;
+    let ns = |d: Duration| d.as_nanos() as u64;
+    let mut flight = FlightRecorder::new(
+        ns(opts.pre) + ns(opts.baseline) + ns(opts.window) + 1_000_000_000,
+        opts.max_buffered_events,
+    );
+    let mut sliding = SlidingLatency::new(ns(opts.window));
+    let mut trigger = Trigger::new(TriggerConfig {
+        threshold: opts.threshold,
+        min_requests: opts.min_requests,
+        cooldown_ns: ns(opts.cooldown),
+        max_captures: opts.max_captures,
+    });
+    let mut capturer = Capturer {
+        opts,
+        running: Vec::new(),
+    };
+    let progress = if opts.progress {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let deadline = async {
+        match opts.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline, stop);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut batch: Vec<RawEvent> = Vec::new();
+    let mut pending: Option<Fire> = None;
+    let mut target_exited = false;
+    let mut events_seen = 0u64;
+    let mut rate_mark = (monotonic_ns(), 0u64);
+    let mut events_per_s = 0.0;
+    loop {
+        tokio::select! {
+            result = session.next_events(&mut batch) => {
+                result?;
+                for raw in batch.drain(..) {
+                    if let Some(event) = Event::from_raw(&raw) {
+                        if let Some((ts, latency)) = request_latency(&event, latency_kind) {
+                            sliding.record(ts, latency);
+                        }
+                    }
+                    flight.push(raw);
+                    events_seen += 1;
+                }
+            }
+            Some(latency) = async {
+                match feed.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let now = monotonic_ns();
+                sliding.record(now, latency);
+                flight.push(external_latency(now, latency));
+            }
+            _ = &mut deadline => break,
+            _ = &mut stop => break,
+            _ = tick.tick() => {
+                let now = monotonic_ns();
+                if let Some(fire) = pending {
+                    if now >= fire.at_ns + ns(opts.post) {
+                        capturer.start(&session, &flight, fire, now, false)?;
+                        pending = None;
+                        if !trigger.captures_left() {
+                            break;
+                        }
+                    }
+                }
+                let hold = pending.map(|f| f.at_ns.saturating_sub(ns(opts.pre) + ns(opts.baseline)));
+                flight.evict(now, hold);
+                let current = sliding.percentiles(now);
+                if pending.is_none() {
+                    if let Some(fire) = trigger.observe(now, &current) {
+                        progress.println(format!(
+                            "p99probe: P99 {} crossed {}; capturing {}s before to {}s after",
+                            human_ns(fire.observed_p99_ns),
+                            human_ns(fire.threshold_ns),
+                            opts.pre.as_secs_f64(),
+                            opts.post.as_secs_f64()
+                        ));
+                        pending = Some(fire);
+                    }
+                }
+                if now.saturating_sub(rate_mark.0) >= 1_000_000_000 {
+                    events_per_s = (events_seen - rate_mark.1) as f64 * 1e9 / (now - rate_mark.0) as f64;
+                    rate_mark = (now, events_seen);
+                    if !session.refresh_target() {
+                        target_exited = true;
+                        break;
+                    }
+                }
+                let drops = session.counters().map(|c| c.ring_buffer_full).unwrap_or(0);
+                let threshold = trigger
+                    .threshold_ns()
+                    .map(human_ns)
+                    .unwrap_or_else(|| "learning baseline".into());
+                progress.set_message(format!(
+                    "pid {} {:?} P99 {} (n={}) vs {threshold} | {:.0} events/s | {drops} dropped | {} captures{}",
+                    session.pid,
+                    latency_kind,
+                    human_ns(current.p99_ns),
+                    current.count,
+                    events_per_s,
+                    capturer.running.len(),
+                    if pending.is_some() { " | capturing…" } else { "" }
+                ));
+                progress.tick();
+            }
+        }
+    }
+    session.drain_now(&mut batch);
+    for raw in batch.drain(..) {
+        flight.push(raw);
+    }
+    if let Some(fire) = pending {
+        // Ctrl-C, the duration or the target's exit cut the post-window short: keep what we have.
+        capturer.start(&session, &flight, fire, monotonic_ns(), target_exited)?;
+    }
+    progress.finish_and_clear();
+    let hooks = session.hooks().clone();
+    let counters = session.counters()?;
+    drop(session);
+    let captures = capturer.finish().await?;
+    Ok(AttachSummary {
+        captures,
+        hooks,
+        counters,
+        target_exited,
+        evicted_for_memory: flight.evicted_for_memory,
+    })
+}

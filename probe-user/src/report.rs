@@ -1,0 +1,265 @@
+//! `report.json` (a documented contract, see docs/report-format.md) and `report.md`.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::{RequestLatency, Retransmit, WindowStats};
+use crate::attach::AttachReport;
+use crate::histogram::{human_ns, Percentiles};
+use crate::latency::LatencyKind;
+use crate::recording::{KernelCounters, Recording};
+use crate::trigger::Fire;
+use crate::verdict::{rank, top_stacks, Cause, TopStack};
+use crate::window::Window;
+
+pub const REPORT_FORMAT: &str = "p99probe-report/1";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowInfo {
+    /// Seconds from the start of the recording.
+    pub start_s: f64,
+    pub end_s: f64,
+    pub start_unix_ms: u64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TriggerInfo {
+    pub at_s: f64,
+    pub at_unix_ms: u64,
+    pub latency: LatencyKind,
+    pub observed_p99_ns: u64,
+    pub threshold_ns: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pair<T> {
+    pub spike: T,
+    pub baseline: T,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Retransmits {
+    pub spike_count: usize,
+    pub baseline_count: usize,
+    /// Retransmits in the spike window.
+    pub events: Vec<Retransmit>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub format: String,
+    pub pid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub hooks: AttachReport,
+    /// Absent for a post-mortem report of a window chosen by hand or found in the recording.
+    pub trigger: Option<TriggerInfo>,
+    /// Which request latency the windows were judged by.
+    pub latency_kind: LatencyKind,
+    pub spike_window: WindowInfo,
+    pub baseline_windows: Vec<WindowInfo>,
+    pub request_latency: Pair<RequestLatency>,
+    pub run_queue_delay: Pair<Percentiles>,
+    /// Weights in microseconds blocked.
+    pub off_cpu_top: Pair<Vec<TopStack>>,
+    /// Weights in samples.
+    pub on_cpu_top: Pair<Vec<TopStack>>,
+    pub tcp_retransmits: Retransmits,
+    pub drops: KernelCounters,
+    pub verdict: Vec<Cause>,
+}
+
+fn window_info(recording: &Recording, window: &Window) -> WindowInfo {
+    let offset = |ns: u64| ns.saturating_sub(recording.meta.start_ns) as f64 / 1e9;
+    WindowInfo {
+        start_s: offset(window.start_ns),
+        end_s: offset(window.end_ns),
+        start_unix_ms: recording.meta.start_unix_ms
+            + window.start_ns.saturating_sub(recording.meta.start_ns) / 1_000_000,
+        seconds: window.len_ns() as f64 / 1e9,
+    }
+}
+
+impl Report {
+    pub fn build(
+        recording: &Recording,
+        spike: Window,
+        baseline: &[Window],
+        fire: Option<&Fire>,
+        latency_kind: LatencyKind,
+    ) -> (Report, WindowStats, WindowStats) {
+        let spike_stats = WindowStats::compute(recording, &[spike]);
+        let base_stats = WindowStats::compute(recording, baseline);
+        let verdict = rank(&spike_stats, &base_stats, recording.meta.settings.sample_hz);
+        let trigger = fire.map(|f| TriggerInfo {
+            at_s: f.at_ns.saturating_sub(recording.meta.start_ns) as f64 / 1e9,
+            at_unix_ms: recording.meta.start_unix_ms
+                + f.at_ns.saturating_sub(recording.meta.start_ns) / 1_000_000,
+            latency: latency_kind,
+            observed_p99_ns: f.observed_p99_ns,
+            threshold_ns: f.threshold_ns,
+        });
+        let report = Report {
+            format: REPORT_FORMAT.into(),
+            pid: recording.meta.pid,
+            comm: recording.meta.comm.clone(),
+            exe: recording.meta.exe.clone(),
+            hooks: recording.meta.hooks.clone(),
+            trigger,
+            latency_kind,
+            spike_window: window_info(recording, &spike),
+            baseline_windows: baseline.iter().map(|w| window_info(recording, w)).collect(),
+            request_latency: Pair {
+                spike: spike_stats.latency.clone(),
+                baseline: base_stats.latency.clone(),
+            },
+            run_queue_delay: Pair {
+                spike: spike_stats.run_queue,
+                baseline: base_stats.run_queue,
+            },
+            off_cpu_top: Pair {
+                spike: top_stacks(&spike_stats.off_cpu, 10),
+                baseline: top_stacks(&base_stats.off_cpu, 10),
+            },
+            on_cpu_top: Pair {
+                spike: top_stacks(&spike_stats.on_cpu, 10),
+                baseline: top_stacks(&base_stats.on_cpu, 10),
+            },
+            tcp_retransmits: Retransmits {
+                spike_count: spike_stats.retransmits.len(),
+                baseline_count: base_stats.retransmits.len(),
+                events: spike_stats.retransmits.clone(),
+            },
+            drops: recording.meta.counters,
+            verdict,
+        };
+        (report, spike_stats, base_stats)
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "# p99probe: {} (pid {})\n", self.comm, self.pid);
+        if let Some(top) = self.verdict.first() {
+            let _ = writeln!(
+                md,
+                "**Most likely cause: `{:?}`** — {}\n",
+                top.cause, top.summary
+            );
+        }
+        if let Some(t) = &self.trigger {
+            let _ = writeln!(
+                md,
+                "Triggered at {:.2} s: {:?} latency P99 {} over the threshold {}.\n",
+                t.at_s,
+                t.latency,
+                human_ns(t.observed_p99_ns),
+                human_ns(t.threshold_ns)
+            );
+        }
+        let _ = writeln!(
+            md,
+            "Spike window {:.2}–{:.2} s; baseline {}. Scheduler hook: {}.\n",
+            self.spike_window.start_s,
+            self.spike_window.end_s,
+            self.baseline_windows
+                .iter()
+                .map(|w| format!("{:.2}–{:.2} s", w.start_s, w.end_s))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.hooks.scheduler
+        );
+        let _ = writeln!(
+            md,
+            "## Verdict\n\n| rank | cause | score (ms/s) | summary |\n|---|---|---|---|"
+        );
+        for (i, cause) in self.verdict.iter().enumerate() {
+            let _ = writeln!(
+                md,
+                "| {} | `{}` | {:.1} | {} |",
+                i + 1,
+                serde_json::to_value(cause.cause)
+                    .unwrap()
+                    .as_str()
+                    .unwrap_or("?"),
+                cause.score,
+                cause.summary
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nScore: extra milliseconds per second of this cause in the spike over the baseline.\n"
+        );
+        let _ = writeln!(
+            md,
+            "## Latency\n\n| | count | p50 | p99 | p99.9 | max |\n|---|---|---|---|---|---|"
+        );
+        let rows = [
+            (
+                "request (server), spike",
+                &self.request_latency.spike.server,
+            ),
+            (
+                "request (server), baseline",
+                &self.request_latency.baseline.server,
+            ),
+            (
+                "request (delivery), spike",
+                &self.request_latency.spike.delivery,
+            ),
+            (
+                "request (delivery), baseline",
+                &self.request_latency.baseline.delivery,
+            ),
+            ("run-queue delay, spike", &self.run_queue_delay.spike),
+            ("run-queue delay, baseline", &self.run_queue_delay.baseline),
+        ];
+        for (label, p) in rows {
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {} | {} | {} | {} |",
+                p.count,
+                human_ns(p.p50_ns),
+                human_ns(p.p99_ns),
+                human_ns(p.p999_ns),
+                human_ns(p.max_ns)
+            );
+        }
+        let stacks = |md: &mut String, title: &str, unit: &str, list: &[TopStack]| {
+            let _ = writeln!(md, "\n## {title}\n");
+            for s in list.iter().take(5) {
+                let _ = writeln!(
+                    md,
+                    "- {} {unit} ({:.0}%): `{}`",
+                    s.weight,
+                    s.share * 100.0,
+                    crate::flamegraph::describe_stack(&s.frames, 4)
+                );
+            }
+        };
+        stacks(
+            &mut md,
+            "Top off-CPU stacks in the spike",
+            "us",
+            &self.off_cpu_top.spike,
+        );
+        stacks(
+            &mut md,
+            "Top on-CPU stacks in the spike",
+            "samples",
+            &self.on_cpu_top.spike,
+        );
+        let _ = writeln!(
+            md,
+            "\n## TCP retransmits\n\n{} in the spike, {} in the baseline.",
+            self.tcp_retransmits.spike_count, self.tcp_retransmits.baseline_count
+        );
+        let _ = writeln!(
+            md,
+            "\n## Data quality\n\n{} events lost in the kernel (ring buffer full), {} stacks missing.",
+            self.drops.ring_buffer_full, self.drops.stacks_missing
+        );
+        md
+    }
+}
