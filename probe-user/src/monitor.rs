@@ -228,6 +228,7 @@ pub async fn attach_and_watch(
         min_requests: opts.min_requests,
         cooldown_ns: ns(opts.cooldown),
         max_captures: opts.max_captures,
+        arm_after_ns: ns(opts.pre) + ns(opts.baseline),
     });
     let mut capturer = Capturer {
         opts,
@@ -313,10 +314,11 @@ pub async fn attach_and_watch(
                     }
                 }
                 let drops = session.counters().map(|c| c.ring_buffer_full).unwrap_or(0);
-                let threshold = trigger
-                    .threshold_ns()
-                    .map(human_ns)
-                    .unwrap_or_else(|| "learning baseline".into());
+                let threshold = match trigger.threshold_ns() {
+                    Some(t) if trigger.armed(now) => human_ns(t),
+                    Some(t) => format!("{} (arming: collecting a baseline)", human_ns(t)),
+                    None => "learning baseline".into(),
+                };
                 progress.set_message(format!(
                     "pid {} {:?} P99 {} (n={}) vs {threshold} | {:.0} events/s | {drops} dropped | {} captures{}",
                     session.pid,

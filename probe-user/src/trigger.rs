@@ -21,6 +21,9 @@ pub struct TriggerConfig {
     pub min_requests: u64,
     pub cooldown_ns: u64,
     pub max_captures: usize,
+    /// No capture before this long after the first observation: a capture needs a baseline
+    /// before its spike (and attaching itself can disturb the target for a moment).
+    pub arm_after_ns: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,6 +68,11 @@ impl Trigger {
         self.baseline_p99_ns
     }
 
+    pub fn armed(&self, now_ns: u64) -> bool {
+        self.started_ns
+            .is_some_and(|s| now_ns.saturating_sub(s) >= self.config.arm_after_ns)
+    }
+
     pub fn captures_left(&self) -> bool {
         self.fired < self.config.max_captures
     }
@@ -85,6 +93,9 @@ impl Trigger {
             }
         }
         let threshold = self.threshold_ns()?;
+        if now_ns.saturating_sub(started) < self.config.arm_after_ns {
+            return None;
+        }
         if current.count < self.config.min_requests || current.p99_ns <= threshold {
             return None;
         }
@@ -127,6 +138,7 @@ mod tests {
             min_requests: 20,
             cooldown_ns: 5_000 * MS,
             max_captures: 2,
+            arm_after_ns: 100 * MS,
         }
     }
 
@@ -134,6 +146,11 @@ mod tests {
     fn absolute_threshold_with_cooldown_and_cap() {
         let mut trigger = Trigger::new(config(Threshold::Absolute { p99_ns: 50 * MS }));
         assert_eq!(trigger.observe(0, &p99(10 * MS, 100)), None);
+        assert_eq!(
+            trigger.observe(50 * MS, &p99(80 * MS, 100)),
+            None,
+            "not armed yet"
+        );
         assert_eq!(
             trigger.observe(100 * MS, &p99(80 * MS, 5)),
             None,

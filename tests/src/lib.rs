@@ -220,3 +220,31 @@ pub fn median(values: &mut [u64]) -> u64 {
     values.sort_unstable();
     values[values.len() / 2]
 }
+
+/// The Go test server, built once per test binary.
+pub fn go_server_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_go_server).1.clone()
+}
+
+/// The Go test server pinned to CPU 0 (taskset execs it, so the PID is the server's).
+pub fn go_server_on_cpu0(args: &[&str]) -> Spawned {
+    let binary = go_server_binary();
+    let mut full = vec!["-c", "0", binary.to_str().unwrap()];
+    full.extend_from_slice(args);
+    spawn_ready(Path::new("taskset"), &full)
+}
+
+/// wrk (Debian) on CPU 1 against `http://127.0.0.1:PORT/`, bounded by `seconds`.
+pub fn wrk_on_cpu1(port: u16, connections: u32, seconds: u32) -> Spawned {
+    let child = Command::new("taskset")
+        .args(["-c", "1", "wrk", "-t1"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{seconds}s"))
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("wrk is installed by cargo xtask setup");
+    Spawned { child, port: None }
+}

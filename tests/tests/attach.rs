@@ -1,0 +1,268 @@
+//! `p99probe attach` end to end: a real Go server under wrk, ONE injected cause per test, and
+//! the capture's report.json must name that cause first. A quiet run must capture nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use integration_tests::*;
+use p99probe::latency::LatencyKind;
+use p99probe::monitor::{attach_and_watch, AttachOptions};
+use p99probe::trigger::Threshold;
+use serde_json::Value;
+
+const MS: u64 = 1_000_000;
+
+fn options(pid: u32, out: &Path, p99_ms: u64, latency: LatencyKind, seconds: u64) -> AttachOptions {
+    AttachOptions {
+        probe: settings(pid),
+        latency,
+        feed: None,
+        threshold: Threshold::Absolute {
+            p99_ns: p99_ms * MS,
+        },
+        window: Duration::from_secs(1),
+        pre: Duration::from_secs(2),
+        post: Duration::from_secs(1),
+        baseline: Duration::from_secs(3),
+        cooldown: Duration::from_secs(30),
+        max_captures: 1,
+        min_requests: 20,
+        duration: Some(Duration::from_secs(seconds)),
+        out_dir: out.to_path_buf(),
+        progress: false,
+        max_buffered_events: 4_000_000,
+    }
+}
+
+fn run(options: &AttachOptions) -> Vec<PathBuf> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let summary = runtime
+        .block_on(attach_and_watch(options, std::future::pending()))
+        .expect("attach failed");
+    summary.captures.into_iter().map(|c| c.dir).collect()
+}
+
+fn report(dir: &Path) -> Value {
+    for file in [
+        "report.json",
+        "report.md",
+        "oncpu.svg",
+        "offcpu.svg",
+        "offcpu-diff.svg",
+        "oncpu.folded",
+        "offcpu.folded",
+        "sched-delay.svg",
+        "sched-delay.txt",
+        "timeline.svg",
+        "profile.pb.gz",
+        "recording.p99",
+    ] {
+        assert!(
+            dir.join(file).is_file(),
+            "{file} missing from {}",
+            dir.display()
+        );
+    }
+    serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
+}
+
+fn frames_contain(stack: &Value, function: &str) -> bool {
+    stack["frames"].as_array().is_some_and(|frames| {
+        frames
+            .iter()
+            .any(|f| f.as_str().is_some_and(|f| f.contains(function)))
+    })
+}
+
+fn single_capture(captures: &[PathBuf]) -> Value {
+    assert_eq!(captures.len(), 1, "expected one capture, got {captures:?}");
+    let report = report(&captures[0]);
+    eprintln!(
+        "verdict: {}",
+        serde_json::to_string_pretty(&report["verdict"]).unwrap()
+    );
+    report
+}
+
+#[test]
+fn blocking_sleep_on_some_requests_is_off_cpu_in_that_function() {
+    let _serial = serial();
+    let server = go_server_on_cpu0(&[
+        "-stall-every",
+        "20",
+        "-stall-ms",
+        "20",
+        "-inject-after",
+        "7s",
+        "-inject-for",
+        "3s",
+    ]);
+    let _load = wrk_on_cpu1(server.port.unwrap(), 4, 15);
+    let out = tempfile::tempdir().unwrap();
+    let report = single_capture(&run(&options(
+        server.pid(),
+        out.path(),
+        5,
+        LatencyKind::Server,
+        13,
+    )));
+    let top = &report["verdict"][0];
+    assert_eq!(top["cause"], "off_cpu");
+    assert!(
+        frames_contain(&top["evidence"]["top_growing_stack"], "main.stallHere"),
+        "{top}"
+    );
+    let spike_top = report["off_cpu_top"]["spike"].as_array().unwrap();
+    assert!(spike_top
+        .iter()
+        .take(3)
+        .any(|s| frames_contain(s, "main.stallHere")));
+    let trigger = &report["trigger"];
+    assert!(
+        trigger["observed_p99_ns"].as_u64().unwrap() > trigger["threshold_ns"].as_u64().unwrap()
+    );
+    assert!(
+        report["request_latency"]["spike"]["server"]["p99_ns"]
+            .as_u64()
+            .unwrap()
+            >= 15 * MS
+    );
+    assert!(
+        report["request_latency"]["baseline"]["server"]["count"]
+            .as_u64()
+            .unwrap()
+            > 1000
+    );
+}
+
+#[test]
+fn cpu_hog_on_the_servers_cpu_is_run_queue_delay() {
+    let _serial = serial();
+    let server = go_server_on_cpu0(&[]);
+    let _load = wrk_on_cpu1(server.port.unwrap(), 4, 15);
+    let hogs: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(|| {
+                std::thread::sleep(Duration::from_secs(7));
+                target(&["hog", "--cpu", "0", "--duration", "3"])
+            })
+        })
+        .collect();
+    let out = tempfile::tempdir().unwrap();
+    let captures = run(&options(
+        server.pid(),
+        out.path(),
+        4,
+        LatencyKind::Server,
+        13,
+    ));
+    drop(
+        hogs.into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>(),
+    );
+    let report = single_capture(&captures);
+    let top = &report["verdict"][0];
+    assert_eq!(top["cause"], "run_queue_delay");
+    assert!(top["summary"].as_str().unwrap().contains("CPU 0"), "{top}");
+    let spike = report["run_queue_delay"]["spike"]["p99_ns"]
+        .as_u64()
+        .unwrap();
+    let baseline = report["run_queue_delay"]["baseline"]["p99_ns"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        spike > 2 * baseline.max(1),
+        "spike p99 {spike} vs baseline {baseline}"
+    );
+}
+
+#[test]
+fn busy_loop_on_some_requests_is_on_cpu_in_that_function() {
+    let _serial = serial();
+    let server = go_server_on_cpu0(&[
+        "-spin-every",
+        "20",
+        "-spin-ms",
+        "10",
+        "-inject-after",
+        "7s",
+        "-inject-for",
+        "3s",
+    ]);
+    let _load = wrk_on_cpu1(server.port.unwrap(), 4, 15);
+    let out = tempfile::tempdir().unwrap();
+    let report = single_capture(&run(&options(
+        server.pid(),
+        out.path(),
+        5,
+        LatencyKind::Server,
+        13,
+    )));
+    let top = &report["verdict"][0];
+    assert_eq!(top["cause"], "on_cpu");
+    assert!(
+        frames_contain(&top["evidence"]["top_growing_stack"], "main.spin"),
+        "{top}"
+    );
+    assert!(top["summary"].as_str().unwrap().contains("main.spin"));
+}
+
+#[test]
+fn lost_responses_are_tcp_retransmits_by_delivery_latency() {
+    let _serial = serial();
+    let server = go_server_on_cpu0(&[]);
+    let port = server.port.unwrap();
+    let _load = wrk_on_cpu1(port, 4, 15);
+    let loss = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(7));
+        let _loss = PacketLoss::on_source_ports(&[port], 5);
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let out = tempfile::tempdir().unwrap();
+    let captures = run(&options(
+        server.pid(),
+        out.path(),
+        50,
+        LatencyKind::Delivery,
+        13,
+    ));
+    loss.join().unwrap();
+    let report = single_capture(&captures);
+    let top = &report["verdict"][0];
+    assert_eq!(top["cause"], "tcp_retransmit");
+    assert!(report["tcp_retransmits"]["spike_count"].as_u64().unwrap() > 0);
+    assert_eq!(report["trigger"]["latency"], "delivery");
+    for event in report["tcp_retransmits"]["events"].as_array().unwrap() {
+        assert!(event["local"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{port}")));
+    }
+}
+
+#[test]
+fn quiet_run_under_load_captures_nothing() {
+    let _serial = serial();
+    let server = go_server_on_cpu0(&[]);
+    let _load = wrk_on_cpu1(server.port.unwrap(), 4, 11);
+    let out = tempfile::tempdir().unwrap();
+    let captures = run(&options(
+        server.pid(),
+        out.path(),
+        100,
+        LatencyKind::Server,
+        10,
+    ));
+    assert!(captures.is_empty(), "false positive: {captures:?}");
+    let left: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "files written without a capture: {left:?}");
+}
