@@ -312,7 +312,7 @@ fn run_attach(args: AttachArgs) -> anyhow::Result<()> {
     for capture in &summary.captures {
         println!("{}", capture.dir.display());
         if let Some(cause) = &capture.top_cause {
-            println!("  most likely: {:?}: {}", cause.cause, cause.summary);
+            println!("  most likely: {}: {}", cause.cause.name(), cause.summary);
         }
     }
     Ok(())

@@ -121,6 +121,8 @@ fn spawn_feed(feed: &LatencyFeed) -> Result<mpsc::Receiver<u64>, ProbeError> {
 
 struct Capturer<'a> {
     opts: &'a AttachOptions,
+    /// What the trigger watches: the feed's latencies when there is a feed.
+    latency_kind: LatencyKind,
     running: Vec<tokio::task::JoinHandle<Result<CaptureDone, ProbeError>>>,
 }
 
@@ -155,7 +157,7 @@ impl Capturer<'_> {
         let pending =
             session.snapshot(flight.snapshot(from, end_ns), from, end_ns, target_exited)?;
         let out_dir = self.opts.out_dir.clone();
-        let latency_kind = self.opts.latency;
+        let latency_kind = self.latency_kind;
         self.running.push(tokio::task::spawn_blocking(move || {
             let recording = pending.finish();
             let request = CaptureRequest {
@@ -232,6 +234,7 @@ pub async fn attach_and_watch(
     });
     let mut capturer = Capturer {
         opts,
+        latency_kind,
         running: Vec::new(),
     };
     let progress = if opts.progress {
@@ -295,13 +298,16 @@ pub async fn attach_and_watch(
                 let current = sliding.percentiles(now);
                 if pending.is_none() {
                     if let Some(fire) = trigger.observe(now, &current) {
-                        progress.println(format!(
-                            "p99probe: P99 {} crossed {}; capturing {}s before to {}s after",
-                            human_ns(fire.observed_p99_ns),
-                            human_ns(fire.threshold_ns),
-                            opts.pre.as_secs_f64(),
-                            opts.post.as_secs_f64()
-                        ));
+                        if opts.progress {
+                            // suspend: shown even when the status line is hidden (not a TTY).
+                            progress.suspend(|| eprintln!(
+                                "p99probe: P99 {} crossed {}; capturing {}s before to {}s after",
+                                human_ns(fire.observed_p99_ns),
+                                human_ns(fire.threshold_ns),
+                                opts.pre.as_secs_f64(),
+                                opts.post.as_secs_f64()
+                            ));
+                        }
                         pending = Some(fire);
                     }
                 }

@@ -144,16 +144,17 @@ impl Report {
         if let Some(top) = self.verdict.first() {
             let _ = writeln!(
                 md,
-                "**Most likely cause: `{:?}`** — {}\n",
-                top.cause, top.summary
+                "**Most likely cause: `{}`** — {}\n",
+                top.cause.name(),
+                top.summary
             );
         }
         if let Some(t) = &self.trigger {
             let _ = writeln!(
                 md,
-                "Triggered at {:.2} s: {:?} latency P99 {} over the threshold {}.\n",
+                "Triggered at {:.2} s: {} latency P99 {} over the threshold {}.\n",
                 t.at_s,
-                t.latency,
+                format!("{:?}", t.latency).to_lowercase(),
                 human_ns(t.observed_p99_ns),
                 human_ns(t.threshold_ns)
             );

@@ -29,6 +29,18 @@ pub enum CauseKind {
     TcpRetransmit,
 }
 
+impl CauseKind {
+    /// The name used in report.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            CauseKind::RunQueueDelay => "run_queue_delay",
+            CauseKind::OffCpu => "off_cpu",
+            CauseKind::OnCpu => "on_cpu",
+            CauseKind::TcpRetransmit => "tcp_retransmit",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Cause {
     pub cause: CauseKind,
@@ -385,5 +397,13 @@ mod tests {
         assert!(causes[0].summary.contains("4 retransmits on :8080"));
         let json = serde_json::to_value(&causes[0]).unwrap();
         assert_eq!(json["cause"], "tcp_retransmit");
+        for kind in [
+            CauseKind::RunQueueDelay,
+            CauseKind::OffCpu,
+            CauseKind::OnCpu,
+            CauseKind::TcpRetransmit,
+        ] {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.name());
+        }
     }
 }

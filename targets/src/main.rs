@@ -17,7 +17,9 @@ modes:
   worker    [--cpu N]                bursts of CPU work (work_burst) with 1 ms sleeps, pinned
   hog       [--cpu N]                pure CPU hog, pinned
   server    [--port 0] [--response-bytes 4096] [--stall-every N --stall-ms M]
-                                     line-based TCP server; every Nth request stalls in stall_here()
+            [--inject-after SECS --inject-for SECS]
+                                     TCP server speaking HTTP/1.1 (for wrk) or one-line requests;
+                                     every Nth request stalls in stall_here() inside the window
   client    --port P [--conns 4]     request/response load against a server"
     );
     std::process::exit(2)
@@ -143,21 +145,58 @@ fn hog(opts: &Opts, until: Instant) {
     }
 }
 
-fn serve_connection(stream: TcpStream, response: &[u8], stall_every: u64, stall_ms: u64) {
+struct Injection {
+    stall_every: u64,
+    stall_ms: u64,
+    from: Instant,
+    until: Instant,
+}
+
+impl Injection {
+    fn active(&self) -> bool {
+        let now = Instant::now();
+        self.stall_every > 0 && now >= self.from && now < self.until
+    }
+}
+
+/// Reads one request: an HTTP request (through its blank line) or a single line.
+/// Returns whether it was HTTP, or None at end of stream.
+fn read_request(reader: &mut impl BufRead, line: &mut String) -> Option<bool> {
+    line.clear();
+    match reader.read_line(line) {
+        Ok(0) | Err(_) => return None,
+        Ok(_) => {}
+    }
+    if !line.starts_with("GET ") {
+        return Some(false);
+    }
+    loop {
+        line.clear();
+        match reader.read_line(line) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if line == "\r\n" || line == "\n" => return Some(true),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn serve_connection(stream: TcpStream, body: &[u8], injection: &Injection) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
     let mut line = String::new();
     let mut served = 0u64;
-    loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
+    let header = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n",
+        body.len()
+    );
+    let mut http_response = header.into_bytes();
+    http_response.extend_from_slice(body);
+    while let Some(http) = read_request(&mut reader, &mut line) {
         served += 1;
-        if stall_every > 0 && served.is_multiple_of(stall_every) {
-            stall_here(stall_ms);
+        if injection.active() && served.is_multiple_of(injection.stall_every) {
+            stall_here(injection.stall_ms);
         }
+        let response = if http { &http_response[..] } else { body };
         if writer.write_all(response).is_err() {
             return;
         }
@@ -167,13 +206,21 @@ fn serve_connection(stream: TcpStream, response: &[u8], stall_every: u64, stall_
 fn server(opts: &Opts, until: Instant) {
     let port = opts.get("--port", 0u16);
     let bytes = opts.get("--response-bytes", 4096usize);
-    let stall_every = opts.get("--stall-every", 0u64);
-    let stall_ms = opts.get("--stall-ms", 20u64);
+    let start = Instant::now();
+    let injection: &'static Injection = Box::leak(Box::new(Injection {
+        stall_every: opts.get("--stall-every", 0u64),
+        stall_ms: opts.get("--stall-ms", 20u64),
+        from: start + Duration::from_secs_f64(opts.get("--inject-after", 0.0f64)),
+        until: start
+            + Duration::from_secs_f64(
+                opts.get("--inject-for", 1e6f64) + opts.get("--inject-after", 0.0f64),
+            ),
+    }));
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
     let port = listener.local_addr().unwrap().port();
-    let mut response = vec![b'x'; bytes.max(1)];
-    *response.last_mut().unwrap() = b'\n';
-    let response: &'static [u8] = Box::leak(response.into_boxed_slice());
+    let mut body = vec![b'x'; bytes.max(1)];
+    *body.last_mut().unwrap() = b'\n';
+    let body: &'static [u8] = Box::leak(body.into_boxed_slice());
     std::thread::spawn(move || {
         let left = until.saturating_duration_since(Instant::now());
         std::thread::sleep(left);
@@ -181,7 +228,7 @@ fn server(opts: &Opts, until: Instant) {
     });
     ready(&format!(" {port}"));
     for stream in listener.incoming().flatten() {
-        std::thread::spawn(move || serve_connection(stream, response, stall_every, stall_ms));
+        std::thread::spawn(move || serve_connection(stream, body, injection));
     }
 }
 

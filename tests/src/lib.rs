@@ -122,7 +122,12 @@ pub fn settings(pid: u32) -> ProbeSettings {
 /// Records with the real kernel programs for `duration` and reads the file back.
 pub fn record_for(settings: ProbeSettings, duration: Duration) -> Recording {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("test.p99");
+    record_to(settings, duration, &dir.path().join("test.p99"))
+}
+
+/// Like [`record_for`], keeping the file at `out`.
+pub fn record_to(settings: ProbeSettings, duration: Duration, out: &Path) -> Recording {
+    let out = out.to_path_buf();
     let options = RecordOptions {
         probe: settings,
         duration: Some(duration),

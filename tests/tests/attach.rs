@@ -266,3 +266,151 @@ fn quiet_run_under_load_captures_nothing() {
         .collect();
     assert!(left.is_empty(), "files written without a capture: {left:?}");
 }
+
+#[test]
+fn post_mortem_report_finds_the_spike_in_a_plain_recording() {
+    let _serial = serial();
+    let server = go_server_on_cpu0(&[
+        "-stall-every",
+        "20",
+        "-stall-ms",
+        "20",
+        "-inject-after",
+        "5s",
+        "-inject-for",
+        "2s",
+    ]);
+    let _load = wrk_on_cpu1(server.port.unwrap(), 4, 12);
+    let dir = tempfile::tempdir().unwrap();
+    let recording_path = dir.path().join("plain.p99");
+    record_to(
+        settings(server.pid()),
+        Duration::from_secs(10),
+        &recording_path,
+    );
+
+    let out = dir.path().join("post");
+    let output = std::process::Command::new(binary("p99probe"))
+        .args([
+            "report",
+            recording_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let captures: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let report = single_capture(&captures);
+    assert!(report["trigger"].is_null(), "post-mortem has no trigger");
+    assert_eq!(report["verdict"][0]["cause"], "off_cpu");
+    assert!(frames_contain(
+        &report["verdict"][0]["evidence"]["top_growing_stack"],
+        "main.stallHere"
+    ));
+    // The worst window lies inside the injection (5 s to 7 s after the server started).
+    let start = report["spike_window"]["start_s"].as_f64().unwrap();
+    assert!(
+        (3.5..7.0).contains(&start),
+        "worst window starts at {start} s"
+    );
+}
+
+#[test]
+fn external_latency_feed_triggers_and_ctrl_c_completes_the_capture() {
+    use std::io::{BufRead, BufReader};
+    let _serial = serial();
+    let sleeper = target(&["sleeper", "--duration", "60"]);
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = tempfile::tempdir().unwrap();
+    let mut attach = std::process::Command::new(binary("p99probe"))
+        .args([
+            "attach",
+            "--pid",
+            &sleeper.pid().to_string(),
+            "--latency-feed",
+        ])
+        .arg(format!("udp:{port}"))
+        .args([
+            "--p99",
+            "10ms",
+            "--window",
+            "500ms",
+            "--pre",
+            "1s",
+            "--baseline",
+            "1s",
+        ])
+        .args([
+            "--post",
+            "60s",
+            "--min-requests",
+            "5",
+            "--out",
+            out.path().to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let feeder = std::thread::spawn(move || {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(8) {
+            let line = if start.elapsed() < Duration::from_secs(4) {
+                "1ms\n"
+            } else {
+                "50ms\n"
+            };
+            let _ = socket.send_to(line.as_bytes(), ("127.0.0.1", port));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let stderr = BufReader::new(attach.stderr.take().unwrap());
+    let (crossed_tx, crossed_rx) = std::sync::mpsc::channel();
+    // Keep reading to the end: closing the pipe early would break the child's later writes.
+    let reader = std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            eprintln!("attach: {line}");
+            if line.contains("crossed") {
+                let _ = crossed_tx.send(());
+            }
+        }
+    });
+    assert!(
+        crossed_rx.recv_timeout(Duration::from_secs(30)).is_ok(),
+        "the fed latencies never triggered a capture"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(attach.id() as i32, libc::SIGINT) };
+    let status = attach.wait().unwrap();
+    feeder.join().unwrap();
+    reader.join().unwrap();
+    assert!(status.success(), "Ctrl-C must exit 0, got {status}");
+    let captures: Vec<PathBuf> = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let report = single_capture(&captures);
+    assert_eq!(report["trigger"]["latency"], "external");
+    assert!(report["trigger"]["observed_p99_ns"].as_u64().unwrap() >= 40 * MS);
+    assert!(
+        report["request_latency"]["spike"]["external"]["count"]
+            .as_u64()
+            .unwrap()
+            > 10
+    );
+}
