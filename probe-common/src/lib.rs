@@ -25,7 +25,15 @@ pub enum EventKind {
     RequestDelivered = 6,
     /// A latency reported from outside the kernel (`--latency-feed`); written by the agent.
     ExternalLatency = 7,
+    /// A Go runtime function was entered (uprobe); `state` says which (`GO_*`).
+    GoRuntime = 8,
 }
+
+/// `state` of a [`EventKind::GoRuntime`] event: which runtime function was entered.
+pub const GO_STOP_THE_WORLD: u32 = 1;
+pub const GO_START_THE_WORLD: u32 = 2;
+pub const GO_GC_START: u32 = 3;
+pub const GO_GC_MARK_TERMINATION: u32 = 4;
 
 impl EventKind {
     pub fn from_u32(value: u32) -> Option<Self> {
@@ -37,6 +45,7 @@ impl EventKind {
             5 => Some(Self::RequestServed),
             6 => Some(Self::RequestDelivered),
             7 => Some(Self::ExternalLatency),
+            8 => Some(Self::GoRuntime),
             _ => None,
         }
     }

@@ -14,7 +14,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::{btf_tracepoint, fentry, kprobe, map, perf_event, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, fentry, kprobe, map, perf_event, raw_tracepoint, tracepoint, uprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{
         BtfTracePointContext, FEntryContext, PerfEventContext, ProbeContext, RawTracePointContext,
@@ -24,7 +24,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    Counter, EventKind, ProbeConfig, RawEvent, COUNTER_SLOTS, FLAG_PREEMPTED, NO_STACK,
+    Counter, EventKind, ProbeConfig, RawEvent, COUNTER_SLOTS, FLAG_PREEMPTED,
+    GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD, GO_STOP_THE_WORLD, NO_STACK,
 };
 
 #[no_mangle]
@@ -599,6 +600,49 @@ fn try_tcp_retransmit(ctx: &TracePointContext) -> Result<(), i64> {
         emit(&event);
     }
     Ok(())
+}
+
+/// Entry of a Go runtime function in the target. Entry probes only: Go moves goroutine stacks,
+/// which breaks the return trampolines uretprobes rely on.
+#[inline(always)]
+fn go_runtime_entered(which: u32) {
+    let cfg = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 != cfg.target_tgid {
+        return;
+    }
+    let mut event = RawEvent::zeroed();
+    event.kind = EventKind::GoRuntime as u32;
+    event.cpu = unsafe { bpf_get_smp_processor_id() };
+    event.ts_ns = unsafe { bpf_ktime_get_ns() };
+    event.tid = pid_tgid as u32;
+    event.tgid = cfg.target_tgid;
+    event.state = which;
+    emit(&event);
+}
+
+#[uprobe]
+pub fn go_stop_the_world(_ctx: ProbeContext) -> u32 {
+    go_runtime_entered(GO_STOP_THE_WORLD);
+    0
+}
+
+#[uprobe]
+pub fn go_start_the_world(_ctx: ProbeContext) -> u32 {
+    go_runtime_entered(GO_START_THE_WORLD);
+    0
+}
+
+#[uprobe]
+pub fn go_gc_start(_ctx: ProbeContext) -> u32 {
+    go_runtime_entered(GO_GC_START);
+    0
+}
+
+#[uprobe]
+pub fn go_gc_mark_termination(_ctx: ProbeContext) -> u32 {
+    go_runtime_entered(GO_GC_MARK_TERMINATION);
+    0
 }
 
 #[cfg(not(test))]

@@ -43,6 +43,8 @@ pub struct WindowStats {
     /// Samples per stack.
     pub on_cpu: Folded,
     pub retransmits: Vec<Retransmit>,
+    /// For Go targets (Go runtime probes attached).
+    pub go: Option<crate::goruntime::GoStats>,
 }
 
 fn merge(into: &mut Folded, from: Folded) {
@@ -98,7 +100,14 @@ impl WindowStats {
                 fold(recording, FlameKind::Oncpu, *window, false),
             );
         }
+        let go = recording
+            .meta
+            .hooks
+            .go
+            .as_ref()
+            .map(|_| crate::goruntime::go_stats(recording, windows, &on_cpu, seconds));
         WindowStats {
+            go,
             windows: windows.to_vec(),
             seconds,
             latency: RequestLatency {

@@ -7,7 +7,7 @@ use aya::{
     maps::HashMap as BpfHashMap,
     programs::{
         perf_event::{PerfEventScope, PerfTypeId, SamplePolicy},
-        BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, TracePoint,
+        BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, TracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -79,6 +79,9 @@ pub struct AttachReport {
     pub wakeup: String,
     pub sampling: String,
     pub tcp: Vec<String>,
+    /// Present for Go targets.
+    #[serde(default)]
+    pub go: Option<crate::goruntime::GoInfo>,
 }
 
 impl fmt::Display for AttachReport {
@@ -98,7 +101,14 @@ impl fmt::Display for AttachReport {
             self.wakeup,
             self.sampling,
             self.tcp.join(", ")
-        )
+        )?;
+        if let Some(go) = &self.go {
+            write!(f, "; Go {}: {}", go.version, go.probes.join(", "))?;
+            if !go.missing.is_empty() {
+                write!(f, " [not attached: {}]", go.missing.join("; "))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -361,6 +371,31 @@ fn attach_tcp(ebpf: &mut Ebpf, pid: u32) -> Result<Vec<String>, ProbeError> {
     Ok(attached)
 }
 
+/// For a Go target, entry uprobes on the GC and stop-the-world functions. A probe that cannot
+/// attach (a symbol renamed in some Go version) is reported, not fatal.
+fn attach_go(ebpf: &mut Ebpf, pid: u32) -> Option<crate::goruntime::GoInfo> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let version = crate::goruntime::go_version(&exe)?;
+    let mut info = crate::goruntime::GoInfo {
+        version,
+        ..Default::default()
+    };
+    for (program, symbol) in crate::goruntime::PROBES {
+        let result = (|| -> Result<(), String> {
+            let p: &mut UProbe = program_mut(ebpf, program).map_err(|e| e.to_string())?;
+            p.load().map_err(|e| chain(&e))?;
+            p.attach(Some(symbol), 0, &exe, Some(pid as i32))
+                .map(drop)
+                .map_err(|e| chain(&e))
+        })();
+        match result {
+            Ok(()) => info.probes.push(format!("uprobe/{symbol}")),
+            Err(e) => info.missing.push(format!("{symbol}: {e}")),
+        }
+    }
+    Some(info)
+}
+
 /// Loads the programs for `settings.pid` and attaches all of them. Dropping the returned
 /// [`AttachedProbes`] detaches everything (aya closes the links with their fds).
 pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
@@ -421,6 +456,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         "off".into()
     };
     let tcp = attach_tcp(&mut ebpf, settings.pid)?;
+    let go = attach_go(&mut ebpf, settings.pid);
     Ok(AttachedProbes {
         ebpf,
         report: AttachReport {
@@ -429,6 +465,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
             wakeup,
             sampling,
             tcp,
+            go,
         },
     })
 }

@@ -483,6 +483,7 @@ fn run_info(args: InfoArgs) -> anyhow::Result<()> {
             crate::events::Event::RequestServed { .. } => "request_served",
             crate::events::Event::RequestDelivered { .. } => "request_delivered",
             crate::events::Event::ExternalLatency { .. } => "external_latency",
+            crate::events::Event::GoRuntime { .. } => "go_runtime",
         };
         *counts.entry(kind).or_default() += 1;
     }

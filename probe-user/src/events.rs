@@ -60,6 +60,8 @@ pub enum Event {
     RequestDelivered { ts_ns: u64, latency_ns: u64 },
     /// A latency fed from outside (a load generator or script).
     ExternalLatency { ts_ns: u64, latency_ns: u64 },
+    /// A Go runtime function was entered: `which` is one of `probe_common::GO_*`.
+    GoRuntime { ts_ns: u64, tid: u32, which: u32 },
 }
 
 impl Event {
@@ -71,7 +73,8 @@ impl Event {
             | Event::TcpRetransmit { ts_ns, .. }
             | Event::RequestServed { ts_ns, .. }
             | Event::RequestDelivered { ts_ns, .. }
-            | Event::ExternalLatency { ts_ns, .. } => ts_ns,
+            | Event::ExternalLatency { ts_ns, .. }
+            | Event::GoRuntime { ts_ns, .. } => ts_ns,
         }
     }
 
@@ -122,6 +125,11 @@ impl Event {
             EventKind::ExternalLatency => Event::ExternalLatency {
                 ts_ns: raw.ts_ns,
                 latency_ns: raw.duration_ns,
+            },
+            EventKind::GoRuntime => Event::GoRuntime {
+                ts_ns: raw.ts_ns,
+                tid: raw.tid,
+                which: raw.state,
             },
         })
     }

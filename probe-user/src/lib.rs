@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod flamegraph;
 pub mod flight;
+pub mod goruntime;
 pub mod histogram;
 pub mod latency;
 pub mod monitor;

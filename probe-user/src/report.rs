@@ -68,8 +68,19 @@ pub struct Report {
     pub on_cpu_top: Pair<Vec<TopStack>>,
     pub tcp_retransmits: Retransmits,
     pub drops: KernelCounters,
+    /// Go targets only.
+    pub go: Option<GoReport>,
     pub verdict: Vec<Cause>,
 }
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GoReport {
+    pub version: String,
+    pub runtime: Pair<crate::goruntime::GoStats>,
+    pub notes: Vec<String>,
+}
+
+const GOROUTINE_NOTE: &str = "goroutines that block on channels, sync.Mutex or the network park without blocking an OS thread: that waiting is not in the off-CPU stacks (it shows as request latency and, when it piles up, as runnable goroutines)";
 
 fn window_info(recording: &Recording, window: &Window) -> WindowInfo {
     let offset = |ns: u64| ns.saturating_sub(recording.meta.start_ns) as f64 / 1e9;
@@ -133,6 +144,17 @@ impl Report {
                 events: spike_stats.retransmits.clone(),
             },
             drops: recording.meta.counters,
+            go: match (&recording.meta.hooks.go, &spike_stats.go, &base_stats.go) {
+                (Some(info), Some(spike_go), Some(base_go)) => Some(GoReport {
+                    version: info.version.clone(),
+                    runtime: Pair {
+                        spike: spike_go.clone(),
+                        baseline: base_go.clone(),
+                    },
+                    notes: vec![GOROUTINE_NOTE.into()],
+                }),
+                _ => None,
+            },
             verdict,
         };
         (report, spike_stats, base_stats)
@@ -256,6 +278,28 @@ impl Report {
             "\n## TCP retransmits\n\n{} in the spike, {} in the baseline.",
             self.tcp_retransmits.spike_count, self.tcp_retransmits.baseline_count
         );
+        if let Some(go) = &self.go {
+            let (s, b) = (&go.runtime.spike, &go.runtime.baseline);
+            let _ = writeln!(
+                md,
+                "\n## Go runtime ({})\n\n| | GC cycles | STW pauses | longest STW | GC CPU | assists |\n|---|---|---|---|---|---|",
+                go.version
+            );
+            for (label, g) in [("spike", s), ("baseline", b)] {
+                let _ = writeln!(
+                    md,
+                    "| {label} | {} | {} | {} | {:.0}% | {:.0}% |",
+                    g.gc_cycles,
+                    g.stw_pauses,
+                    human_ns(g.stw_longest_ns),
+                    g.gc_cpu_share * 100.0,
+                    g.assist_cpu_share * 100.0
+                );
+            }
+            for note in &go.notes {
+                let _ = writeln!(md, "\nNote: {note}.");
+            }
+        }
         let _ = writeln!(
             md,
             "\n## Data quality\n\n{} events lost in the kernel (ring buffer full), {} stacks missing.",

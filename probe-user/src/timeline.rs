@@ -94,7 +94,7 @@ pub fn render(
             _ => {}
         }
     }
-    let rows = [
+    let mut rows = vec![
         Row {
             title: format!("request P99 ({latency_kind:?})"),
             values: latency
@@ -129,6 +129,32 @@ pub fn render(
             color: "#9467bd",
         },
     ];
+    let gc = recording
+        .meta
+        .hooks
+        .go
+        .as_ref()
+        .map(|_| crate::goruntime::gc_activity(recording));
+    if let Some(gc) = &gc {
+        let mut stw = vec![0f64; buckets];
+        for (i, slot) in stw.iter_mut().enumerate() {
+            let w = Window::new(
+                start + i as u64 * BUCKET_NS,
+                start + (i as u64 + 1) * BUCKET_NS,
+            );
+            *slot = gc
+                .pauses
+                .iter()
+                .map(|(s, e)| w.overlap(*e, e - s) as f64)
+                .sum();
+        }
+        rows.push(Row {
+            title: "Go stop-the-world (GC cycles shaded)".into(),
+            values: stw,
+            format: ns_label,
+            color: "#2ca02c",
+        });
+    }
 
     let (width, left, right, row_h, gap, top) = (1000.0, 190.0, 20.0, 90.0, 25.0, 40.0);
     let plot_w = width - left - right;
@@ -189,6 +215,17 @@ pub fn render(
             left + plot_w,
             y0 + row_h
         );
+        if let (Some(gc), true) = (&gc, r == rows.len() - 1) {
+            for (s, e) in &gc.cycles {
+                let _ = writeln!(
+                    svg,
+                    r##"<rect x="{:.1}" y="{y0:.1}" width="{:.1}" height="{row_h}" fill="#d8f0d8"><title>GC cycle {}</title></rect>"##,
+                    x_of(*s),
+                    (x_of(*e) - x_of(*s)).max(1.0),
+                    human_ns(e - s)
+                );
+            }
+        }
         for (i, value) in row.values.iter().enumerate() {
             if *value <= 0.0 || max <= 0.0 {
                 continue;

@@ -9,7 +9,10 @@
 //!   waiting for work, not delaying it);
 //! - `on_cpu`: extra CPU time of the fastest-growing user stack (samples × sample period);
 //! - `tcp_retransmit`: extra retransmits × 200 ms, Linux's minimum retransmission timeout,
-//!   the least a retransmitted response is delayed by.
+//!   the least a retransmitted response is delayed by;
+//! - `gc` (Go targets): extra GC CPU time (mark workers, assists, sweeping) plus extra
+//!   stop-the-world time × the CPUs it stops. GC samples are left out of `on_cpu`, so the two
+//!   do not count the same CPU time twice.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +30,8 @@ pub enum CauseKind {
     OffCpu,
     OnCpu,
     TcpRetransmit,
+    /// Go garbage collection: stop-the-world pauses and GC CPU (mark workers, assists, sweep).
+    Gc,
 }
 
 impl CauseKind {
@@ -37,6 +42,7 @@ impl CauseKind {
             CauseKind::OffCpu => "off_cpu",
             CauseKind::OnCpu => "on_cpu",
             CauseKind::TcpRetransmit => "tcp_retransmit",
+            CauseKind::Gc => "gc",
         }
     }
 }
@@ -228,11 +234,26 @@ fn off_cpu_cause(spike: &WindowStats, baseline: &WindowStats) -> Cause {
     }
 }
 
+/// On-CPU stacks, without Go GC work when the target is Go (the `gc` cause accounts for it).
+fn non_gc(stats: &WindowStats) -> Folded {
+    if stats.go.is_none() {
+        return stats.on_cpu.clone();
+    }
+    stats
+        .on_cpu
+        .iter()
+        .filter(|(stack, _)| {
+            !crate::goruntime::classify(&stack.split(';').collect::<Vec<_>>()).is_gc()
+        })
+        .map(|(s, w)| (s.clone(), *w))
+        .collect()
+}
+
 fn on_cpu_cause(spike: &WindowStats, baseline: &WindowStats, sample_hz: u64) -> Cause {
     let ms_per_sample = 1e3 / sample_hz.max(1) as f64;
     let (spike_user, base_user) = (
-        user_frames_only(&spike.on_cpu),
-        user_frames_only(&baseline.on_cpu),
+        user_frames_only(&non_gc(spike)),
+        user_frames_only(&non_gc(baseline)),
     );
     let total: u64 = spike_user.values().sum();
     let top = fastest_growing(&spike_user, spike.seconds, &base_user, baseline.seconds);
@@ -300,7 +321,40 @@ fn retransmit_cause(spike: &WindowStats, baseline: &WindowStats) -> Cause {
     }
 }
 
-/// All four causes, most likely first.
+fn gc_cause(spike: &crate::goruntime::GoStats, baseline: &crate::goruntime::GoStats) -> Cause {
+    let gc_cpu = |s: &crate::goruntime::GoStats| -> f64 {
+        s.cpu_ms_per_s
+            .iter()
+            .filter(|(class, _)| class.is_gc())
+            .map(|(_, ms)| ms)
+            .sum()
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let score = (gc_cpu(spike) - gc_cpu(baseline)).max(0.0)
+        + (spike.stw_ms_per_s - baseline.stw_ms_per_s).max(0.0) * cpus;
+    let summary = format!(
+        "Go GC: {} cycles, {} stop-the-world pauses (longest {}), GC took {:.0}% of the CPU ({:.0}% in mark assists) vs {:.0}% in the baseline",
+        spike.gc_cycles,
+        spike.stw_pauses,
+        human_ns(spike.stw_longest_ns),
+        spike.gc_cpu_share * 100.0,
+        spike.assist_cpu_share * 100.0,
+        baseline.gc_cpu_share * 100.0
+    );
+    Cause {
+        cause: CauseKind::Gc,
+        score,
+        summary,
+        evidence: json!({
+            "spike": spike,
+            "baseline": baseline,
+            "spike_gc_cpu_ms_per_s": gc_cpu(spike),
+            "baseline_gc_cpu_ms_per_s": gc_cpu(baseline),
+        }),
+    }
+}
+
+/// All causes (four, five for Go targets), most likely first.
 pub fn rank(spike: &WindowStats, baseline: &WindowStats, sample_hz: u64) -> Vec<Cause> {
     let mut causes = vec![
         run_queue_cause(spike, baseline),
@@ -308,6 +362,9 @@ pub fn rank(spike: &WindowStats, baseline: &WindowStats, sample_hz: u64) -> Vec<
         on_cpu_cause(spike, baseline, sample_hz),
         retransmit_cause(spike, baseline),
     ];
+    if let (Some(spike_go), Some(base_go)) = (&spike.go, &baseline.go) {
+        causes.push(gc_cause(spike_go, base_go));
+    }
     causes.sort_by(|a, b| b.score.total_cmp(&a.score));
     causes
 }
@@ -329,6 +386,7 @@ mod tests {
             off_cpu: Folded::new(),
             on_cpu: Folded::new(),
             retransmits: vec![],
+            go: None,
         }
     }
 
@@ -377,6 +435,40 @@ mod tests {
         assert_eq!(run_queue.score, 0.0);
         assert_eq!(causes[0].cause, CauseKind::OnCpu);
         assert!((causes[0].score - 1000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn go_gc_work_moves_from_on_cpu_to_gc() {
+        use crate::goruntime::{GoStats, SampleClass};
+        let mut spike = stats(1.0);
+        let mut baseline = stats(1.0);
+        spike.on_cpu.insert(
+            "srv;runtime.goexit;runtime.gcBgMarkWorker;runtime.gcDrain".into(),
+            400,
+        );
+        spike
+            .on_cpu
+            .insert("srv;runtime.goexit;main.handler".into(), 50);
+        baseline
+            .on_cpu
+            .insert("srv;runtime.goexit;main.handler".into(), 50);
+        let mut go_spike = GoStats::default();
+        go_spike
+            .cpu_ms_per_s
+            .insert(SampleClass::GcMarkWorker, 400.0);
+        go_spike.stw_ms_per_s = 10.0;
+        go_spike.stw_pauses = 4;
+        spike.go = Some(go_spike);
+        baseline.go = Some(GoStats::default());
+        let causes = rank(&spike, &baseline, 1000);
+        assert_eq!(causes[0].cause, CauseKind::Gc);
+        assert!(causes[0].score >= 410.0, "{}", causes[0].score);
+        assert!(causes[0].summary.contains("4 stop-the-world pauses"));
+        let on_cpu = causes.iter().find(|c| c.cause == CauseKind::OnCpu).unwrap();
+        assert_eq!(
+            on_cpu.score, 0.0,
+            "GC samples must not count as on-CPU growth"
+        );
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //	-stall-every N -stall-ms M   every Nth request sleeps M ms in main.stallHere (a raw
 //	                   nanosleep, so the OS thread really goes off-CPU)
 //	-spin-every N -spin-ms M     every Nth request burns M ms of CPU in main.spinHere
+//	-alloc-every N -alloc-kb K   every Nth request allocates K KiB of pointer-rich garbage in
+//	                   main.allocHere (with -live-mb of long-lived objects to mark and a low
+//	                   GOGC, this makes GC the cause of a spike)
+//	-live-mb M         keep M MiB of long-lived, pointer-rich objects
 //	-inject-after D -inject-for D  misbehave only inside this window after start
 //
 // It prints "ready PORT" once listening and exits by itself after -lifetime.
@@ -49,17 +53,46 @@ func spinFor(d time.Duration) uint64 {
 
 var sink uint64
 
+type node struct {
+	next    *node
+	payload [48]byte
+}
+
+var live []*node
+
+//go:noinline
+func allocHere(kb int) int {
+	garbage := make([]*node, 0, kb*1024/64)
+	for i := 0; i < cap(garbage); i++ {
+		garbage = append(garbage, &node{})
+		if i > 0 {
+			garbage[i].next = garbage[i-1]
+		}
+	}
+	return len(garbage)
+}
+
 func main() {
 	background := flag.Bool("background", false, "run the background stall and spin goroutines")
 	stallEvery := flag.Int64("stall-every", 0, "every Nth request stalls")
 	stallMs := flag.Int("stall-ms", 20, "stall length")
 	spinEvery := flag.Int64("spin-every", 0, "every Nth request spins")
 	spinMs := flag.Int("spin-ms", 10, "spin length")
+	allocEvery := flag.Int64("alloc-every", 0, "every Nth request allocates")
+	allocKb := flag.Int("alloc-kb", 256, "allocation size")
+	liveMb := flag.Int("live-mb", 0, "long-lived heap to keep")
 	injectAfter := flag.Duration("inject-after", 0, "start misbehaving after this long")
 	injectFor := flag.Duration("inject-for", time.Hour, "misbehave for this long")
 	lifetime := flag.Duration("lifetime", 60*time.Second, "exit after this long")
 	flag.Parse()
 
+	for i := 0; i < *liveMb*1024*1024/64; i++ {
+		n := &node{}
+		if i > 0 {
+			n.next = live[i-1]
+		}
+		live = append(live, n)
+	}
 	start := time.Now()
 	injecting := func() bool {
 		since := time.Since(start)
@@ -87,6 +120,9 @@ func main() {
 			}
 			if *spinEvery > 0 && n%*spinEvery == 0 {
 				atomic.AddUint64(&sink, spinFor(time.Duration(*spinMs)*time.Millisecond))
+			}
+			if *allocEvery > 0 && n%*allocEvery == 0 {
+				atomic.AddUint64(&sink, uint64(allocHere(*allocKb)))
 			}
 		}
 		fmt.Fprintln(w, "ok")

@@ -15,6 +15,20 @@ fn go_server_stacks_symbolize_to_go_function_names() {
     let server = spawn_ready(&binary, &["-background"]);
     let recording = record_for(settings(server.pid()), Duration::from_secs(3));
 
+    // Detected as Go, with its version and the runtime probes attached.
+    let go = recording
+        .meta
+        .hooks
+        .go
+        .as_ref()
+        .expect("Go target not detected");
+    assert_eq!(
+        Some(go.version.clone()),
+        p99probe::goruntime::go_version(&binary)
+    );
+    assert!(go.version.starts_with("go1."), "{}", go.version);
+    assert_eq!(go.probes.len(), 4, "missing: {:?}", go.missing);
+
     let stall_stacks: Vec<(u64, Vec<String>)> = recording
         .events()
         .filter_map(|e| match e {
