@@ -20,7 +20,9 @@ modes:
             [--inject-after SECS --inject-for SECS]
                                      TCP server speaking HTTP/1.1 (for wrk) or one-line requests;
                                      every Nth request stalls in stall_here() inside the window
-  client    --port P [--conns 4]     request/response load against a server"
+  client    --port P [--conns 4]     request/response load against a server
+  pingpong                           two threads handing a byte back and forth through pipes as
+                                     fast as they can (a context-switch storm, for benchmarks)"
     );
     std::process::exit(2)
 }
@@ -271,6 +273,42 @@ fn client(opts: &Opts, until: Instant) {
     println!("requests {total}");
 }
 
+fn pingpong(until: Instant) {
+    let mut a = [0i32; 2];
+    let mut b = [0i32; 2];
+    unsafe {
+        assert_eq!(libc::pipe(a.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(b.as_mut_ptr()), 0);
+    }
+    let (a_read, a_write, b_read, b_write) = (a[0], a[1], b[0], b[1]);
+    let echo = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        loop {
+            if unsafe { libc::read(a_read, byte.as_mut_ptr().cast(), 1) } != 1 {
+                return;
+            }
+            if unsafe { libc::write(b_write, byte.as_ptr().cast(), 1) } != 1 {
+                return;
+            }
+        }
+    });
+    ready("");
+    let mut byte = [0u8; 1];
+    let mut rounds = 0u64;
+    while Instant::now() < until {
+        for _ in 0..1000 {
+            unsafe {
+                libc::write(a_write, byte.as_ptr().cast(), 1);
+                libc::read(b_read, byte.as_mut_ptr().cast(), 1);
+            }
+        }
+        rounds += 1000;
+    }
+    unsafe { libc::close(a_write) };
+    let _ = echo.join();
+    println!("rounds {rounds}");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(mode) = args.first().cloned() else {
@@ -285,6 +323,7 @@ fn main() {
         "hog" => hog(&opts, until),
         "server" => server(&opts, until),
         "client" => client(&opts, until),
+        "pingpong" => pingpong(until),
         _ => usage(),
     }
 }

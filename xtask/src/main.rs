@@ -10,6 +10,8 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -30,6 +32,9 @@ enum Task {
     },
     /// Setup, then formatting, lints, unit and integration tests (needs root).
     Test,
+    /// Measure overhead against bpftrace and BCC, pipeline limits and time to verdict, and
+    /// write BENCHMARKS.md (needs root; takes about 15 minutes; not part of `test`).
+    Bench,
 }
 
 fn root() -> PathBuf {
@@ -78,8 +83,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
 ];
 
-fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+/// Only the benchmarks need these.
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("redis-server", "redis-server"),
+    ("redis-benchmark", "redis-tools"),
+    ("bpftrace", "bpftrace"),
+    ("runqlat-bpfcc", "bpfcc-tools"),
+];
+
+fn install_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(command, _)| !have(command))
         .map(|(_, package)| *package)
@@ -170,7 +183,7 @@ fn install_bpf_linker() -> Result<()> {
 }
 
 fn setup() -> Result<()> {
-    install_packages()?;
+    install_packages(PACKAGES)?;
     install_rust_src()?;
     install_bpf_linker()
 }
@@ -282,5 +295,20 @@ fn main() -> Result<()> {
                 .current_dir(root()))
         }
         Task::Test => test(),
+        Task::Bench => {
+            require_root("the benchmarks")?;
+            setup()?;
+            install_packages(BENCH_PACKAGES)?;
+            build(true)?;
+            let go_binary = root().join("target/bench/goserver");
+            std::fs::create_dir_all(go_binary.parent().unwrap())?;
+            run(Command::new("go")
+                .args(["build", "-o"])
+                .arg(&go_binary)
+                .arg(root().join("tests/go/server.go"))
+                .env("GO111MODULE", "off")
+                .env("GOCACHE", root().join("target/bench/gocache")))?;
+            bench::run(&root(), &go_binary)
+        }
     }
 }

@@ -1,0 +1,697 @@
+//! `cargo xtask bench`: what p99probe costs, measured against nothing attached and against the
+//! tools a user would reach for instead (bpftrace, BCC), alternating configurations round by
+//! round so drift cancels, and written to BENCHMARKS.md with medians and min–max.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+
+const ROUNDS: usize = 3;
+const LOAD_SECONDS: u32 = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tool {
+    Nothing,
+    P99probe,
+    Bpftrace,
+    Bcc,
+}
+
+impl Tool {
+    const ALL: [Tool; 4] = [Tool::Nothing, Tool::P99probe, Tool::Bpftrace, Tool::Bcc];
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Nothing => "nothing attached",
+            Tool::P99probe => "p99probe attach",
+            Tool::Bpftrace => "bpftrace (equivalent script)",
+            Tool::Bcc => "BCC runqlat+offcputime+tcpretrans",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    throughput: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        unsafe { kill(self.0.id() as i32, 2) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+extern "C" {
+    fn kill(pid: i32, signal: i32) -> i32;
+}
+
+fn bin(root: &Path, name: &str) -> PathBuf {
+    root.join("target/release").join(name)
+}
+
+/// Starts `cmd` pinned to CPU 0 and waits for its `ready PORT` line.
+fn start_ready(mut cmd: Command) -> Result<(Killed, u16)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting server")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+    let port = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no port in {line:?}"))?;
+    Ok((Killed(child), port))
+}
+
+fn go_server(go_binary: &Path, args: &[&str]) -> Result<(Killed, u16)> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "0"])
+        .arg(go_binary)
+        .args(args)
+        .args(["-lifetime", "300s"]);
+    start_ready(cmd)
+}
+
+fn redis_server(port: u16) -> Result<Killed> {
+    let child = Command::new("taskset")
+        .args([
+            "-c",
+            "0",
+            "redis-server",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server")?;
+    for _ in 0..100 {
+        let ok = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "ping"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"));
+        if ok {
+            return Ok(Killed(child));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("redis-server did not answer")
+}
+
+fn parse_wrk_latency(text: &str, label: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.trim_start().starts_with(label))?;
+    let value = line.split_whitespace().nth(1)?;
+    let (number, unit) = value.split_at(value.find(|c: char| c.is_ascii_alphabetic())?);
+    let number: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => number / 1000.0,
+        "ms" => number,
+        "s" => number * 1000.0,
+        _ => return None,
+    })
+}
+
+fn wrk(port: u16) -> Result<Sample> {
+    let out = Command::new("taskset")
+        .args(["-c", "1", "wrk", "-t1", "-c8", "--latency"])
+        .arg(format!("-d{LOAD_SECONDS}s"))
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let throughput = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("wrk output: {text}"))?;
+    Ok(Sample {
+        throughput,
+        p50_ms: parse_wrk_latency(&text, "50%").unwrap_or(f64::NAN),
+        p99_ms: parse_wrk_latency(&text, "99%").unwrap_or(f64::NAN),
+    })
+}
+
+fn redis_benchmark(port: u16) -> Result<Sample> {
+    let out = Command::new("taskset")
+        .args([
+            "-c",
+            "1",
+            "redis-benchmark",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "get",
+            "-c",
+            "8",
+            "-n",
+            "400000",
+            "--csv",
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("\"GET\""))
+        .with_context(|| format!("redis-benchmark output: {text}"))?;
+    let fields: Vec<f64> = row
+        .split(',')
+        .skip(1)
+        .map(|f| f.trim_matches('"').parse().unwrap_or(f64::NAN))
+        .collect();
+    Ok(Sample {
+        throughput: fields[0],
+        p50_ms: fields.get(3).copied().unwrap_or(f64::NAN),
+        p99_ms: fields.get(5).copied().unwrap_or(f64::NAN),
+    })
+}
+
+const BPFTRACE_SCRIPT: &str = r#"
+tracepoint:sched:sched_wakeup, tracepoint:sched:sched_wakeup_new { @qtime[args->pid] = nsecs; }
+tracepoint:sched:sched_switch {
+  if (args->prev_state == 0) { @qtime[args->prev_pid] = nsecs; }
+  if (pid == PID) { @offstart[tid] = nsecs; @offstack[tid] = kstack; @offustack[tid] = ustack; }
+  $q = @qtime[args->next_pid];
+  if ($q) { @runq_us = hist((nsecs - $q) / 1000); delete(@qtime[args->next_pid]); }
+  $s = @offstart[args->next_pid];
+  if ($s) {
+    @offcpu_us[@offstack[args->next_pid], @offustack[args->next_pid]] = sum((nsecs - $s) / 1000);
+    delete(@offstart[args->next_pid]);
+  }
+}
+tracepoint:tcp:tcp_retransmit_skb { @retransmits[args->sport, args->dport] = count(); }
+profile:hz:99 /pid == PID/ { @oncpu[kstack, ustack] = count(); }
+"#;
+
+/// Starts `tool` on `pid`; Err(reason) when the tool cannot run on this machine.
+fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<Killed>, String> {
+    let spawn = |cmd: &mut Command| -> Result<Killed, String> {
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map(Killed)
+            .map_err(|e| format!("{cmd:?}: {e}"))
+    };
+    let mut running = match tool {
+        Tool::Nothing => return Ok(vec![]),
+        Tool::P99probe => vec![spawn(
+            Command::new("taskset")
+                .args(["-c", "1"])
+                .arg(bin(root, "p99probe"))
+                .args([
+                    "attach",
+                    "--pid",
+                    &pid.to_string(),
+                    "--p99",
+                    "1h",
+                    "--duration",
+                    "120s",
+                    "--out",
+                ])
+                .arg(scratch.join("captures")),
+        )?],
+        Tool::Bpftrace => vec![spawn(
+            Command::new("bpftrace")
+                .arg("-e")
+                .arg(BPFTRACE_SCRIPT.replace("PID", &pid.to_string())),
+        )?],
+        Tool::Bcc => vec![
+            spawn(Command::new("runqlat-bpfcc").arg("-p").arg(pid.to_string()))?,
+            spawn(
+                Command::new("offcputime-bpfcc")
+                    .arg("-p")
+                    .arg(pid.to_string()),
+            )?,
+            spawn(&mut Command::new("tcpretrans-bpfcc"))?,
+        ],
+    };
+    // Give them time to compile/load and attach; a tool that cannot run has exited by then.
+    std::thread::sleep(Duration::from_secs(if tool == Tool::P99probe {
+        3
+    } else {
+        8
+    }));
+    for killed in &mut running {
+        if let Ok(Some(status)) = killed.0.try_wait() {
+            let mut err = String::new();
+            if let Some(stderr) = killed.0.stderr.as_mut() {
+                let _ = std::io::Read::read_to_string(stderr, &mut err);
+            }
+            let reason = err
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no output")
+                .to_string();
+            return Err(format!("exited with {status}: {reason}"));
+        }
+    }
+    Ok(running)
+}
+
+fn stats(values: &[f64]) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn fmt_stat(values: &[f64], digits: usize) -> String {
+    let (median, min, max) = stats(values);
+    format!("{median:.digits$} ({min:.digits$}–{max:.digits$})")
+}
+
+struct Overhead {
+    server: &'static str,
+    load: &'static str,
+    results: Vec<(Tool, Result<Vec<Sample>, String>)>,
+}
+
+fn overhead(
+    server: &'static str,
+    load: &'static str,
+    root: &Path,
+    scratch: &Path,
+    start: &dyn Fn() -> Result<(Killed, u16)>,
+    measure: &dyn Fn(u16) -> Result<Sample>,
+) -> Result<Overhead> {
+    let mut results: Vec<(Tool, Result<Vec<Sample>, String>)> =
+        Tool::ALL.iter().map(|t| (*t, Ok(Vec::new()))).collect();
+    for round in 0..ROUNDS {
+        for (tool, result) in results.iter_mut() {
+            let Ok(samples) = result else { continue };
+            let (server_process, port) = start()?;
+            eprintln!("bench: {server} round {} / {}", round + 1, tool.name());
+            match start_tool(*tool, server_process.0.id(), root, scratch) {
+                Ok(running) => {
+                    samples.push(measure(port)?);
+                    drop(running);
+                }
+                Err(reason) => *result = Err(reason),
+            }
+            drop(server_process);
+        }
+    }
+    Ok(Overhead {
+        server,
+        load,
+        results,
+    })
+}
+
+fn proc_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn proc_rss_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+struct Pipeline {
+    events_per_s: Vec<f64>,
+    drops: Vec<f64>,
+    cpu_percent: Vec<f64>,
+    rss_full_mb: f64,
+}
+
+fn info_field(text: &str, prefix: &str, index: usize) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))?
+        .split_whitespace()
+        .nth(index)?
+        .trim_end_matches(',')
+        .parse()
+        .ok()
+}
+
+fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
+    let target = bin(root, "p99probe-target");
+    let agent = bin(root, "p99probe");
+    let mut result = Pipeline {
+        events_per_s: vec![],
+        drops: vec![],
+        cpu_percent: vec![],
+        rss_full_mb: 0.0,
+    };
+    for round in 0..ROUNDS {
+        eprintln!("bench: pipeline round {}", round + 1);
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", "0"])
+            .arg(&target)
+            .args(["pingpong", "--duration", "30"]);
+        let pingpong = Killed(cmd.stdout(Stdio::piped()).spawn()?);
+        std::thread::sleep(Duration::from_millis(300));
+        let out = scratch.join("pingpong.p99");
+        let recorder = Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(&agent)
+            .args([
+                "record",
+                "--pid",
+                &pingpong.0.id().to_string(),
+                "--duration",
+                "6s",
+                "--min-offcpu",
+                "0",
+                "--out",
+            ])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let pid = recorder.id();
+        std::thread::sleep(Duration::from_secs(2));
+        let (t0, c0) = (Instant::now(), proc_cpu_ticks(pid).unwrap_or(0));
+        std::thread::sleep(Duration::from_secs(3));
+        let (t1, c1) = (Instant::now(), proc_cpu_ticks(pid).unwrap_or(0));
+        let recorder_status = Killed(recorder);
+        drop(recorder_status);
+        let ticks_per_s = 100.0; // USER_HZ
+        result
+            .cpu_percent
+            .push((c1 - c0) as f64 / ticks_per_s / (t1 - t0).as_secs_f64() * 100.0);
+        let info = Command::new(&agent).arg("info").arg(&out).output()?;
+        let text = String::from_utf8_lossy(&info.stdout);
+        let sent = info_field(&text, "kernel:", 1).unwrap_or(f64::NAN);
+        let dropped = info_field(&text, "kernel:", 3).unwrap_or(f64::NAN);
+        let length = text
+            .lines()
+            .find_map(|l| l.strip_prefix("length: "))
+            .and_then(|l| l.trim_end_matches('s').parse::<f64>().ok())
+            .unwrap_or(6.0);
+        result.events_per_s.push(sent / length);
+        result.drops.push(dropped);
+        drop(pingpong);
+    }
+    // Flight recorder full: attach (never triggering) long enough to fill its 10 s of history.
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "0"])
+        .arg(&target)
+        .args(["pingpong", "--duration", "40"]);
+    let pingpong = Killed(cmd.stdout(Stdio::piped()).spawn()?);
+    let attach = Killed(
+        Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(&agent)
+            .args([
+                "attach",
+                "--pid",
+                &pingpong.0.id().to_string(),
+                "--p99",
+                "1h",
+                "--min-offcpu",
+                "0",
+                "--duration",
+                "60s",
+                "--out",
+            ])
+            .arg(scratch.join("captures"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_secs(15));
+    result.rss_full_mb = proc_rss_kb(attach.0.id()).unwrap_or(0) as f64 / 1024.0;
+    drop(attach);
+    drop(pingpong);
+    Ok(result)
+}
+
+/// Seconds from the end of each capture's post-window to its report.json on disk.
+fn time_to_verdict(root: &Path, go_binary: &Path, scratch: &Path) -> Result<Vec<f64>> {
+    eprintln!("bench: time to verdict");
+    let (server, port) = go_server(go_binary, &["-stall-every", "20", "-stall-ms", "20"])?;
+    let load = Killed(
+        Command::new("taskset")
+            .args(["-c", "1", "wrk", "-t1", "-c8", "-d40s"])
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let captures = scratch.join("verdict-captures");
+    let _ = std::fs::remove_dir_all(&captures);
+    let status = Command::new(bin(root, "p99probe"))
+        .args([
+            "attach",
+            "--pid",
+            &server.0.id().to_string(),
+            "--p99",
+            "5ms",
+            "--pre",
+            "1s",
+            "--baseline",
+            "2s",
+        ])
+        .args([
+            "--post",
+            "1s",
+            "--cooldown",
+            "2s",
+            "--max-captures",
+            "3",
+            "--duration",
+            "35s",
+            "--out",
+        ])
+        .arg(&captures)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    drop(load);
+    drop(server);
+    if !status.success() {
+        bail!("p99probe attach failed for the time-to-verdict run");
+    }
+    let mut seconds = Vec::new();
+    for dir in std::fs::read_dir(&captures)?.flatten() {
+        let report_path = dir.path().join("report.json");
+        let written = std::fs::metadata(&report_path)?.modified()?;
+        let text = std::fs::read_to_string(&report_path)?;
+        let at_ms: u64 = text
+            .split("\"at_unix_ms\":")
+            .nth(1)
+            .and_then(|t| t.trim_start().split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .context("trigger time in report.json")?;
+        let post_end = SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms + 1000);
+        seconds.push(
+            written
+                .duration_since(post_end)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        );
+    }
+    Ok(seconds)
+}
+
+fn version(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|_| "not installed".into())
+}
+
+pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
+    let scratch = root.join("target/bench");
+    std::fs::create_dir_all(&scratch)?;
+    let go = overhead(
+        "Go net/http (golang-go)",
+        "wrk -t1 -c8",
+        root,
+        &scratch,
+        &|| go_server(go_binary, &[]),
+        &wrk,
+    )?;
+    let redis = overhead(
+        "redis-server",
+        "redis-benchmark -t get -c 8 -n 400000",
+        root,
+        &scratch,
+        &|| redis_server(16379).map(|k| (k, 16379)),
+        &redis_benchmark,
+    )?;
+    let pipeline = pipeline(root, &scratch)?;
+    let verdict = time_to_verdict(root, go_binary, &scratch)?;
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# p99probe benchmarks\n");
+    let _ = writeln!(md, "Written by `cargo xtask bench`. Every configuration runs {ROUNDS} times, alternating configurations round by round (A/B/C/D, A/B/C/D, ...), so drift cancels; each cell is the median and, in brackets, the min–max.\n");
+    let _ = writeln!(md, "## Machine\n");
+    for (label, value) in [
+        ("kernel", version("uname", &["-r"])),
+        ("CPUs", version("nproc", &[])),
+        (
+            "p99probe",
+            version(bin(root, "p99probe").to_str().unwrap(), &["--version"]),
+        ),
+        ("go", version("go", &["version"])),
+        ("redis", version("redis-server", &["--version"])),
+        ("wrk", version("wrk", &["--version"])),
+        ("bpftrace", version("bpftrace", &["--version"])),
+    ] {
+        let _ = writeln!(md, "- {label}: {value}");
+    }
+    let _ = writeln!(md, "\nServer pinned to CPU 0, load generator and tracing tools to CPU 1; {LOAD_SECONDS} s of load per run; p99probe runs `attach` with every hook on and a threshold (`--p99 1h`) never reached.\n");
+    for o in [&go, &redis] {
+        let _ = writeln!(md, "## Overhead on {} under `{}`\n", o.server, o.load);
+        let _ = writeln!(md, "| configuration | throughput (req/s) | ratio | P50 (ms) | P99 (ms) | P99 ratio |\n|---|---|---|---|---|---|");
+        let base = match &o.results[0].1 {
+            Ok(samples) => (
+                stats(&samples.iter().map(|s| s.throughput).collect::<Vec<_>>()).0,
+                stats(&samples.iter().map(|s| s.p99_ms).collect::<Vec<_>>()).0,
+            ),
+            Err(_) => (f64::NAN, f64::NAN),
+        };
+        for (tool, result) in &o.results {
+            match result {
+                Ok(samples) => {
+                    let tput: Vec<f64> = samples.iter().map(|s| s.throughput).collect();
+                    let p50: Vec<f64> = samples.iter().map(|s| s.p50_ms).collect();
+                    let p99: Vec<f64> = samples.iter().map(|s| s.p99_ms).collect();
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {:.3} | {} | {} | {:.3} |",
+                        tool.name(),
+                        fmt_stat(&tput, 0),
+                        stats(&tput).0 / base.0,
+                        fmt_stat(&p50, 3),
+                        fmt_stat(&p99, 3),
+                        stats(&p99).0 / base.1
+                    );
+                }
+                Err(reason) => {
+                    let _ = writeln!(
+                        md,
+                        "| {} | does not run here: {} | | | | |",
+                        tool.name(),
+                        reason.replace('|', "/")
+                    );
+                }
+            }
+        }
+        let _ = writeln!(md);
+    }
+    let _ = writeln!(md, "## Pipeline limits\n\nTarget: two threads handing a byte back and forth through pipes on CPU 0 (`p99probe-target pingpong`); `p99probe record --min-offcpu 0` on CPU 1, so every switch and wakeup is an event. The target, slowed by the tracing, is the limit here, not the agent.\n");
+    let eps = stats(&pipeline.events_per_s).0;
+    let cpu = stats(&pipeline.cpu_percent).0;
+    let _ = writeln!(md, "| metric | value |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "| events/s drained | {} |",
+        fmt_stat(&pipeline.events_per_s, 0)
+    );
+    let _ = writeln!(
+        md,
+        "| events dropped in the kernel (per run) | {} |",
+        fmt_stat(&pipeline.drops, 0)
+    );
+    let _ = writeln!(
+        md,
+        "| agent CPU % while draining | {} |",
+        fmt_stat(&pipeline.cpu_percent, 1)
+    );
+    let _ = writeln!(
+        md,
+        "| agent CPU % per 100k events/s | {:.2} |",
+        cpu / (eps / 100_000.0)
+    );
+    let _ = writeln!(md, "| agent RSS with the flight recorder full (10 s of history, same target, `attach`) | {:.0} MB |", pipeline.rss_full_mb);
+    let _ = writeln!(md, "\n## Time to verdict\n\nGo server with a 20 ms stall on every 20th request under wrk; `attach --p99 5ms --post 1s`, three captures. Time from the end of the post-window to `report.json` (written last) on disk:\n");
+    let _ = writeln!(
+        md,
+        "- seconds: {} over {} captures; raw: {:?}\n",
+        fmt_stat(&verdict, 3),
+        verdict.len(),
+        verdict
+            .iter()
+            .map(|v| (v * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
+    );
+    let _ = writeln!(md, "## Goals\n");
+    let go_ratio = match &go.results[1].1 {
+        Ok(s) => {
+            stats(&s.iter().map(|x| x.throughput).collect::<Vec<_>>()).0
+                / stats(
+                    &go.results[0]
+                        .1
+                        .as_ref()
+                        .map(|v| v.iter().map(|x| x.throughput).collect::<Vec<_>>())
+                        .unwrap_or_default(),
+                )
+                .0
+        }
+        Err(_) => f64::NAN,
+    };
+    let _ = writeln!(
+        md,
+        "- throughput with p99probe ≥ 98% of nothing attached (Go): {:.1}% — {}",
+        go_ratio * 100.0,
+        if go_ratio >= 0.98 { "met" } else { "missed" }
+    );
+    let _ = writeln!(
+        md,
+        "- ≥ 1 M events/s drained with zero drops: {eps:.0} events/s — {}",
+        if eps >= 1e6 {
+            "met"
+        } else {
+            "not shown: the synthetic target cannot produce 1 M/s on this 2-CPU machine"
+        }
+    );
+    let vt = stats(&verdict).0;
+    let _ = writeln!(
+        md,
+        "- capture on disk ≤ 1 s after the post-window: {vt:.2} s — {}",
+        if vt <= 1.0 { "met" } else { "missed" }
+    );
+    let _ = writeln!(
+        md,
+        "\nCommands: see `xtask/src/bench.rs` (the bpftrace script is `BPFTRACE_SCRIPT` there)."
+    );
+    std::fs::write(root.join("BENCHMARKS.md"), md)?;
+    println!("wrote BENCHMARKS.md");
+    Ok(())
+}
