@@ -10,7 +10,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::BPF_F_USER_STACK,
+    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
@@ -112,12 +112,21 @@ fn count(counter: Counter) {
     }
 }
 
+/// Unread bytes in the ring buffer before an event wakes the agent. Below it the agent is not
+/// woken per event (each wakeup costs it a context switch) but drains on its own timer.
+const WAKEUP_AT_BYTES: u64 = 512 * 1024;
+
 #[inline(always)]
 fn emit(event: &RawEvent) {
     match EVENTS.reserve::<RawEvent>(0) {
         Some(mut entry) => {
             entry.write(*event);
-            entry.submit(0);
+            let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_AT_BYTES {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            entry.submit(flags as u64);
             count(Counter::EventsSent);
         }
         None => count(Counter::RingBufferFull),

@@ -77,8 +77,11 @@ fn differential_svg(baseline: &Folded, spike: &Folded, title: &str) -> anyhow::R
     Ok(svg)
 }
 
-/// Writes the capture directory under `parent` and returns its path.
-pub fn write_capture(parent: &Path, request: &CaptureRequest<'_>) -> Result<PathBuf, ProbeError> {
+/// Writes the capture directory under `parent`; returns its path and the report in it.
+pub fn write_capture(
+    parent: &Path,
+    request: &CaptureRequest<'_>,
+) -> Result<(PathBuf, Report), ProbeError> {
     let recording = request.recording;
     let stamp_ms = recording.meta.start_unix_ms
         + request
@@ -98,16 +101,18 @@ pub fn write_capture(parent: &Path, request: &CaptureRequest<'_>) -> Result<Path
     let temp_dir = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&temp_dir);
     std::fs::create_dir(&temp_dir).map_err(|e| unwritable(&temp_dir, e))?;
-    let result = fill(&temp_dir, request);
-    if let Err(err) = result {
-        let _ = std::fs::remove_dir_all(&temp_dir);
-        return Err(err);
-    }
+    let report = match fill(&temp_dir, request) {
+        Ok(report) => report,
+        Err(err) => {
+            let _ = std::fs::remove_dir_all(&temp_dir);
+            return Err(err);
+        }
+    };
     std::fs::rename(&temp_dir, &final_dir).map_err(|e| unwritable(&final_dir, e))?;
-    Ok(final_dir)
+    Ok((final_dir, report))
 }
 
-fn fill(dir: &Path, request: &CaptureRequest<'_>) -> Result<(), ProbeError> {
+fn fill(dir: &Path, request: &CaptureRequest<'_>) -> Result<Report, ProbeError> {
     let recording = request.recording;
     let write = |name: &str, bytes: &[u8]| write_atomic(&dir.join(name), bytes);
     let svg_err = |name: &str, e: anyhow::Error| unwritable(&dir.join(name), e);
@@ -193,5 +198,5 @@ fn fill(dir: &Path, request: &CaptureRequest<'_>) -> Result<(), ProbeError> {
     write("report.md", report.to_markdown().as_bytes())?;
     // Last: its presence means the capture is complete.
     write("report.json", &json)?;
-    Ok(())
+    Ok(report)
 }

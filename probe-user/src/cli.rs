@@ -251,10 +251,7 @@ fn print_verdict(causes: &[crate::verdict::Cause]) {
         println!(
             "  {}. {:<16} score {:>8.1}  {}",
             rank + 1,
-            serde_json::to_value(cause.cause)
-                .unwrap()
-                .as_str()
-                .unwrap_or("?"),
+            cause.cause.name(),
             cause.score,
             cause.summary
         );
@@ -349,13 +346,11 @@ fn run_report(args: ReportArgs) -> anyhow::Result<()> {
     let request = crate::capture::CaptureRequest {
         recording: &recording,
         spike,
-        baseline: baseline.clone(),
+        baseline,
         fire: None,
         latency_kind: args.latency,
     };
-    let dir = crate::capture::write_capture(&args.out, &request)?;
-    let (report, _, _) =
-        crate::report::Report::build(&recording, spike, &baseline, None, args.latency);
+    let (dir, report) = crate::capture::write_capture(&args.out, &request)?;
     println!(
         "spike window {:.2}s..{:.2}s: {}",
         report.spike_window.start_s,

@@ -78,6 +78,27 @@ impl Event {
         }
     }
 
+    /// For an off-CPU interval, `(end, length)` of the time the thread was blocked: switch-out to
+    /// wakeup, without the run-queue wait that followed. A preempted interval is all run-queue
+    /// wait, so it counts whole when `include_preempted`, and not at all otherwise.
+    pub fn blocked_interval(&self, include_preempted: bool) -> Option<(u64, u64)> {
+        match *self {
+            Event::OffCpu {
+                ts_ns,
+                duration_ns,
+                preempted: true,
+                ..
+            } => include_preempted.then_some((ts_ns, duration_ns)),
+            Event::OffCpu {
+                ts_ns,
+                duration_ns,
+                wait_ns,
+                ..
+            } => Some((ts_ns - wait_ns, duration_ns - wait_ns)),
+            _ => None,
+        }
+    }
+
     pub fn from_raw(raw: &RawEvent) -> Option<Event> {
         let kernel_stack = stack(raw.kernel_stack_id);
         let user_stack = stack(raw.user_stack_id);
@@ -249,6 +270,32 @@ mod tests {
                 tcp_state: 1,
             }
         );
+    }
+
+    #[test]
+    fn blocked_part_of_off_cpu_intervals() {
+        let off = |preempted| Event::OffCpu {
+            ts_ns: 1_000,
+            tid: 1,
+            cpu: 0,
+            duration_ns: 300,
+            wait_ns: 100,
+            state: 1,
+            preempted,
+            kernel_stack: None,
+            user_stack: None,
+        };
+        assert_eq!(off(false).blocked_interval(false), Some((900, 200)));
+        assert_eq!(off(true).blocked_interval(false), None);
+        assert_eq!(off(true).blocked_interval(true), Some((1_000, 300)));
+        let sample = Event::OnCpuSample {
+            ts_ns: 5,
+            tid: 1,
+            cpu: 0,
+            kernel_stack: None,
+            user_stack: None,
+        };
+        assert_eq!(sample.blocked_interval(true), None);
     }
 
     #[test]

@@ -72,18 +72,16 @@ pub fn fold(
             }
             (
                 FlameKind::Offcpu,
-                Event::OffCpu {
-                    ts_ns,
-                    duration_ns,
-                    wait_ns,
-                    preempted,
+                event @ Event::OffCpu {
                     kernel_stack,
                     user_stack,
                     ..
                 },
-            ) if include_preempted || !preempted => {
-                let wait = if preempted { 0 } else { wait_ns };
-                let micros = window.overlap(ts_ns - wait, duration_ns - wait) / 1000;
+            ) => {
+                let Some((end, blocked)) = event.blocked_interval(include_preempted) else {
+                    continue;
+                };
+                let micros = window.overlap(end, blocked) / 1000;
                 if micros > 0 {
                     *folded
                         .entry(stack_line(recording, kernel_stack, user_stack))

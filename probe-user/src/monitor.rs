@@ -167,18 +167,8 @@ impl Capturer<'_> {
                 fire: Some(fire),
                 latency_kind,
             };
-            let dir = write_capture(&out_dir, &request)?;
-            let top_cause = crate::report::Report::build(
-                &recording,
-                spike,
-                &[baseline],
-                Some(&fire),
-                latency_kind,
-            )
-            .0
-            .verdict
-            .into_iter()
-            .next();
+            let (dir, report) = write_capture(&out_dir, &request)?;
+            let top_cause = report.verdict.into_iter().next();
             Ok(CaptureDone {
                 dir,
                 fire,

@@ -92,19 +92,15 @@ pub fn encode(recording: &Recording, windows: &[Window]) -> Vec<u8> {
                 user_stack,
                 ..
             } if inside(ts_ns) => (kernel_stack, user_stack, [1, period_ns, 0]),
-            Event::OffCpu {
-                ts_ns,
-                duration_ns,
-                wait_ns,
-                preempted: false,
+            event @ Event::OffCpu {
                 kernel_stack,
                 user_stack,
                 ..
             } => {
-                let blocked: u64 = windows
-                    .iter()
-                    .map(|w| w.overlap(ts_ns - wait_ns, duration_ns - wait_ns))
-                    .sum();
+                let Some((end, length)) = event.blocked_interval(false) else {
+                    continue;
+                };
+                let blocked: u64 = windows.iter().map(|w| w.overlap(end, length)).sum();
                 if blocked == 0 {
                     continue;
                 }

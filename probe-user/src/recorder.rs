@@ -38,6 +38,9 @@ pub struct RecordSummary {
     pub target_exited: bool,
 }
 
+/// How often the agent drains the ring buffer when the kernel has not woken it.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+
 /// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -179,15 +182,18 @@ impl LiveSession {
         &self.attached.report
     }
 
-    /// Waits until the kernel has written events, then drains them all into `out`.
+    /// Waits until the kernel wakes us (its buffer is filling) or the poll interval passes,
+    /// then drains every event into `out`. The kernel does not wake the agent per event: at
+    /// hundreds of thousands of events a second those wakeups would cost more than the events.
     pub async fn next_events(&mut self, out: &mut Vec<RawEvent>) -> Result<(), ProbeError> {
-        let mut guard = self
-            .ring
-            .readable_mut()
-            .await
-            .map_err(|e| map_err("EVENTS", e))?;
-        drain(guard.get_inner_mut(), out);
-        guard.clear_ready();
+        match tokio::time::timeout(DRAIN_INTERVAL, self.ring.readable_mut()).await {
+            Ok(guard) => {
+                let mut guard = guard.map_err(|e| map_err("EVENTS", e))?;
+                drain(guard.get_inner_mut(), out);
+                guard.clear_ready();
+            }
+            Err(_) => drain(self.ring.get_mut(), out),
+        }
         Ok(())
     }
 

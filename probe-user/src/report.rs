@@ -202,10 +202,7 @@ impl Report {
                 md,
                 "| {} | `{}` | {:.1} | {} |",
                 i + 1,
-                serde_json::to_value(cause.cause)
-                    .unwrap()
-                    .as_str()
-                    .unwrap_or("?"),
+                cause.cause.name(),
                 cause.score,
                 cause.summary
             );

@@ -42,6 +42,12 @@ pub fn render(
     );
     let buckets = (end - start).div_ceil(BUCKET_NS) as usize;
     let bucket = |ts: u64| ((ts.saturating_sub(start)) / BUCKET_NS) as usize;
+    let bucket_window = |i: usize| {
+        Window::new(
+            start + i as u64 * BUCKET_NS,
+            start + (i as u64 + 1) * BUCKET_NS,
+        )
+    };
     let mut latency: Vec<hdrhistogram::Histogram<u64>> =
         (0..buckets).map(|_| new_histogram()).collect();
     let mut run_queue = vec![0f64; buckets];
@@ -62,28 +68,22 @@ pub fn render(
                     *v += delay_ns as f64;
                 }
             }
-            Event::OffCpu {
-                ts_ns,
-                duration_ns,
-                wait_ns,
-                preempted: false,
+            event @ Event::OffCpu {
                 kernel_stack,
                 user_stack,
                 ..
             } => {
+                let Some((end, blocked)) = event.blocked_interval(false) else {
+                    continue;
+                };
                 let mut frames = recording.stack_names(user_stack);
                 frames.extend(recording.stack_names(kernel_stack));
                 if is_idle_wait(&frames.join(";")) {
                     continue;
                 }
-                let blocked_end = ts_ns - wait_ns;
-                let blocked = duration_ns - wait_ns;
-                for (i, slot) in off_cpu.iter_mut().enumerate() {
-                    let w = Window::new(
-                        start + i as u64 * BUCKET_NS,
-                        start + (i as u64 + 1) * BUCKET_NS,
-                    );
-                    *slot += w.overlap(blocked_end, blocked) as f64;
+                let last = bucket(end).min(buckets.saturating_sub(1));
+                for (i, slot) in off_cpu.iter_mut().enumerate().take(last + 1).skip(bucket(end - blocked)) {
+                    *slot += bucket_window(i).overlap(end, blocked) as f64;
                 }
             }
             Event::TcpRetransmit { ts_ns, .. } => {
@@ -138,10 +138,7 @@ pub fn render(
     if let Some(gc) = &gc {
         let mut stw = vec![0f64; buckets];
         for (i, slot) in stw.iter_mut().enumerate() {
-            let w = Window::new(
-                start + i as u64 * BUCKET_NS,
-                start + (i as u64 + 1) * BUCKET_NS,
-            );
+            let w = bucket_window(i);
             *slot = gc
                 .pauses
                 .iter()

@@ -88,28 +88,41 @@ fn single_capture(captures: &[PathBuf]) -> Value {
     report
 }
 
+/// The Go server on CPU 0 (with `env` variables and flags) under wrk on CPU 1; `during(port)`
+/// runs alongside (to inject a cause from outside); p99probe attaches with `--p99 p99_ms` on
+/// `latency` and must capture exactly once. Returns that capture's report.json and the port.
+fn capture_go_spike(
+    env: &[&str],
+    server_args: &[&str],
+    p99_ms: u64,
+    latency: LatencyKind,
+    during: impl FnOnce(u16) + Send + 'static,
+) -> (Value, u16) {
+    let binary = go_server_binary();
+    let mut args = vec!["-c", "0", "env"];
+    args.extend_from_slice(env);
+    args.push(binary.to_str().unwrap());
+    args.extend_from_slice(server_args);
+    let server = spawn_ready(Path::new("taskset"), &args);
+    let port = server.port.unwrap();
+    let _load = wrk_on_cpu1(port, 4, 15);
+    let injector = std::thread::spawn(move || during(port));
+    let out = tempfile::tempdir().unwrap();
+    let captures = run(&options(server.pid(), out.path(), p99_ms, latency, 13));
+    injector.join().unwrap();
+    (single_capture(&captures), port)
+}
+
+/// Injected by the server itself from 7 s to 10 s after it starts (past the trigger's arming).
+const INJECT: [&str; 4] = ["-inject-after", "7s", "-inject-for", "3s"];
+
+fn nothing_from_outside(_port: u16) {}
+
 #[test]
 fn blocking_sleep_on_some_requests_is_off_cpu_in_that_function() {
     let _serial = serial();
-    let server = go_server_on_cpu0(&[
-        "-stall-every",
-        "20",
-        "-stall-ms",
-        "20",
-        "-inject-after",
-        "7s",
-        "-inject-for",
-        "3s",
-    ]);
-    let _load = wrk_on_cpu1(server.port.unwrap(), 4, 15);
-    let out = tempfile::tempdir().unwrap();
-    let report = single_capture(&run(&options(
-        server.pid(),
-        out.path(),
-        5,
-        LatencyKind::Server,
-        13,
-    )));
+    let args = [&["-stall-every", "20", "-stall-ms", "20"][..], &INJECT].concat();
+    let (report, _) = capture_go_spike(&[], &args, 5, LatencyKind::Server, nothing_from_outside);
     let top = &report["verdict"][0];
     assert_eq!(top["cause"], "off_cpu");
     assert!(
@@ -125,12 +138,7 @@ fn blocking_sleep_on_some_requests_is_off_cpu_in_that_function() {
     assert!(
         trigger["observed_p99_ns"].as_u64().unwrap() > trigger["threshold_ns"].as_u64().unwrap()
     );
-    assert!(
-        report["request_latency"]["spike"]["server"]["p99_ns"]
-            .as_u64()
-            .unwrap()
-            >= 15 * MS
-    );
+    assert!(report["request_latency"]["spike"]["server"]["p99_ns"].as_u64().unwrap() >= 15 * MS);
     assert!(
         report["request_latency"]["baseline"]["server"]["count"]
             .as_u64()
@@ -142,36 +150,18 @@ fn blocking_sleep_on_some_requests_is_off_cpu_in_that_function() {
 #[test]
 fn cpu_hog_on_the_servers_cpu_is_run_queue_delay() {
     let _serial = serial();
-    let server = go_server_on_cpu0(&[]);
-    let _load = wrk_on_cpu1(server.port.unwrap(), 4, 15);
-    let hogs: Vec<_> = (0..3)
-        .map(|_| {
-            std::thread::spawn(|| {
-                std::thread::sleep(Duration::from_secs(7));
-                target(&["hog", "--cpu", "0", "--duration", "3"])
-            })
-        })
-        .collect();
-    let out = tempfile::tempdir().unwrap();
-    let captures = run(&options(
-        server.pid(),
-        out.path(),
-        4,
-        LatencyKind::Server,
-        13,
-    ));
-    drop(
-        hogs.into_iter()
-            .map(|h| h.join().unwrap())
-            .collect::<Vec<_>>(),
-    );
-    let report = single_capture(&captures);
+    let (report, _) = capture_go_spike(&[], &[], 4, LatencyKind::Server, |_port| {
+        std::thread::sleep(Duration::from_secs(7));
+        let hogs: Vec<_> = (0..3)
+            .map(|_| target(&["hog", "--cpu", "0", "--duration", "3"]))
+            .collect();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(hogs);
+    });
     let top = &report["verdict"][0];
     assert_eq!(top["cause"], "run_queue_delay");
     assert!(top["summary"].as_str().unwrap().contains("CPU 0"), "{top}");
-    let spike = report["run_queue_delay"]["spike"]["p99_ns"]
-        .as_u64()
-        .unwrap();
+    let spike = report["run_queue_delay"]["spike"]["p99_ns"].as_u64().unwrap();
     let baseline = report["run_queue_delay"]["baseline"]["p99_ns"]
         .as_u64()
         .unwrap();
@@ -184,25 +174,8 @@ fn cpu_hog_on_the_servers_cpu_is_run_queue_delay() {
 #[test]
 fn busy_loop_on_some_requests_is_on_cpu_in_that_function() {
     let _serial = serial();
-    let server = go_server_on_cpu0(&[
-        "-spin-every",
-        "20",
-        "-spin-ms",
-        "10",
-        "-inject-after",
-        "7s",
-        "-inject-for",
-        "3s",
-    ]);
-    let _load = wrk_on_cpu1(server.port.unwrap(), 4, 15);
-    let out = tempfile::tempdir().unwrap();
-    let report = single_capture(&run(&options(
-        server.pid(),
-        out.path(),
-        5,
-        LatencyKind::Server,
-        13,
-    )));
+    let args = [&["-spin-every", "20", "-spin-ms", "10"][..], &INJECT].concat();
+    let (report, _) = capture_go_spike(&[], &args, 5, LatencyKind::Server, nothing_from_outside);
     let top = &report["verdict"][0];
     assert_eq!(top["cause"], "on_cpu");
     assert!(
@@ -215,34 +188,43 @@ fn busy_loop_on_some_requests_is_on_cpu_in_that_function() {
 #[test]
 fn lost_responses_are_tcp_retransmits_by_delivery_latency() {
     let _serial = serial();
-    let server = go_server_on_cpu0(&[]);
-    let port = server.port.unwrap();
-    let _load = wrk_on_cpu1(port, 4, 15);
-    let loss = std::thread::spawn(move || {
+    let (report, port) = capture_go_spike(&[], &[], 50, LatencyKind::Delivery, |port| {
         std::thread::sleep(Duration::from_secs(7));
         let _loss = PacketLoss::on_source_ports(&[port], 5);
         std::thread::sleep(Duration::from_secs(3));
     });
-    let out = tempfile::tempdir().unwrap();
-    let captures = run(&options(
-        server.pid(),
-        out.path(),
-        50,
-        LatencyKind::Delivery,
-        13,
-    ));
-    loss.join().unwrap();
-    let report = single_capture(&captures);
     let top = &report["verdict"][0];
     assert_eq!(top["cause"], "tcp_retransmit");
     assert!(report["tcp_retransmits"]["spike_count"].as_u64().unwrap() > 0);
     assert_eq!(report["trigger"]["latency"], "delivery");
     for event in report["tcp_retransmits"]["events"].as_array().unwrap() {
-        assert!(event["local"]
-            .as_str()
-            .unwrap()
-            .ends_with(&format!(":{port}")));
+        let local = event["local"].as_str().unwrap();
+        assert!(local.ends_with(&format!(":{port}")), "retransmit on {local}");
     }
+}
+
+#[test]
+fn allocation_heavy_requests_with_low_gogc_are_gc() {
+    let _serial = serial();
+    let args = [
+        &["-live-mb", "64", "-alloc-every", "1", "-alloc-kb", "256"][..],
+        &INJECT,
+    ]
+    .concat();
+    let (report, _) = capture_go_spike(&["GOGC=20"], &args, 5, LatencyKind::Server, nothing_from_outside);
+    let top = &report["verdict"][0];
+    assert_eq!(top["cause"], "gc", "{top}");
+    let spike = &top["evidence"]["spike"];
+    let baseline = &top["evidence"]["baseline"];
+    assert!(spike["stw_pauses"].as_u64().unwrap() > 0, "{spike}");
+    assert!(spike["gc_cycles"].as_u64().unwrap() > baseline["gc_cycles"].as_u64().unwrap());
+    assert!(spike["gc_cpu_share"].as_f64().unwrap() > baseline["gc_cpu_share"].as_f64().unwrap());
+    assert!(spike["assist_cpu_share"].as_f64().unwrap() > 0.0, "{spike}");
+    assert!(report["go"]["version"].as_str().unwrap().starts_with("go1."));
+    assert!(!report["go"]["notes"].as_array().unwrap().is_empty());
+    assert_eq!(report["hooks"]["go"]["probes"].as_array().unwrap().len(), 4);
+    // The stall, hog, busy-loop and loss tests above run against the same Go server with `gc`
+    // among the causes, and must still name their own.
 }
 
 #[test]
@@ -413,55 +395,4 @@ fn external_latency_feed_triggers_and_ctrl_c_completes_the_capture() {
             .unwrap()
             > 10
     );
-}
-
-#[test]
-fn allocation_heavy_requests_with_low_gogc_are_gc() {
-    let _serial = serial();
-    let binary = go_server_binary();
-    let server = spawn_ready(
-        Path::new("taskset"),
-        &[
-            "-c",
-            "0",
-            "env",
-            "GOGC=20",
-            binary.to_str().unwrap(),
-            "-live-mb",
-            "64",
-            "-alloc-every",
-            "1",
-            "-alloc-kb",
-            "256",
-            "-inject-after",
-            "7s",
-            "-inject-for",
-            "3s",
-        ],
-    );
-    let _load = wrk_on_cpu1(server.port.unwrap(), 4, 15);
-    let out = tempfile::tempdir().unwrap();
-    let report = single_capture(&run(&options(
-        server.pid(),
-        out.path(),
-        5,
-        LatencyKind::Server,
-        13,
-    )));
-    let top = &report["verdict"][0];
-    assert_eq!(top["cause"], "gc", "{top}");
-    let spike = &top["evidence"]["spike"];
-    let baseline = &top["evidence"]["baseline"];
-    assert!(spike["stw_pauses"].as_u64().unwrap() > 0, "{spike}");
-    assert!(spike["gc_cycles"].as_u64().unwrap() > baseline["gc_cycles"].as_u64().unwrap());
-    assert!(spike["gc_cpu_share"].as_f64().unwrap() > baseline["gc_cpu_share"].as_f64().unwrap());
-    assert!(spike["assist_cpu_share"].as_f64().unwrap() > 0.0, "{spike}");
-    assert!(report["go"]["version"]
-        .as_str()
-        .unwrap()
-        .starts_with("go1."));
-    assert!(!report["go"]["notes"].as_array().unwrap().is_empty());
-    assert_eq!(report["hooks"]["go"]["probes"].as_array().unwrap().len(), 4);
-    // The Go scenarios above must keep naming their own causes with `gc` in the running: the
-    // stall, hog and busy-loop tests in this file run against the same Go server.
 }

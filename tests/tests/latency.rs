@@ -1,0 +1,73 @@
+//! Kernel-observed request latency counts every request, with and without keep-alive, and
+//! measures from the arrival of the request's bytes.
+
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::*;
+use p99probe::events::Event;
+
+/// Runs wrk for `seconds` while recording the server; returns (wrk's request count, the
+/// recording's served requests, their latencies).
+fn measure(extra_wrk_args: &[&str]) -> (u64, u64, Vec<u64>) {
+    let server = go_server_on_cpu0(&[]);
+    let port = server.port.unwrap();
+    let recorder = std::thread::spawn({
+        let pid = server.pid();
+        move || record_for(settings(pid), Duration::from_secs(6))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let wrk = Command::new("taskset")
+        .args(["-c", "1", "wrk", "-t1", "-c4", "-d2s"])
+        .args(extra_wrk_args)
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&wrk.stdout);
+    let sent: u64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("wrk output: {text}"));
+    let recording = recorder.join().unwrap();
+    let latencies: Vec<u64> = recording
+        .events()
+        .filter_map(|e| match e {
+            Event::RequestServed { latency_ns, .. } => Some(latency_ns),
+            _ => None,
+        })
+        .collect();
+    let delivered = recording
+        .events()
+        .filter(|e| matches!(e, Event::RequestDelivered { .. }))
+        .count() as u64;
+    eprintln!(
+        "wrk {extra_wrk_args:?}: {sent} requests; served {} and delivered {delivered} seen by the kernel",
+        latencies.len()
+    );
+    assert!(delivered * 10 >= sent * 9, "only {delivered} of {sent} deliveries seen");
+    (sent, latencies.len() as u64, latencies)
+}
+
+fn check(sent: u64, served: u64, mut latencies: Vec<u64>) {
+    // wrk counts completed requests; requests in flight at its end may add a few.
+    assert!(served * 100 >= sent * 98, "only {served} of {sent} requests seen");
+    assert!(served <= sent + 16, "{served} seen but wrk sent {sent}");
+    let median = median(&mut latencies);
+    assert!(median > 1_000 && median < 5_000_000, "median latency {median} ns");
+}
+
+#[test]
+fn keep_alive_requests_are_all_counted() {
+    let _serial = serial();
+    let (sent, served, latencies) = measure(&[]);
+    check(sent, served, latencies);
+}
+
+#[test]
+fn connection_close_requests_are_all_counted_including_the_first_on_each_connection() {
+    let _serial = serial();
+    let (sent, served, latencies) = measure(&["-H", "Connection: close"]);
+    check(sent, served, latencies);
+}
