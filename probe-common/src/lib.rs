@@ -146,7 +146,17 @@ pub struct KernelOffsets {
     pub tcp_write_seq: u32,
     /// `struct sk_buff.data`: on TCP receive, points at the TCP header.
     pub skb_data: u32,
-    pub _pad: u32,
+    /// `struct sock_common` members (at the start of every `struct sock`).
+    pub sk_family: u32,
+    pub sk_state: u32,
+    /// Local port, host order.
+    pub sk_num: u32,
+    /// Remote port, network order.
+    pub sk_dport: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub sk_v6_daddr: u32,
 }
 
 /// Run-time settings the agent writes into the programs' globals before loading.

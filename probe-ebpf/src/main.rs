@@ -14,11 +14,10 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::{btf_tracepoint, fentry, kprobe, map, perf_event, raw_tracepoint, tracepoint, uprobe},
+    macros::{btf_tracepoint, fentry, kprobe, map, perf_event, raw_tracepoint, uprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{
         BtfTracePointContext, FEntryContext, PerfEventContext, ProbeContext, RawTracePointContext,
-        TracePointContext,
     },
     EbpfContext,
 };
@@ -39,7 +38,14 @@ static CONFIG: ProbeConfig = ProbeConfig {
         task_state: 0,
         tcp_write_seq: 0,
         skb_data: 0,
-        _pad: 0,
+        sk_family: 0,
+        sk_state: 0,
+        sk_num: 0,
+        sk_dport: 0,
+        sk_rcv_saddr: 0,
+        sk_daddr: 0,
+        sk_v6_rcv_saddr: 0,
+        sk_v6_daddr: 0,
     },
 };
 
@@ -79,10 +85,16 @@ static REQUESTS: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(65536,
 #[derive(Clone, Copy)]
 struct InFlight {
     arrived_ns: u64,
-    /// 0 until the response is written.
-    answered: u32,
+    /// One of `WAITING`, `ANSWERED`, `DELIVERED`.
+    stage: u32,
     response_end_seq: u32,
 }
+
+// Request stages. Entries are updated in place and removed only when the socket closes: an
+// LRU map update takes locks, and this runs for every request.
+const WAITING: u32 = 0;
+const ANSWERED: u32 = 1;
+const DELIVERED: u32 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -97,6 +109,7 @@ struct SwitchedOut {
 const TASK_RUNNING: u32 = 0;
 const TASK_DEAD: u32 = 0x80;
 const TCP_ESTABLISHED: i32 = 1;
+const AF_INET6: u16 = 10;
 const TCP_CLOSE: i32 = 7;
 
 #[inline(always)]
@@ -390,31 +403,23 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     0
 }
 
-// Field offsets of the classic tracepoints, from their tracefs `format` files; the agent checks
-// them against the running kernel before attaching.
-mod tp {
-    pub const SOCK_LENGTH_SK: usize = 8;
-    pub const SOCK_LENGTH_RET: usize = 20;
-    pub const SET_STATE_SKADDR: usize = 8;
-    pub const SET_STATE_NEWSTATE: usize = 20;
-    pub const SET_STATE_SPORT: usize = 24;
-    pub const DATA_READY_SKADDR: usize = 8;
-    pub const PROBE_SKBADDR: usize = 120;
-    pub const PROBE_SKADDR: usize = 128;
-    pub const RETRANS_SKADDR: usize = 16;
-    pub const RETRANS_STATE: usize = 24;
-    pub const RETRANS_SPORT: usize = 28;
-    pub const RETRANS_DPORT: usize = 30;
-    pub const RETRANS_FAMILY: usize = 32;
-    pub const RETRANS_SADDR: usize = 34;
-    pub const RETRANS_DADDR: usize = 38;
-    pub const RETRANS_SADDR_V6: usize = 42;
-    pub const RETRANS_DADDR_V6: usize = 58;
+#[inline(always)]
+unsafe fn read_field<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
+    bpf_probe_read_kernel((base as *const u8).add(offset as usize) as *const T)
 }
 
 #[inline(always)]
 fn is_target_socket(sk: u64) -> bool {
     unsafe { TARGET_SOCKETS.get(&sk).is_some() }
+}
+
+/// Remembers `sk` as the target's. Looked up first: an LRU update takes locks and these hooks
+/// run on every send and receive.
+#[inline(always)]
+fn learn_socket(sk: u64) {
+    if !is_target_socket(sk) {
+        let _ = TARGET_SOCKETS.insert(&sk, &1, 0);
+    }
 }
 
 #[inline(always)]
@@ -430,111 +435,88 @@ fn emit_request(kind: EventKind, tid: u32, now: u64, latency: u64) {
 }
 
 /// Request bytes arrived (softirq): start timing unless a request is already waiting.
-#[tracepoint(category = "sock", name = "sk_data_ready")]
-pub fn sk_data_ready(ctx: TracePointContext) -> u32 {
-    let Ok(sk) = (unsafe { ctx.read_at::<u64>(tp::DATA_READY_SKADDR) }) else {
-        return 0;
-    };
+#[inline(always)]
+fn on_data_ready(sk: u64) {
     if !is_target_socket(sk) {
-        return 0;
+        return;
     }
-    if let Some(inflight) = REQUESTS.get_ptr_mut(&sk) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    match REQUESTS.get_ptr_mut(&sk) {
         // More bytes of a request not yet answered: it started at its first bytes.
-        if unsafe { (*inflight).answered } == 0 {
-            return 0;
+        Some(inflight) if unsafe { (*inflight).stage } == WAITING => {}
+        Some(inflight) => unsafe {
+            (*inflight).arrived_ns = now;
+            (*inflight).stage = WAITING;
+        },
+        None => {
+            let inflight = InFlight {
+                arrived_ns: now,
+                stage: WAITING,
+                response_end_seq: 0,
+            };
+            let _ = REQUESTS.insert(&sk, &inflight, 0);
         }
     }
-    let inflight = InFlight {
-        arrived_ns: unsafe { bpf_ktime_get_ns() },
-        answered: 0,
-        response_end_seq: 0,
-    };
-    let _ = REQUESTS.insert(&sk, &inflight, 0);
-    0
 }
 
 /// The target sent on a socket: learn the socket, and answer the request waiting on it.
-#[tracepoint(category = "sock", name = "sock_send_length")]
-pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn on_send(sk: u64, sent: i32) {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 != cfg.target_tgid {
-        return 0;
+        return;
     }
-    let Ok(sk) = (unsafe { ctx.read_at::<u64>(tp::SOCK_LENGTH_SK) }) else {
-        return 0;
-    };
-    let _ = TARGET_SOCKETS.insert(&sk, &1, 0);
-    let sent = unsafe { ctx.read_at::<i32>(tp::SOCK_LENGTH_RET) }.unwrap_or(0);
+    learn_socket(sk);
     if sent <= 0 {
-        return 0;
+        return;
     }
-    if let Some(inflight) = REQUESTS.get_ptr_mut(&sk) {
-        let inflight = unsafe { &mut *inflight };
-        if inflight.answered == 0 {
-            let now = unsafe { bpf_ktime_get_ns() };
-            emit_request(
-                EventKind::RequestServed,
-                pid_tgid as u32,
-                now,
-                now.saturating_sub(inflight.arrived_ns),
-            );
-            let write_seq = unsafe {
-                bpf_probe_read_kernel(
-                    (sk as *const u8).add(cfg.offsets.tcp_write_seq as usize) as *const u32
-                )
-            };
-            match write_seq {
-                Ok(seq) => {
-                    inflight.answered = 1;
-                    inflight.response_end_seq = seq;
-                }
-                Err(_) => {
-                    let _ = REQUESTS.remove(&sk);
-                }
-            }
+    let Some(inflight) = REQUESTS.get_ptr_mut(&sk) else {
+        return;
+    };
+    let inflight = unsafe { &mut *inflight };
+    if inflight.stage != WAITING {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    emit_request(
+        EventKind::RequestServed,
+        pid_tgid as u32,
+        now,
+        now.saturating_sub(inflight.arrived_ns),
+    );
+    match unsafe { read_field::<u32>(sk, cfg.offsets.tcp_write_seq) } {
+        Ok(seq) => {
+            inflight.stage = ANSWERED;
+            inflight.response_end_seq = seq;
         }
+        Err(_) => inflight.stage = DELIVERED,
     }
-    0
 }
 
-#[tracepoint(category = "sock", name = "sock_recv_length")]
-pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn on_recv(sk: u64) {
     if (bpf_get_current_pid_tgid() >> 32) as u32 == config().target_tgid {
-        if let Ok(sk) = unsafe { ctx.read_at::<u64>(tp::SOCK_LENGTH_SK) } {
-            let _ = TARGET_SOCKETS.insert(&sk, &1, 0);
-        }
+        learn_socket(sk);
     }
-    0
 }
 
 /// Every incoming segment on an established socket, before its ACK is processed: when it
 /// acknowledges the whole response, the response was delivered.
-#[tracepoint(category = "tcp", name = "tcp_probe")]
-pub fn tcp_probe(ctx: TracePointContext) -> u32 {
-    let _ = try_tcp_probe(&ctx);
-    0
-}
-
-fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i64> {
-    let sk: u64 = unsafe { ctx.read_at(tp::PROBE_SKADDR)? };
+#[inline(always)]
+fn on_tcp_probe(sk: u64, skb: u64) -> Result<(), i64> {
     let Some(inflight) = REQUESTS.get_ptr_mut(&sk) else {
         return Ok(());
     };
-    let inflight = unsafe { *inflight };
-    if inflight.answered == 0 {
+    let inflight = unsafe { &mut *inflight };
+    if inflight.stage != ANSWERED {
         return Ok(());
     }
     let cfg = config();
     let ack_seq = unsafe {
-        let skb: u64 = ctx.read_at(tp::PROBE_SKBADDR)?;
-        let data: u64 = bpf_probe_read_kernel(
-            (skb as *const u8).add(cfg.offsets.skb_data as usize) as *const u64,
-        )?;
+        let data: u64 = read_field(skb, cfg.offsets.skb_data)?;
         // tcphdr.ack_seq, network byte order.
-        u32::from_be(bpf_probe_read_kernel(
-            (data as *const u8).add(8) as *const u32
-        )?)
+        u32::from_be(read_field::<u32>(data, 8)?)
     };
     if (ack_seq.wrapping_sub(inflight.response_end_seq) as i32) >= 0 {
         let now = unsafe { bpf_ktime_get_ns() };
@@ -544,71 +526,135 @@ fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i64> {
             now,
             now.saturating_sub(inflight.arrived_ns),
         );
-        let _ = REQUESTS.remove(&sk);
+        inflight.stage = DELIVERED;
     }
     Ok(())
 }
 
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    unsafe {
-        let (Ok(sk), Ok(state)) = (
-            ctx.read_at::<u64>(tp::SET_STATE_SKADDR),
-            ctx.read_at::<i32>(tp::SET_STATE_NEWSTATE),
-        ) else {
-            return 0;
-        };
-        if state == TCP_CLOSE {
-            let _ = TARGET_SOCKETS.remove(&sk);
-            let _ = REQUESTS.remove(&sk);
-        } else if state == TCP_ESTABLISHED {
-            // A connection accepted on one of the target's listening ports is the target's
-            // from its first byte, before the target has touched it.
-            if let Ok(sport) = ctx.read_at::<u16>(tp::SET_STATE_SPORT) {
-                if TARGET_PORTS.get(&sport).is_some() {
-                    let _ = TARGET_SOCKETS.insert(&sk, &1, 0);
-                }
+#[inline(always)]
+fn on_set_state(sk: u64, new_state: i32) {
+    if new_state == TCP_CLOSE {
+        let _ = TARGET_SOCKETS.remove(&sk);
+        let _ = REQUESTS.remove(&sk);
+    } else if new_state == TCP_ESTABLISHED {
+        // A connection accepted on one of the target's listening ports is the target's from
+        // its first byte, before the target has touched it.
+        if let Ok(port) = unsafe { read_field::<u16>(sk, config().offsets.sk_num) } {
+            if unsafe { TARGET_PORTS.get(&port) }.is_some() {
+                let _ = TARGET_SOCKETS.insert(&sk, &1, 0);
             }
         }
     }
-    0
 }
 
-#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
-pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    let _ = try_tcp_retransmit(&ctx);
-    0
-}
-
-fn try_tcp_retransmit(ctx: &TracePointContext) -> Result<(), i64> {
+#[inline(always)]
+fn on_retransmit(sk: u64) -> Result<(), i64> {
     let cfg = config();
+    let o = &cfg.offsets;
+    let local_port: u16 = unsafe { read_field(sk, o.sk_num)? };
+    if !is_target_socket(sk) && unsafe { TARGET_PORTS.get(&local_port) }.is_none() {
+        return Ok(());
+    }
+    let mut event = RawEvent::zeroed();
+    event.kind = EventKind::TcpRetransmit as u32;
+    event.cpu = unsafe { bpf_get_smp_processor_id() };
+    event.ts_ns = unsafe { bpf_ktime_get_ns() };
+    event.tgid = cfg.target_tgid;
     unsafe {
-        let sk: u64 = ctx.read_at(tp::RETRANS_SKADDR)?;
-        let sport: u16 = ctx.read_at(tp::RETRANS_SPORT)?;
-        if TARGET_SOCKETS.get(&sk).is_none() && TARGET_PORTS.get(&sport).is_none() {
-            return Ok(());
-        }
-        let mut event = RawEvent::zeroed();
-        event.kind = EventKind::TcpRetransmit as u32;
-        event.cpu = bpf_get_smp_processor_id();
-        event.ts_ns = bpf_ktime_get_ns();
-        event.tgid = cfg.target_tgid;
-        event.state = ctx.read_at::<i32>(tp::RETRANS_STATE)? as u32;
-        event.family = ctx.read_at(tp::RETRANS_FAMILY)?;
-        event.local_port = sport;
-        event.remote_port = ctx.read_at(tp::RETRANS_DPORT)?;
-        if event.family == 2 {
-            let local: [u8; 4] = ctx.read_at(tp::RETRANS_SADDR)?;
-            let remote: [u8; 4] = ctx.read_at(tp::RETRANS_DADDR)?;
+        event.state = read_field::<u8>(sk, o.sk_state)? as u32;
+        event.family = read_field(sk, o.sk_family)?;
+        event.local_port = local_port;
+        event.remote_port = u16::from_be(read_field(sk, o.sk_dport)?);
+        if event.family == AF_INET6 {
+            event.local_addr = read_field(sk, o.sk_v6_rcv_saddr)?;
+            event.remote_addr = read_field(sk, o.sk_v6_daddr)?;
+        } else {
+            let local: [u8; 4] = read_field(sk, o.sk_rcv_saddr)?;
+            let remote: [u8; 4] = read_field(sk, o.sk_daddr)?;
             event.local_addr[..4].copy_from_slice(&local);
             event.remote_addr[..4].copy_from_slice(&remote);
-        } else {
-            event.local_addr = ctx.read_at(tp::RETRANS_SADDR_V6)?;
-            event.remote_addr = ctx.read_at(tp::RETRANS_DADDR_V6)?;
         }
-        emit(&event);
     }
+    emit(&event);
     Ok(())
+}
+
+// Socket hooks: BTF-typed tracepoints (no trace-event marshalling, unlike the classic ones),
+// with raw tracepoints as the fallback. Arguments as in the kernel's trace_* prototypes.
+
+#[btf_tracepoint(function = "sk_data_ready")]
+pub fn sk_data_ready_btf(ctx: BtfTracePointContext) -> i32 {
+    on_data_ready(unsafe { ctx.arg::<u64>(0) });
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sk_data_ready")]
+pub fn sk_data_ready_raw(ctx: RawTracePointContext) -> i32 {
+    on_data_ready(unsafe { raw_arg(&ctx, 0) });
+    0
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
+    let (sk, ret): (u64, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
+    on_send(sk, ret as i32);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_send_length_raw(ctx: RawTracePointContext) -> i32 {
+    unsafe { on_send(raw_arg(&ctx, 0), raw_arg(&ctx, 1) as i32) };
+    0
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
+    on_recv(unsafe { ctx.arg::<u64>(0) });
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv_length_raw(ctx: RawTracePointContext) -> i32 {
+    on_recv(unsafe { raw_arg(&ctx, 0) });
+    0
+}
+
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
+    let (sk, skb): (u64, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
+    let _ = on_tcp_probe(sk, skb);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_probe")]
+pub fn tcp_probe_raw(ctx: RawTracePointContext) -> i32 {
+    let _ = unsafe { on_tcp_probe(raw_arg(&ctx, 0), raw_arg(&ctx, 1)) };
+    0
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let (sk, new_state): (u64, u64) = unsafe { (ctx.arg(0), ctx.arg(2)) };
+    on_set_state(sk, new_state as i32);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
+    unsafe { on_set_state(raw_arg(&ctx, 0), raw_arg(&ctx, 2) as i32) };
+    0
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> i32 {
+    let _ = on_retransmit(unsafe { ctx.arg::<u64>(0) });
+    0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb_raw(ctx: RawTracePointContext) -> i32 {
+    let _ = on_retransmit(unsafe { raw_arg(&ctx, 0) });
+    0
 }
 
 /// Entry of a Go runtime function in the target. Entry probes only: Go moves goroutine stacks,

@@ -7,7 +7,7 @@ use aya::{
     maps::HashMap as BpfHashMap,
     programs::{
         perf_event::{PerfEventScope, PerfTypeId, SamplePolicy},
-        BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, TracePoint, UProbe,
+        BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -148,65 +148,12 @@ pub fn require_privileges() -> Result<(), ProbeError> {
     }
 }
 
-/// Tracepoint field layouts the kernel programs read at fixed offsets; checked against the
-/// running kernel so a layout change fails loudly instead of producing garbage.
-const EXPECTED_FIELDS: &[(&str, &str, usize)] = &[
-    ("sock/sock_send_length", "void * sk", 8),
-    ("sock/sock_recv_length", "void * sk", 8),
-    ("sock/inet_sock_set_state", "const void * skaddr", 8),
-    ("sock/inet_sock_set_state", "int newstate", 20),
-    ("sock/inet_sock_set_state", "__u16 sport", 24),
-    ("sock/sk_data_ready", "const void * skaddr", 8),
-    ("sock/sock_send_length", "int ret", 20),
-    ("tcp/tcp_probe", "const void * skbaddr", 120),
-    ("tcp/tcp_probe", "const void * skaddr", 128),
-    ("tcp/tcp_retransmit_skb", "const void * skaddr", 16),
-    ("tcp/tcp_retransmit_skb", "int state", 24),
-    ("tcp/tcp_retransmit_skb", "__u16 sport", 28),
-    ("tcp/tcp_retransmit_skb", "__u16 dport", 30),
-    ("tcp/tcp_retransmit_skb", "__u16 family", 32),
-    ("tcp/tcp_retransmit_skb", "__u8 saddr[4]", 34),
-    ("tcp/tcp_retransmit_skb", "__u8 daddr[4]", 38),
-    ("tcp/tcp_retransmit_skb", "__u8 saddr_v6[16]", 42),
-    ("tcp/tcp_retransmit_skb", "__u8 daddr_v6[16]", 58),
-];
-
-fn tracefs_root() -> Result<&'static str, ProbeError> {
-    for root in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
-        if std::path::Path::new(root).join("events").is_dir() {
-            return Ok(root);
-        }
-    }
-    // Mounting is what `perf` and bpftrace do too; it needs the privileges we already require.
-    let _ = std::fs::create_dir_all("/sys/kernel/tracing");
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
-        .status();
-    if matches!(status, Ok(s) if s.success()) {
-        return Ok("/sys/kernel/tracing");
-    }
-    Err(ProbeError::KernelLayout(
-        "tracefs is not mounted and could not be mounted at /sys/kernel/tracing".into(),
-    ))
-}
-
-fn check_tracepoint_layouts() -> Result<(), ProbeError> {
-    let root = tracefs_root()?;
-    for (event, field, offset) in EXPECTED_FIELDS {
-        let path = format!("{root}/events/{event}/format");
-        let format = std::fs::read_to_string(&path)
-            .map_err(|e| ProbeError::KernelLayout(format!("{path}: {e}")))?;
-        let wanted = format!("field:{field};\toffset:{offset};");
-        if !format.contains(&wanted) {
-            return Err(ProbeError::KernelLayout(format!(
-                "tracepoint {event} field `{field}` is not at offset {offset}"
-            )));
-        }
-    }
-    Ok(())
-}
-
 fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets, ProbeError> {
+    // `struct sock` embeds `struct sock_common` as `__sk_common`.
+    let common = btf.member_offset("sock", "__sk_common")?;
+    let sock = |member: &str| -> Result<u32, ProbeError> {
+        Ok(common + btf.member_offset("sock_common", member)?)
+    };
     Ok(KernelOffsets {
         task_pid: btf.member_offset("task_struct", "pid")?,
         task_tgid: btf.member_offset("task_struct", "tgid")?,
@@ -216,7 +163,14 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets, ProbeError> {
             .or_else(|_| btf.member_offset("task_struct", "state"))?,
         tcp_write_seq: btf.member_offset("tcp_sock", "write_seq")?,
         skb_data: btf.member_offset("sk_buff", "data")?,
-        _pad: 0,
+        sk_family: sock("skc_family")?,
+        sk_state: sock("skc_state")?,
+        sk_num: sock("skc_num")?,
+        sk_dport: sock("skc_dport")?,
+        sk_rcv_saddr: sock("skc_rcv_saddr")?,
+        sk_daddr: sock("skc_daddr")?,
+        sk_v6_rcv_saddr: sock("skc_v6_rcv_saddr")?,
+        sk_v6_daddr: sock("skc_v6_daddr")?,
     })
 }
 
@@ -292,32 +246,37 @@ fn try_sched_hook(ebpf: &mut Ebpf, hook: SchedHook, btf: &Btf) -> Result<(), Str
     }
 }
 
-/// Wakeup hooks follow the same idea: typed tracepoint first, raw one as the fallback.
-fn attach_wakeups(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, ProbeError> {
-    let btf_attempt = (|| -> Result<(), String> {
-        for (program, tracepoint) in [
-            ("sched_wakeup_btf", "sched_wakeup"),
-            ("sched_wakeup_new_btf", "sched_wakeup_new"),
-        ] {
-            let p: &mut BtfTracePoint = program_mut(ebpf, program).map_err(|e| e.to_string())?;
-            p.load(tracepoint, btf).map_err(|e| chain(&e))?;
-            p.attach().map_err(|e| chain(&e))?;
-        }
-        Ok(())
+/// Attaches `<base>_btf` to the BTF-typed tracepoint, or, if that fails, `<base>_raw` to the
+/// raw one; returns which.
+fn attach_btf_or_raw(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    base: &str,
+    tracepoint: &str,
+) -> Result<String, ProbeError> {
+    let typed = format!("{base}_btf");
+    let attempt = (|| -> Result<(), String> {
+        let p: &mut BtfTracePoint = program_mut(ebpf, &typed).map_err(|e| e.to_string())?;
+        p.load(tracepoint, btf).map_err(|e| chain(&e))?;
+        p.attach().map(drop).map_err(|e| chain(&e))
     })();
-    if btf_attempt.is_ok() {
-        return Ok("tp_btf/sched_wakeup, tp_btf/sched_wakeup_new".into());
+    if attempt.is_ok() {
+        return Ok(format!("tp_btf/{tracepoint}"));
     }
-    for (program, tracepoint) in [
-        ("sched_wakeup_raw", "sched_wakeup"),
-        ("sched_wakeup_new_raw", "sched_wakeup_new"),
-    ] {
-        let p: &mut RawTracePoint = program_mut(ebpf, program)?;
-        p.load().map_err(|e| attach_err(program, chain(&e)))?;
-        p.attach(tracepoint)
-            .map_err(|e| attach_err(program, chain(&e)))?;
-    }
-    Ok("raw_tp/sched_wakeup, raw_tp/sched_wakeup_new".into())
+    let raw = format!("{base}_raw");
+    let p: &mut RawTracePoint = program_mut(ebpf, &raw)?;
+    p.load().map_err(|e| attach_err(&raw, chain(&e)))?;
+    p.attach(tracepoint)
+        .map_err(|e| attach_err(&raw, chain(&e)))?;
+    Ok(format!("raw_tp/{tracepoint}"))
+}
+
+fn attach_wakeups(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, ProbeError> {
+    Ok([
+        attach_btf_or_raw(ebpf, btf, "sched_wakeup", "sched_wakeup")?,
+        attach_btf_or_raw(ebpf, btf, "sched_wakeup_new", "sched_wakeup_new")?,
+    ]
+    .join(", "))
 }
 
 fn attach_sampling(ebpf: &mut Ebpf, hz: u64) -> Result<String, ProbeError> {
@@ -342,22 +301,8 @@ fn attach_sampling(ebpf: &mut Ebpf, hz: u64) -> Result<String, ProbeError> {
     ))
 }
 
-fn attach_tcp(ebpf: &mut Ebpf, pid: u32) -> Result<Vec<String>, ProbeError> {
-    let mut attached = Vec::new();
-    for (program, category, name) in [
-        ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
-        ("sock_send_length", "sock", "sock_send_length"),
-        ("sock_recv_length", "sock", "sock_recv_length"),
-        ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-        ("sk_data_ready", "sock", "sk_data_ready"),
-        ("tcp_probe", "tcp", "tcp_probe"),
-    ] {
-        let p: &mut TracePoint = program_mut(ebpf, program)?;
-        p.load().map_err(|e| attach_err(program, chain(&e)))?;
-        p.attach(category, name)
-            .map_err(|e| attach_err(program, chain(&e)))?;
-        attached.push(format!("tracepoint/{category}/{name}"));
-    }
+fn attach_tcp(ebpf: &mut Ebpf, btf: &Btf, pid: u32) -> Result<Vec<String>, ProbeError> {
+    // Ports first: connections accepted from now on are recognised by them.
     let mut ports: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(
         ebpf.map_mut("TARGET_PORTS")
             .ok_or_else(|| attach_err("TARGET_PORTS", "map missing"))?,
@@ -368,7 +313,17 @@ fn attach_tcp(ebpf: &mut Ebpf, pid: u32) -> Result<Vec<String>, ProbeError> {
             .insert(port, 1, 0)
             .map_err(|e| attach_err("TARGET_PORTS", e))?;
     }
-    Ok(attached)
+    [
+        "inet_sock_set_state",
+        "sock_send_length",
+        "sock_recv_length",
+        "sk_data_ready",
+        "tcp_probe",
+        "tcp_retransmit_skb",
+    ]
+    .into_iter()
+    .map(|tracepoint| attach_btf_or_raw(ebpf, btf, tracepoint, tracepoint))
+    .collect()
 }
 
 /// For a Go target, entry uprobes on the GC and stop-the-world functions. A probe that cannot
@@ -406,7 +361,6 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         path: "/sys/kernel/btf/vmlinux".into(),
         reason: e.to_string(),
     })?;
-    check_tracepoint_layouts()?;
     let config = ProbeConfig {
         target_tgid: settings.pid,
         debug: settings.debug_ebpf as u32,
@@ -455,7 +409,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     } else {
         "off".into()
     };
-    let tcp = attach_tcp(&mut ebpf, settings.pid)?;
+    let tcp = attach_tcp(&mut ebpf, &btf, settings.pid)?;
     let go = attach_go(&mut ebpf, settings.pid);
     Ok(AttachedProbes {
         ebpf,

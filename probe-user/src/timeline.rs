@@ -82,7 +82,12 @@ pub fn render(
                     continue;
                 }
                 let last = bucket(end).min(buckets.saturating_sub(1));
-                for (i, slot) in off_cpu.iter_mut().enumerate().take(last + 1).skip(bucket(end - blocked)) {
+                for (i, slot) in off_cpu
+                    .iter_mut()
+                    .enumerate()
+                    .take(last + 1)
+                    .skip(bucket(end - blocked))
+                {
                     *slot += bucket_window(i).overlap(end, blocked) as f64;
                 }
             }

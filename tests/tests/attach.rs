@@ -138,7 +138,12 @@ fn blocking_sleep_on_some_requests_is_off_cpu_in_that_function() {
     assert!(
         trigger["observed_p99_ns"].as_u64().unwrap() > trigger["threshold_ns"].as_u64().unwrap()
     );
-    assert!(report["request_latency"]["spike"]["server"]["p99_ns"].as_u64().unwrap() >= 15 * MS);
+    assert!(
+        report["request_latency"]["spike"]["server"]["p99_ns"]
+            .as_u64()
+            .unwrap()
+            >= 15 * MS
+    );
     assert!(
         report["request_latency"]["baseline"]["server"]["count"]
             .as_u64()
@@ -161,7 +166,9 @@ fn cpu_hog_on_the_servers_cpu_is_run_queue_delay() {
     let top = &report["verdict"][0];
     assert_eq!(top["cause"], "run_queue_delay");
     assert!(top["summary"].as_str().unwrap().contains("CPU 0"), "{top}");
-    let spike = report["run_queue_delay"]["spike"]["p99_ns"].as_u64().unwrap();
+    let spike = report["run_queue_delay"]["spike"]["p99_ns"]
+        .as_u64()
+        .unwrap();
     let baseline = report["run_queue_delay"]["baseline"]["p99_ns"]
         .as_u64()
         .unwrap();
@@ -199,7 +206,10 @@ fn lost_responses_are_tcp_retransmits_by_delivery_latency() {
     assert_eq!(report["trigger"]["latency"], "delivery");
     for event in report["tcp_retransmits"]["events"].as_array().unwrap() {
         let local = event["local"].as_str().unwrap();
-        assert!(local.ends_with(&format!(":{port}")), "retransmit on {local}");
+        assert!(
+            local.ends_with(&format!(":{port}")),
+            "retransmit on {local}"
+        );
     }
 }
 
@@ -211,7 +221,13 @@ fn allocation_heavy_requests_with_low_gogc_are_gc() {
         &INJECT,
     ]
     .concat();
-    let (report, _) = capture_go_spike(&["GOGC=20"], &args, 5, LatencyKind::Server, nothing_from_outside);
+    let (report, _) = capture_go_spike(
+        &["GOGC=20"],
+        &args,
+        5,
+        LatencyKind::Server,
+        nothing_from_outside,
+    );
     let top = &report["verdict"][0];
     assert_eq!(top["cause"], "gc", "{top}");
     let spike = &top["evidence"]["spike"];
@@ -220,7 +236,10 @@ fn allocation_heavy_requests_with_low_gogc_are_gc() {
     assert!(spike["gc_cycles"].as_u64().unwrap() > baseline["gc_cycles"].as_u64().unwrap());
     assert!(spike["gc_cpu_share"].as_f64().unwrap() > baseline["gc_cpu_share"].as_f64().unwrap());
     assert!(spike["assist_cpu_share"].as_f64().unwrap() > 0.0, "{spike}");
-    assert!(report["go"]["version"].as_str().unwrap().starts_with("go1."));
+    assert!(report["go"]["version"]
+        .as_str()
+        .unwrap()
+        .starts_with("go1."));
     assert!(!report["go"]["notes"].as_array().unwrap().is_empty());
     assert_eq!(report["hooks"]["go"]["probes"].as_array().unwrap().len(), 4);
     // The stall, hog, busy-loop and loss tests above run against the same Go server with `gc`

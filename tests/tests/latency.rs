@@ -46,16 +46,25 @@ fn measure(extra_wrk_args: &[&str]) -> (u64, u64, Vec<u64>) {
         "wrk {extra_wrk_args:?}: {sent} requests; served {} and delivered {delivered} seen by the kernel",
         latencies.len()
     );
-    assert!(delivered * 10 >= sent * 9, "only {delivered} of {sent} deliveries seen");
+    assert!(
+        delivered * 10 >= sent * 9,
+        "only {delivered} of {sent} deliveries seen"
+    );
     (sent, latencies.len() as u64, latencies)
 }
 
 fn check(sent: u64, served: u64, mut latencies: Vec<u64>) {
     // wrk counts completed requests; requests in flight at its end may add a few.
-    assert!(served * 100 >= sent * 98, "only {served} of {sent} requests seen");
+    assert!(
+        served * 100 >= sent * 98,
+        "only {served} of {sent} requests seen"
+    );
     assert!(served <= sent + 16, "{served} seen but wrk sent {sent}");
     let median = median(&mut latencies);
-    assert!(median > 1_000 && median < 5_000_000, "median latency {median} ns");
+    assert!(
+        median > 1_000 && median < 5_000_000,
+        "median latency {median} ns"
+    );
 }
 
 #[test]
