@@ -144,6 +144,8 @@ pub struct KernelOffsets {
     pub task_state: u32,
     /// `struct tcp_sock.write_seq`: sequence number after the last byte the sender queued.
     pub tcp_write_seq: u32,
+    /// `struct tcp_sock.snd_una`: first byte the peer has not acknowledged.
+    pub tcp_snd_una: u32,
     /// `struct sk_buff.data`: on TCP receive, points at the TCP header.
     pub skb_data: u32,
     /// `struct sock_common` members (at the start of every `struct sock`).

@@ -37,6 +37,7 @@ static CONFIG: ProbeConfig = ProbeConfig {
         task_tgid: 0,
         task_state: 0,
         tcp_write_seq: 0,
+        tcp_snd_una: 0,
         skb_data: 0,
         sk_family: 0,
         sk_state: 0,
@@ -489,6 +490,8 @@ fn on_send(sk: u64, sent: i32) {
         Ok(seq) => {
             inflight.stage = ANSWERED;
             inflight.response_end_seq = seq;
+            // On loopback the peer's ACK can be processed before sendmsg returns here.
+            deliver_if_acked(sk, inflight);
         }
         Err(_) => inflight.stage = DELIVERED,
     }
@@ -531,8 +534,35 @@ fn on_tcp_probe(sk: u64, skb: u64) -> Result<(), i64> {
     Ok(())
 }
 
+/// If the peer has acknowledged the whole answered response (by `snd_una`, whatever path
+/// the ACK took), the response is delivered: now, or earlier than now.
+#[inline(always)]
+fn deliver_if_acked(sk: u64, inflight: &mut InFlight) {
+    if inflight.stage != ANSWERED {
+        return;
+    }
+    let Ok(snd_una) = (unsafe { read_field::<u32>(sk, config().offsets.tcp_snd_una) }) else {
+        return;
+    };
+    if (snd_una.wrapping_sub(inflight.response_end_seq) as i32) >= 0 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        emit_request(
+            EventKind::RequestDelivered,
+            0,
+            now,
+            now.saturating_sub(inflight.arrived_ns),
+        );
+        inflight.stage = DELIVERED;
+    }
+}
+
 #[inline(always)]
 fn on_set_state(sk: u64, new_state: i32) {
+    // ACKs after the server starts closing never reach tcp_probe (it fires in ESTABLISHED
+    // only); a response followed by a close is delivered by the time the state moves on.
+    if let Some(inflight) = REQUESTS.get_ptr_mut(&sk) {
+        deliver_if_acked(sk, unsafe { &mut *inflight });
+    }
     if new_state == TCP_CLOSE {
         let _ = TARGET_SOCKETS.remove(&sk);
         let _ = REQUESTS.remove(&sk);

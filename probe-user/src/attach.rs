@@ -162,6 +162,7 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets, ProbeError> {
             .member_offset("task_struct", "__state")
             .or_else(|_| btf.member_offset("task_struct", "state"))?,
         tcp_write_seq: btf.member_offset("tcp_sock", "write_seq")?,
+        tcp_snd_una: btf.member_offset("tcp_sock", "snd_una")?,
         skb_data: btf.member_offset("sk_buff", "data")?,
         sk_family: sock("skc_family")?,
         sk_state: sock("skc_state")?,
