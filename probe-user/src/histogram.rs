@@ -126,18 +126,7 @@ pub fn render_svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
     let x_of = |nines: f64| left + plot_w * nines / max_nines;
     let y_of = |value: f64| top + plot_h * (1.0 - value / y_top);
 
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="24" font-size="16" text-anchor="middle">{}</text>"#,
-        left + plot_w / 2.0,
-        escape(title)
-    );
+    let mut svg = crate::svg::start(width, height, title);
     // Axes and grid.
     for tick in 0..=max_nines as u32 {
         let x = x_of(tick as f64);
@@ -187,7 +176,7 @@ pub fn render_svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
             legend_y - 10.0,
             legend_x + 18.0,
             legend_y,
-            escape(label),
+            crate::svg::escape(label),
             p.count
         );
         for (row, (name, value)) in [
@@ -237,13 +226,6 @@ fn nice_ceiling(value: f64) -> f64 {
         }
     }
     10.0 * magnitude
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub mod pprof;
 pub mod recorder;
 pub mod recording;
 pub mod report;
+pub mod svg;
 pub mod symbolize;
 pub mod target;
 pub mod timeline;

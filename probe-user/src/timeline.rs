@@ -162,22 +162,13 @@ pub fn render(
     let plot_w = width - left - right;
     let height = top + rows.len() as f64 * (row_h + gap) + 30.0;
     let x_of = |ts: u64| left + plot_w * ts.saturating_sub(start) as f64 / (end - start) as f64;
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{} (pid {}): baseline (grey), spike (red), trigger (line)</text>"#,
-        width / 2.0,
-        recording
-            .meta
-            .comm
-            .replace('<', "&lt;")
-            .replace('&', "&amp;"),
-        recording.meta.pid
+    let mut svg = crate::svg::start(
+        width,
+        height,
+        &format!(
+            "{} (pid {}): baseline (grey), spike (red), trigger (line)",
+            recording.meta.comm, recording.meta.pid
+        ),
     );
     let plot_bottom = height - 30.0;
     for w in baseline {
