@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::events::Event;
 use crate::flamegraph::{fold, FlameKind, Folded};
 use crate::histogram::{new_histogram, Percentiles};
-use crate::latency::{latencies_in, LatencyKind};
+use crate::latency::{request_latency, LatencyKind};
 use crate::recording::Recording;
 use crate::window::Window;
 
@@ -35,6 +36,8 @@ pub struct WindowStats {
     pub seconds: f64,
     pub latency: RequestLatency,
     pub run_queue: Percentiles,
+    /// The distribution behind `run_queue`, for pictures that compare windows.
+    pub run_queue_histogram: Histogram<u64>,
     /// Total run-queue wait per CPU, ns.
     pub run_queue_by_cpu: BTreeMap<u32, u64>,
     pub run_queue_total_ns: u64,
@@ -58,10 +61,23 @@ impl WindowStats {
         let seconds = windows.iter().map(|w| w.len_ns()).sum::<u64>() as f64 / 1e9;
         let inside = |ts: u64| windows.iter().any(|w| w.contains(ts));
         let mut run_queue = new_histogram();
+        let kinds = [
+            LatencyKind::Server,
+            LatencyKind::Delivery,
+            LatencyKind::External,
+        ];
+        let mut latency = kinds.map(|_| new_histogram());
         let mut run_queue_by_cpu = BTreeMap::new();
         let mut run_queue_total_ns = 0;
         let mut retransmits = Vec::new();
         for event in recording.events() {
+            for (kind, histogram) in kinds.iter().zip(latency.iter_mut()) {
+                if let Some((ts, value)) = request_latency(&event, *kind) {
+                    if inside(ts) {
+                        histogram.saturating_record(value.max(1));
+                    }
+                }
+            }
             match event {
                 Event::RunQueue {
                     ts_ns,
@@ -111,11 +127,12 @@ impl WindowStats {
             windows: windows.to_vec(),
             seconds,
             latency: RequestLatency {
-                server: Percentiles::of(&latencies_in(recording, LatencyKind::Server, windows)),
-                delivery: Percentiles::of(&latencies_in(recording, LatencyKind::Delivery, windows)),
-                external: Percentiles::of(&latencies_in(recording, LatencyKind::External, windows)),
+                server: Percentiles::of(&latency[0]),
+                delivery: Percentiles::of(&latency[1]),
+                external: Percentiles::of(&latency[2]),
             },
             run_queue: Percentiles::of(&run_queue),
+            run_queue_histogram: run_queue,
             run_queue_by_cpu,
             run_queue_total_ns,
             off_cpu,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::ProbeError;
 use crate::flamegraph::{self, FlameKind, Folded};
-use crate::histogram::{render_svg as histogram_svg, render_text, run_queue_delays};
+use crate::histogram::{render_svg as histogram_svg, render_text};
 use crate::latency::LatencyKind;
 use crate::output::write_atomic;
 use crate::pprof;
@@ -165,12 +165,10 @@ fn fill(dir: &Path, request: &CaptureRequest<'_>) -> Result<Report, ProbeError> 
     .map_err(|e| svg_err("offcpu-diff.svg", e))?;
     write("offcpu-diff.svg", &svg)?;
 
-    let spike_delay = run_queue_delays(recording, request.spike, None);
-    let mut base_delay = crate::histogram::new_histogram();
-    for window in &request.baseline {
-        let _ = base_delay.add(run_queue_delays(recording, *window, None));
-    }
-    let series = [("baseline", &base_delay), ("spike", &spike_delay)];
+    let series = [
+        ("baseline", &baseline.run_queue_histogram),
+        ("spike", &spike.run_queue_histogram),
+    ];
     write("sched-delay.txt", render_text(&series).as_bytes())?;
     write(
         "sched-delay.svg",

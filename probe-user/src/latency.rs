@@ -40,23 +40,6 @@ pub fn request_latency(event: &Event, kind: LatencyKind) -> Option<(u64, u64)> {
     }
 }
 
-/// Latencies of `kind` whose request ended inside any of `windows`.
-pub fn latencies_in(
-    recording: &Recording,
-    kind: LatencyKind,
-    windows: &[Window],
-) -> Histogram<u64> {
-    let mut histogram = new_histogram();
-    for event in recording.events() {
-        if let Some((ts, latency)) = request_latency(&event, kind) {
-            if windows.iter().any(|w| w.contains(ts)) {
-                histogram.saturating_record(latency.max(1));
-            }
-        }
-    }
-    histogram
-}
-
 /// Percentiles over the last `window_ns`, kept as per-slice histograms so old slices fall off
 /// in O(1) and memory stays bounded however many requests arrive.
 pub struct SlidingLatency {

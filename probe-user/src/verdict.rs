@@ -381,6 +381,7 @@ mod tests {
             seconds,
             latency: RequestLatency::default(),
             run_queue: Percentiles::default(),
+            run_queue_histogram: crate::histogram::new_histogram(),
             run_queue_by_cpu: BTreeMap::new(),
             run_queue_total_ns: 0,
             off_cpu: Folded::new(),
