@@ -172,6 +172,10 @@ pub struct ProbeConfig {
     /// Off-CPU intervals shorter than this are not reported (0 = report all).
     pub min_offcpu_ns: u64,
     pub offsets: KernelOffsets,
+    /// 1: follow each response until the peer acknowledges it (`RequestDelivered` events);
+    /// 0: stop at the response write, and `tcp_probe` is not attached.
+    pub track_delivery: u32,
+    pub _reserved: u32,
 }
 
 #[cfg(feature = "user")]

@@ -48,6 +48,8 @@ static CONFIG: ProbeConfig = ProbeConfig {
         sk_v6_rcv_saddr: 0,
         sk_v6_daddr: 0,
     },
+    track_delivery: 0,
+    _reserved: 0,
 };
 
 #[map]
@@ -67,35 +69,42 @@ static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(65536, 0);
 #[map]
 static OFFCPU_SINCE: HashMap<u32, SwitchedOut> = HashMap::with_max_entries(65536, 0);
 
-/// Socket pointers the target has sent or received on; retransmits run in softirq or timer
-/// context, so the current task says nothing about who owns the socket.
-#[map]
-static TARGET_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
-
 /// Local ports the target listens on, seeded by the agent from /proc (catches sockets that
 /// have not sent anything since attach).
 #[map]
 static TARGET_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 
-/// sk → the request in flight on it: when its bytes arrived, and once answered, the sequence
-/// number the peer must acknowledge for the response to be delivered.
+/// The target's sockets (by `struct sock` pointer) and the request in flight on each.
+/// Arrivals, ACKs and retransmits run in softirq or timer context, where the current task says
+/// nothing about who owns the socket, so a socket is learned when the target sends on it or
+/// when a connection is established on one of its listening ports. Ownership and request
+/// state share one map so that the per-packet hooks do a single lookup.
 #[map]
-static REQUESTS: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(65536, 0);
+static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(65536, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct InFlight {
+struct SocketState {
+    /// When the bytes of the request now `WAITING` first arrived.
     arrived_ns: u64,
-    /// One of `WAITING`, `ANSWERED`, `DELIVERED`.
+    /// One of `IDLE`, `WAITING`, `ANSWERED`.
     stage: u32,
+    /// Once `ANSWERED`: the sequence number the peer must acknowledge for the response to be
+    /// delivered.
     response_end_seq: u32,
 }
 
 // Request stages. Entries are updated in place and removed only when the socket closes: an
 // LRU map update takes locks, and this runs for every request.
-const WAITING: u32 = 0;
-const ANSWERED: u32 = 1;
-const DELIVERED: u32 = 2;
+const IDLE: u32 = 0;
+const WAITING: u32 = 1;
+const ANSWERED: u32 = 2;
+
+const NEW_SOCKET: SocketState = SocketState {
+    arrived_ns: 0,
+    stage: IDLE,
+    response_end_seq: 0,
+};
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -130,21 +139,34 @@ fn count(counter: Counter) {
 /// woken per event (each wakeup costs it a context switch) but drains on its own timer.
 const WAKEUP_AT_BYTES: u64 = 512 * 1024;
 
+/// Reserves an event in the ring buffer, zeroes it and lets `fill` set its fields in place.
+///
+/// Zeroing is done with volatile 8-byte stores on purpose: building a `RawEvent` on the stack
+/// and copying it makes LLVM emit a call to a byte-at-a-time `memset` subprogram (96
+/// iterations per event), which was the largest single cost of the request hooks.
 #[inline(always)]
-fn emit(event: &RawEvent) {
-    match EVENTS.reserve::<RawEvent>(0) {
-        Some(mut entry) => {
-            entry.write(*event);
-            let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_AT_BYTES {
-                BPF_RB_FORCE_WAKEUP
-            } else {
-                BPF_RB_NO_WAKEUP
-            };
-            entry.submit(flags as u64);
-            count(Counter::EventsSent);
+fn emit(fill: impl FnOnce(&mut RawEvent)) {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count(Counter::RingBufferFull);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    unsafe {
+        let words = event as *mut u64;
+        for i in 0..RawEvent::SIZE / 8 {
+            core::ptr::write_volatile(words.add(i), 0);
         }
-        None => count(Counter::RingBufferFull),
+        (*event).kernel_stack_id = NO_STACK;
+        (*event).user_stack_id = NO_STACK;
+        fill(&mut *event);
     }
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_AT_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags as u64);
+    count(Counter::EventsSent);
 }
 
 #[inline(always)]
@@ -231,14 +253,14 @@ fn switched_in<C: EbpfContext>(
         let _ = RUNNABLE_SINCE.remove(&tid);
         if now > since {
             waited = now - since;
-            let mut event = RawEvent::zeroed();
-            event.kind = EventKind::RunQueue as u32;
-            event.cpu = cpu;
-            event.ts_ns = now;
-            event.duration_ns = now - since;
-            event.tid = tid;
-            event.tgid = tgid;
-            emit(&event);
+            emit(|event| {
+                event.kind = EventKind::RunQueue as u32;
+                event.cpu = cpu;
+                event.ts_ns = now;
+                event.duration_ns = waited;
+                event.tid = tid;
+                event.tgid = tgid;
+            });
         }
     }
     if let Some(out) = unsafe { OFFCPU_SINCE.get(&tid) } {
@@ -248,27 +270,27 @@ fn switched_in<C: EbpfContext>(
         if duration < cfg.min_offcpu_ns {
             return;
         }
-        let mut event = RawEvent::zeroed();
-        event.kind = EventKind::OffCpu as u32;
-        event.cpu = cpu;
-        event.ts_ns = now;
-        event.duration_ns = duration;
-        event.wait_ns = if waited < duration { waited } else { duration };
-        event.tid = tid;
-        event.tgid = tgid;
-        event.state = out.state;
-        event.flags = out.flags;
-        if thread_is_current {
-            event.kernel_stack_id = stack_id(ctx, 0);
-            event.user_stack_id = stack_id(ctx, BPF_F_USER_STACK as u64);
+        let (kernel_stack_id, user_stack_id) = if thread_is_current {
+            (stack_id(ctx, 0), stack_id(ctx, BPF_F_USER_STACK as u64))
         } else {
-            event.kernel_stack_id = out.kernel_stack_id;
-            event.user_stack_id = out.user_stack_id;
-        }
-        if cfg.debug != 0 && event.user_stack_id == NO_STACK {
+            (out.kernel_stack_id, out.user_stack_id)
+        };
+        if cfg.debug != 0 && user_stack_id == NO_STACK {
             warn!(ctx, "off-CPU interval of tid {} has no user stack", tid);
         }
-        emit(&event);
+        emit(|event| {
+            event.kind = EventKind::OffCpu as u32;
+            event.cpu = cpu;
+            event.ts_ns = now;
+            event.duration_ns = duration;
+            event.wait_ns = if waited < duration { waited } else { duration };
+            event.tid = tid;
+            event.tgid = tgid;
+            event.state = out.state;
+            event.flags = out.flags;
+            event.kernel_stack_id = kernel_stack_id;
+            event.user_stack_id = user_stack_id;
+        });
     }
 }
 
@@ -392,15 +414,17 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     if tgid != cfg.target_tgid || tid == 0 {
         return 0;
     }
-    let mut event = RawEvent::zeroed();
-    event.kind = EventKind::OnCpuSample as u32;
-    event.cpu = unsafe { bpf_get_smp_processor_id() };
-    event.ts_ns = unsafe { bpf_ktime_get_ns() };
-    event.tid = tid;
-    event.tgid = tgid;
-    event.kernel_stack_id = stack_id(&ctx, 0);
-    event.user_stack_id = stack_id(&ctx, BPF_F_USER_STACK as u64);
-    emit(&event);
+    let kernel_stack_id = stack_id(&ctx, 0);
+    let user_stack_id = stack_id(&ctx, BPF_F_USER_STACK as u64);
+    emit(|event| {
+        event.kind = EventKind::OnCpuSample as u32;
+        event.cpu = unsafe { bpf_get_smp_processor_id() };
+        event.ts_ns = unsafe { bpf_ktime_get_ns() };
+        event.tid = tid;
+        event.tgid = tgid;
+        event.kernel_stack_id = kernel_stack_id;
+        event.user_stack_id = user_stack_id;
+    });
     0
 }
 
@@ -410,53 +434,28 @@ unsafe fn read_field<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
 }
 
 #[inline(always)]
-fn is_target_socket(sk: u64) -> bool {
-    unsafe { TARGET_SOCKETS.get(&sk).is_some() }
-}
-
-/// Remembers `sk` as the target's. Looked up first: an LRU update takes locks and these hooks
-/// run on every send and receive.
-#[inline(always)]
-fn learn_socket(sk: u64) {
-    if !is_target_socket(sk) {
-        let _ = TARGET_SOCKETS.insert(&sk, &1, 0);
-    }
-}
-
-#[inline(always)]
 fn emit_request(kind: EventKind, tid: u32, now: u64, latency: u64) {
-    let mut event = RawEvent::zeroed();
-    event.kind = kind as u32;
-    event.cpu = unsafe { bpf_get_smp_processor_id() };
-    event.ts_ns = now;
-    event.duration_ns = latency;
-    event.tid = tid;
-    event.tgid = config().target_tgid;
-    emit(&event);
+    emit(|event| {
+        event.kind = kind as u32;
+        event.cpu = unsafe { bpf_get_smp_processor_id() };
+        event.ts_ns = now;
+        event.duration_ns = latency;
+        event.tid = tid;
+        event.tgid = config().target_tgid;
+    });
 }
 
 /// Request bytes arrived (softirq): start timing unless a request is already waiting.
 #[inline(always)]
 fn on_data_ready(sk: u64) {
-    if !is_target_socket(sk) {
+    let Some(socket) = SOCKETS.get_ptr_mut(&sk) else {
         return;
-    }
-    let now = unsafe { bpf_ktime_get_ns() };
-    match REQUESTS.get_ptr_mut(&sk) {
-        // More bytes of a request not yet answered: it started at its first bytes.
-        Some(inflight) if unsafe { (*inflight).stage } == WAITING => {}
-        Some(inflight) => unsafe {
-            (*inflight).arrived_ns = now;
-            (*inflight).stage = WAITING;
-        },
-        None => {
-            let inflight = InFlight {
-                arrived_ns: now,
-                stage: WAITING,
-                response_end_seq: 0,
-            };
-            let _ = REQUESTS.insert(&sk, &inflight, 0);
-        }
+    };
+    let socket = unsafe { &mut *socket };
+    // More bytes of a request not yet answered: it started at its first bytes.
+    if socket.stage != WAITING {
+        socket.arrived_ns = unsafe { bpf_ktime_get_ns() };
+        socket.stage = WAITING;
     }
 }
 
@@ -468,15 +467,12 @@ fn on_send(sk: u64, sent: i32) {
     if (pid_tgid >> 32) as u32 != cfg.target_tgid {
         return;
     }
-    learn_socket(sk);
-    if sent <= 0 {
-        return;
-    }
-    let Some(inflight) = REQUESTS.get_ptr_mut(&sk) else {
+    let Some(socket) = SOCKETS.get_ptr_mut(&sk) else {
+        let _ = SOCKETS.insert(&sk, &NEW_SOCKET, 0);
         return;
     };
-    let inflight = unsafe { &mut *inflight };
-    if inflight.stage != WAITING {
+    let socket = unsafe { &mut *socket };
+    if sent <= 0 || socket.stage != WAITING {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -484,35 +480,33 @@ fn on_send(sk: u64, sent: i32) {
         EventKind::RequestServed,
         pid_tgid as u32,
         now,
-        now.saturating_sub(inflight.arrived_ns),
+        now.saturating_sub(socket.arrived_ns),
     );
+    if cfg.track_delivery == 0 {
+        socket.stage = IDLE;
+        return;
+    }
     match unsafe { read_field::<u32>(sk, cfg.offsets.tcp_write_seq) } {
         Ok(seq) => {
-            inflight.stage = ANSWERED;
-            inflight.response_end_seq = seq;
+            socket.stage = ANSWERED;
+            socket.response_end_seq = seq;
             // On loopback the peer's ACK can be processed before sendmsg returns here.
-            deliver_if_acked(sk, inflight);
+            deliver_if_acked(sk, socket);
         }
-        Err(_) => inflight.stage = DELIVERED,
-    }
-}
-
-#[inline(always)]
-fn on_recv(sk: u64) {
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == config().target_tgid {
-        learn_socket(sk);
+        Err(_) => socket.stage = IDLE,
     }
 }
 
 /// Every incoming segment on an established socket, before its ACK is processed: when it
-/// acknowledges the whole response, the response was delivered.
+/// acknowledges the whole response, the response was delivered. Attached only when delivery
+/// latency is tracked: it runs for every segment on the machine.
 #[inline(always)]
 fn on_tcp_probe(sk: u64, skb: u64) -> Result<(), i64> {
-    let Some(inflight) = REQUESTS.get_ptr_mut(&sk) else {
+    let Some(socket) = SOCKETS.get_ptr_mut(&sk) else {
         return Ok(());
     };
-    let inflight = unsafe { &mut *inflight };
-    if inflight.stage != ANSWERED {
+    let socket = unsafe { &mut *socket };
+    if socket.stage != ANSWERED {
         return Ok(());
     }
     let cfg = config();
@@ -521,38 +515,36 @@ fn on_tcp_probe(sk: u64, skb: u64) -> Result<(), i64> {
         // tcphdr.ack_seq, network byte order.
         u32::from_be(read_field::<u32>(data, 8)?)
     };
-    if (ack_seq.wrapping_sub(inflight.response_end_seq) as i32) >= 0 {
-        let now = unsafe { bpf_ktime_get_ns() };
-        emit_request(
-            EventKind::RequestDelivered,
-            0,
-            now,
-            now.saturating_sub(inflight.arrived_ns),
-        );
-        inflight.stage = DELIVERED;
+    if (ack_seq.wrapping_sub(socket.response_end_seq) as i32) >= 0 {
+        delivered(socket);
     }
     Ok(())
+}
+
+#[inline(always)]
+fn delivered(socket: &mut SocketState) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    emit_request(
+        EventKind::RequestDelivered,
+        0,
+        now,
+        now.saturating_sub(socket.arrived_ns),
+    );
+    socket.stage = IDLE;
 }
 
 /// If the peer has acknowledged the whole answered response (by `snd_una`, whatever path
 /// the ACK took), the response is delivered: now, or earlier than now.
 #[inline(always)]
-fn deliver_if_acked(sk: u64, inflight: &mut InFlight) {
-    if inflight.stage != ANSWERED {
+fn deliver_if_acked(sk: u64, socket: &mut SocketState) {
+    if socket.stage != ANSWERED {
         return;
     }
     let Ok(snd_una) = (unsafe { read_field::<u32>(sk, config().offsets.tcp_snd_una) }) else {
         return;
     };
-    if (snd_una.wrapping_sub(inflight.response_end_seq) as i32) >= 0 {
-        let now = unsafe { bpf_ktime_get_ns() };
-        emit_request(
-            EventKind::RequestDelivered,
-            0,
-            now,
-            now.saturating_sub(inflight.arrived_ns),
-        );
-        inflight.stage = DELIVERED;
+    if (snd_una.wrapping_sub(socket.response_end_seq) as i32) >= 0 {
+        delivered(socket);
     }
 }
 
@@ -560,18 +552,17 @@ fn deliver_if_acked(sk: u64, inflight: &mut InFlight) {
 fn on_set_state(sk: u64, new_state: i32) {
     // ACKs after the server starts closing never reach tcp_probe (it fires in ESTABLISHED
     // only); a response followed by a close is delivered by the time the state moves on.
-    if let Some(inflight) = REQUESTS.get_ptr_mut(&sk) {
-        deliver_if_acked(sk, unsafe { &mut *inflight });
+    if let Some(socket) = SOCKETS.get_ptr_mut(&sk) {
+        deliver_if_acked(sk, unsafe { &mut *socket });
     }
     if new_state == TCP_CLOSE {
-        let _ = TARGET_SOCKETS.remove(&sk);
-        let _ = REQUESTS.remove(&sk);
+        let _ = SOCKETS.remove(&sk);
     } else if new_state == TCP_ESTABLISHED {
         // A connection accepted on one of the target's listening ports is the target's from
         // its first byte, before the target has touched it.
         if let Ok(port) = unsafe { read_field::<u16>(sk, config().offsets.sk_num) } {
             if unsafe { TARGET_PORTS.get(&port) }.is_some() {
-                let _ = TARGET_SOCKETS.insert(&sk, &1, 0);
+                let _ = SOCKETS.insert(&sk, &NEW_SOCKET, 0);
             }
         }
     }
@@ -582,30 +573,41 @@ fn on_retransmit(sk: u64) -> Result<(), i64> {
     let cfg = config();
     let o = &cfg.offsets;
     let local_port: u16 = unsafe { read_field(sk, o.sk_num)? };
-    if !is_target_socket(sk) && unsafe { TARGET_PORTS.get(&local_port) }.is_none() {
+    let known = unsafe { SOCKETS.get(&sk) }.is_some();
+    if !known && unsafe { TARGET_PORTS.get(&local_port) }.is_none() {
         return Ok(());
     }
-    let mut event = RawEvent::zeroed();
-    event.kind = EventKind::TcpRetransmit as u32;
-    event.cpu = unsafe { bpf_get_smp_processor_id() };
-    event.ts_ns = unsafe { bpf_ktime_get_ns() };
-    event.tgid = cfg.target_tgid;
+    let (state, family, remote_port) = unsafe {
+        (
+            read_field::<u8>(sk, o.sk_state)? as u32,
+            read_field::<u16>(sk, o.sk_family)?,
+            u16::from_be(read_field(sk, o.sk_dport)?),
+        )
+    };
+    let (mut local_addr, mut remote_addr) = ([0u8; 16], [0u8; 16]);
     unsafe {
-        event.state = read_field::<u8>(sk, o.sk_state)? as u32;
-        event.family = read_field(sk, o.sk_family)?;
-        event.local_port = local_port;
-        event.remote_port = u16::from_be(read_field(sk, o.sk_dport)?);
-        if event.family == AF_INET6 {
-            event.local_addr = read_field(sk, o.sk_v6_rcv_saddr)?;
-            event.remote_addr = read_field(sk, o.sk_v6_daddr)?;
+        if family == AF_INET6 {
+            local_addr = read_field(sk, o.sk_v6_rcv_saddr)?;
+            remote_addr = read_field(sk, o.sk_v6_daddr)?;
         } else {
             let local: [u8; 4] = read_field(sk, o.sk_rcv_saddr)?;
             let remote: [u8; 4] = read_field(sk, o.sk_daddr)?;
-            event.local_addr[..4].copy_from_slice(&local);
-            event.remote_addr[..4].copy_from_slice(&remote);
+            local_addr[..4].copy_from_slice(&local);
+            remote_addr[..4].copy_from_slice(&remote);
         }
     }
-    emit(&event);
+    emit(|event| {
+        event.kind = EventKind::TcpRetransmit as u32;
+        event.cpu = unsafe { bpf_get_smp_processor_id() };
+        event.ts_ns = unsafe { bpf_ktime_get_ns() };
+        event.tgid = cfg.target_tgid;
+        event.state = state;
+        event.family = family;
+        event.local_port = local_port;
+        event.remote_port = remote_port;
+        event.local_addr = local_addr;
+        event.remote_addr = remote_addr;
+    });
     Ok(())
 }
 
@@ -634,18 +636,6 @@ pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_length_raw(ctx: RawTracePointContext) -> i32 {
     unsafe { on_send(raw_arg(&ctx, 0), raw_arg(&ctx, 1) as i32) };
-    0
-}
-
-#[btf_tracepoint(function = "sock_recv_length")]
-pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
-    on_recv(unsafe { ctx.arg::<u64>(0) });
-    0
-}
-
-#[raw_tracepoint(tracepoint = "sock_recv_length")]
-pub fn sock_recv_length_raw(ctx: RawTracePointContext) -> i32 {
-    on_recv(unsafe { raw_arg(&ctx, 0) });
     0
 }
 
@@ -696,14 +686,14 @@ fn go_runtime_entered(which: u32) {
     if (pid_tgid >> 32) as u32 != cfg.target_tgid {
         return;
     }
-    let mut event = RawEvent::zeroed();
-    event.kind = EventKind::GoRuntime as u32;
-    event.cpu = unsafe { bpf_get_smp_processor_id() };
-    event.ts_ns = unsafe { bpf_ktime_get_ns() };
-    event.tid = pid_tgid as u32;
-    event.tgid = cfg.target_tgid;
-    event.state = which;
-    emit(&event);
+    emit(|event| {
+        event.kind = EventKind::GoRuntime as u32;
+        event.cpu = unsafe { bpf_get_smp_processor_id() };
+        event.ts_ns = unsafe { bpf_ktime_get_ns() };
+        event.tid = pid_tgid as u32;
+        event.tgid = cfg.target_tgid;
+        event.state = which;
+    });
 }
 
 #[uprobe]

@@ -121,6 +121,9 @@ pub struct ProbeSettings {
     /// Use only this scheduler hook instead of walking the chain.
     pub sched_hook: Option<SchedHook>,
     pub debug_ebpf: bool,
+    /// Follow responses until the peer acknowledges them (delivery latency). Costs a hook on
+    /// every incoming TCP segment, so `attach` turns it on only for `--latency delivery`.
+    pub track_delivery: bool,
 }
 
 pub struct AttachedProbes {
@@ -302,7 +305,12 @@ fn attach_sampling(ebpf: &mut Ebpf, hz: u64) -> Result<String, ProbeError> {
     ))
 }
 
-fn attach_tcp(ebpf: &mut Ebpf, btf: &Btf, pid: u32) -> Result<Vec<String>, ProbeError> {
+fn attach_tcp(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    pid: u32,
+    track_delivery: bool,
+) -> Result<Vec<String>, ProbeError> {
     // Ports first: connections accepted from now on are recognised by them.
     let mut ports: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(
         ebpf.map_mut("TARGET_PORTS")
@@ -314,17 +322,19 @@ fn attach_tcp(ebpf: &mut Ebpf, btf: &Btf, pid: u32) -> Result<Vec<String>, Probe
             .insert(port, 1, 0)
             .map_err(|e| attach_err("TARGET_PORTS", e))?;
     }
-    [
+    let mut hooks = vec![
         "inet_sock_set_state",
         "sock_send_length",
-        "sock_recv_length",
         "sk_data_ready",
-        "tcp_probe",
         "tcp_retransmit_skb",
-    ]
-    .into_iter()
-    .map(|tracepoint| attach_btf_or_raw(ebpf, btf, tracepoint, tracepoint))
-    .collect()
+    ];
+    if track_delivery {
+        hooks.push("tcp_probe");
+    }
+    hooks
+        .into_iter()
+        .map(|tracepoint| attach_btf_or_raw(ebpf, btf, tracepoint, tracepoint))
+        .collect()
 }
 
 /// For a Go target, entry uprobes on the GC and stop-the-world functions. A probe that cannot
@@ -367,6 +377,8 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         debug: settings.debug_ebpf as u32,
         min_offcpu_ns: settings.min_offcpu_ns,
         offsets: kernel_offsets(&layout)?,
+        track_delivery: settings.track_delivery as u32,
+        _reserved: 0,
     };
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
@@ -410,7 +422,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     } else {
         "off".into()
     };
-    let tcp = attach_tcp(&mut ebpf, &btf, settings.pid)?;
+    let tcp = attach_tcp(&mut ebpf, &btf, settings.pid, settings.track_delivery)?;
     let go = attach_go(&mut ebpf, settings.pid);
     Ok(AttachedProbes {
         ebpf,

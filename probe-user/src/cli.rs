@@ -153,13 +153,14 @@ pub struct ProbeArgs {
 }
 
 impl ProbeArgs {
-    pub fn settings(&self, pid: u32) -> ProbeSettings {
+    pub fn settings(&self, pid: u32, track_delivery: bool) -> ProbeSettings {
         ProbeSettings {
             pid,
             sample_hz: self.sample_hz,
             min_offcpu_ns: self.min_offcpu.as_nanos() as u64,
             sched_hook: self.sched_hook,
             debug_ebpf: self.debug_ebpf,
+            track_delivery,
         }
     }
 }
@@ -275,7 +276,8 @@ fn run_attach(args: AttachArgs) -> anyhow::Result<()> {
         }
     };
     let options = crate::monitor::AttachOptions {
-        probe: args.probe.settings(args.pid),
+        // attach_and_watch turns delivery tracking on when `--latency delivery` asks for it.
+        probe: args.probe.settings(args.pid, false),
         latency: args.latency,
         feed: args.latency_feed,
         threshold,
@@ -329,8 +331,16 @@ fn run_report(args: ReportArgs) -> anyhow::Result<()> {
         )
         .map(|(window, _)| window)
         .ok_or_else(|| {
+            let none_at_all = !recording
+                .events()
+                .any(|e| crate::latency::request_latency(&e, args.latency).is_some());
+            let hint = if none_at_all && args.latency == crate::latency::LatencyKind::Delivery {
+                " (it was recorded by `attach` without `--latency delivery`, which does not follow responses to the peer's ACK)"
+            } else {
+                ""
+            };
             ProbeError::InvalidArgument(format!(
-                "no window with enough {:?} request latencies in {}; give --from/--to",
+                "no window with enough {:?} request latencies in {}{hint}; give --from/--to",
                 args.latency,
                 args.recording.display()
             ))
@@ -363,7 +373,8 @@ fn run_report(args: ReportArgs) -> anyhow::Result<()> {
 
 fn run_record(args: RecordArgs) -> anyhow::Result<()> {
     let options = RecordOptions {
-        probe: args.probe.settings(args.pid),
+        // A recording is analysed later with either latency, so it carries both.
+        probe: args.probe.settings(args.pid, true),
         duration: args.duration,
         out: args.out,
         progress: true,
@@ -532,7 +543,7 @@ mod tests {
         let Command::Record(args) = cli.command else {
             panic!("not record")
         };
-        let settings = args.probe.settings(args.pid);
+        let settings = args.probe.settings(args.pid, true);
         assert_eq!(settings.pid, 7);
         assert_eq!(settings.min_offcpu_ns, 0);
         assert_eq!(settings.sample_hz, 499);

@@ -208,7 +208,11 @@ pub async fn attach_and_watch(
     } else {
         opts.latency
     };
-    let mut session = LiveSession::start(&opts.probe)?;
+    let probe = ProbeSettings {
+        track_delivery: opts.probe.track_delivery || latency_kind == LatencyKind::Delivery,
+        ..opts.probe.clone()
+    };
+    let mut session = LiveSession::start(&probe)?;
     let ns = |d: Duration| d.as_nanos() as u64;
     let mut flight = FlightRecorder::new(
         ns(opts.pre) + ns(opts.baseline) + ns(opts.window) + 1_000_000_000,

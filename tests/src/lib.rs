@@ -116,6 +116,7 @@ pub fn settings(pid: u32) -> ProbeSettings {
         min_offcpu_ns: 1_000_000,
         sched_hook: None,
         debug_ebpf: false,
+        track_delivery: true,
     }
 }
 

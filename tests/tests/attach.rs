@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use integration_tests::*;
+use p99probe::attach::ProbeSettings;
 use p99probe::latency::LatencyKind;
 use p99probe::monitor::{attach_and_watch, AttachOptions};
 use p99probe::trigger::Threshold;
@@ -14,7 +15,11 @@ const MS: u64 = 1_000_000;
 
 fn options(pid: u32, out: &Path, p99_ms: u64, latency: LatencyKind, seconds: u64) -> AttachOptions {
     AttachOptions {
-        probe: settings(pid),
+        // As the CLI does: attach_and_watch itself turns delivery tracking on when asked for.
+        probe: ProbeSettings {
+            track_delivery: false,
+            ..settings(pid)
+        },
         latency,
         feed: None,
         threshold: Threshold::Absolute {
@@ -43,6 +48,14 @@ fn run(options: &AttachOptions) -> Vec<PathBuf> {
     let summary = runtime
         .block_on(attach_and_watch(options, std::future::pending()))
         .expect("attach failed");
+    // The per-segment ACK hook costs on every packet; it runs only for delivery latency.
+    let tcp_probe_attached = summary.hooks.tcp.iter().any(|h| h.ends_with("/tcp_probe"));
+    assert_eq!(
+        tcp_probe_attached,
+        options.latency == LatencyKind::Delivery,
+        "hooks: {:?}",
+        summary.hooks.tcp
+    );
     summary.captures.into_iter().map(|c| c.dir).collect()
 }
 
