@@ -61,13 +61,11 @@ static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// tid → when the thread became runnable (woken, or preempted while still runnable).
+/// tid → the thread's scheduling state. One entry per thread, created on first sight and
+/// updated in place afterwards: a hash insert or delete takes a bucket lock and allocates, and
+/// these run on every context switch and wakeup.
 #[map]
-static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(65536, 0);
-
-/// tid → when and where the thread left the CPU.
-#[map]
-static OFFCPU_SINCE: HashMap<u32, SwitchedOut> = HashMap::with_max_entries(65536, 0);
+static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(65536, 0);
 
 /// Local ports the target listens on, seeded by the agent from /proc (catches sockets that
 /// have not sent anything since attach).
@@ -108,13 +106,26 @@ const NEW_SOCKET: SocketState = SocketState {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct SwitchedOut {
-    ts_ns: u64,
+struct ThreadState {
+    /// When it became runnable (woken, or preempted while still runnable); 0: not waiting.
+    runnable_since: u64,
+    /// When it left the CPU; 0: on a CPU (or not seen leaving one).
+    off_since: u64,
+    /// Where and how it left.
     kernel_stack_id: i32,
     user_stack_id: i32,
     state: u32,
     flags: u32,
 }
+
+const NEW_THREAD: ThreadState = ThreadState {
+    runnable_since: 0,
+    off_since: 0,
+    kernel_stack_id: NO_STACK,
+    user_stack_id: NO_STACK,
+    state: 0,
+    flags: 0,
+};
 
 const TASK_RUNNING: u32 = 0;
 const TASK_DEAD: u32 = 0x80;
@@ -194,10 +205,25 @@ unsafe fn task_ids(task: *const u8, cfg: &ProbeConfig) -> (u32, u32) {
     )
 }
 
+/// The thread's state entry, created if it is new.
+#[inline(always)]
+fn thread_state(tid: u32) -> Option<&'static mut ThreadState> {
+    if let Some(state) = THREADS.get_ptr_mut(&tid) {
+        return Some(unsafe { &mut *state });
+    }
+    if THREADS.insert(&tid, &NEW_THREAD, 0).is_err() {
+        count(Counter::StateMapFull);
+        return None;
+    }
+    THREADS
+        .get_ptr_mut(&tid)
+        .map(|state| unsafe { &mut *state })
+}
+
 #[inline(always)]
 fn mark_runnable(tid: u32, now: u64) {
-    if RUNNABLE_SINCE.insert(&tid, &now, 0).is_err() {
-        count(Counter::StateMapFull);
+    if let Some(thread) = thread_state(tid) {
+        thread.runnable_since = now;
     }
 }
 
@@ -212,28 +238,25 @@ fn switched_out<C: EbpfContext>(
     thread_is_current: bool,
 ) {
     if state & TASK_DEAD != 0 {
-        let _ = RUNNABLE_SINCE.remove(&tid);
-        let _ = OFFCPU_SINCE.remove(&tid);
+        let _ = THREADS.remove(&tid);
         return;
     }
+    let Some(thread) = thread_state(tid) else {
+        return;
+    };
     if runnable {
-        mark_runnable(tid, now);
+        thread.runnable_since = now;
     }
     let (kernel_stack_id, user_stack_id) = if thread_is_current {
         (stack_id(ctx, 0), stack_id(ctx, BPF_F_USER_STACK as u64))
     } else {
         (NO_STACK, NO_STACK)
     };
-    let out = SwitchedOut {
-        ts_ns: now,
-        kernel_stack_id,
-        user_stack_id,
-        state,
-        flags: if runnable { FLAG_PREEMPTED } else { 0 },
-    };
-    if OFFCPU_SINCE.insert(&tid, &out, 0).is_err() {
-        count(Counter::StateMapFull);
-    }
+    thread.off_since = now;
+    thread.kernel_stack_id = kernel_stack_id;
+    thread.user_stack_id = user_stack_id;
+    thread.state = state;
+    thread.flags = if runnable { FLAG_PREEMPTED } else { 0 };
 }
 
 /// A target thread gets a CPU. When it is current, its stacks are captured here.
@@ -246,11 +269,15 @@ fn switched_in<C: EbpfContext>(
     now: u64,
     thread_is_current: bool,
 ) {
+    let Some(thread) = THREADS.get_ptr_mut(&tid) else {
+        return;
+    };
+    let thread = unsafe { &mut *thread };
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let mut waited = 0;
-    if let Some(since) = unsafe { RUNNABLE_SINCE.get(&tid) } {
-        let since = *since;
-        let _ = RUNNABLE_SINCE.remove(&tid);
+    let since = thread.runnable_since;
+    if since != 0 {
+        thread.runnable_since = 0;
         if now > since {
             waited = now - since;
             emit(|event| {
@@ -263,10 +290,10 @@ fn switched_in<C: EbpfContext>(
             });
         }
     }
-    if let Some(out) = unsafe { OFFCPU_SINCE.get(&tid) } {
-        let out = *out;
-        let _ = OFFCPU_SINCE.remove(&tid);
-        let duration = now.saturating_sub(out.ts_ns);
+    if thread.off_since != 0 {
+        let out = *thread;
+        thread.off_since = 0;
+        let duration = now.saturating_sub(out.off_since);
         if duration < cfg.min_offcpu_ns {
             return;
         }
