@@ -27,6 +27,10 @@ pub enum EventKind {
     ExternalLatency = 7,
     /// A Go runtime function was entered (uprobe); `state` says which (`GO_*`).
     GoRuntime = 8,
+    /// Benchmarks only: one per system call of the target, with the hidden
+    /// `--synthetic-syscall-events`, to measure how many events per second the agent drains.
+    /// Carries nothing to analyse.
+    Synthetic = 9,
 }
 
 /// `state` of a [`EventKind::GoRuntime`] event: which runtime function was entered.
@@ -46,6 +50,7 @@ impl EventKind {
             6 => Some(Self::RequestDelivered),
             7 => Some(Self::ExternalLatency),
             8 => Some(Self::GoRuntime),
+            9 => Some(Self::Synthetic),
             _ => None,
         }
     }

@@ -704,6 +704,24 @@ pub fn tcp_retransmit_skb_raw(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Benchmarks only: one event per system call of the target, the cheapest way to make the
+/// kernel produce millions of events per second and measure what the agent drains.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn synthetic_sys_enter(_ctx: BtfTracePointContext) -> i32 {
+    let cfg = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == cfg.target_tgid {
+        emit(|event| {
+            event.kind = EventKind::Synthetic as u32;
+            event.cpu = unsafe { bpf_get_smp_processor_id() };
+            event.ts_ns = unsafe { bpf_ktime_get_ns() };
+            event.tid = pid_tgid as u32;
+            event.tgid = cfg.target_tgid;
+        });
+    }
+    0
+}
+
 /// Entry of a Go runtime function in the target. Entry probes only: Go moves goroutine stacks,
 /// which breaks the return trampolines uretprobes rely on.
 #[inline(always)]

@@ -82,6 +82,9 @@ pub struct AttachReport {
     /// Present for Go targets.
     #[serde(default)]
     pub go: Option<crate::goruntime::GoInfo>,
+    /// Present when benchmark events were asked for.
+    #[serde(default)]
+    pub synthetic: Option<String>,
 }
 
 impl fmt::Display for AttachReport {
@@ -102,6 +105,9 @@ impl fmt::Display for AttachReport {
             self.sampling,
             self.tcp.join(", ")
         )?;
+        if let Some(synthetic) = &self.synthetic {
+            write!(f, "; benchmark events: {synthetic}")?;
+        }
         if let Some(go) = &self.go {
             write!(f, "; Go {}: {}", go.version, go.probes.join(", "))?;
             if !go.missing.is_empty() {
@@ -124,6 +130,8 @@ pub struct ProbeSettings {
     /// Follow responses until the peer acknowledges them (delivery latency). Costs a hook on
     /// every incoming TCP segment, so `attach` turns it on only for `--latency delivery`.
     pub track_delivery: bool,
+    /// Benchmarks only: an event per system call of the target (`EventKind::Synthetic`).
+    pub synthetic_syscall_events: bool,
 }
 
 pub struct AttachedProbes {
@@ -424,6 +432,16 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     };
     let tcp = attach_tcp(&mut ebpf, &btf, settings.pid, settings.track_delivery)?;
     let go = attach_go(&mut ebpf, settings.pid);
+    let synthetic = if settings.synthetic_syscall_events {
+        let name = "synthetic_sys_enter";
+        let p: &mut BtfTracePoint = program_mut(&mut ebpf, name)?;
+        p.load("sys_enter", &btf)
+            .map_err(|e| attach_err(name, chain(&e)))?;
+        p.attach().map_err(|e| attach_err(name, chain(&e)))?;
+        Some("tp_btf/sys_enter".to_string())
+    } else {
+        None
+    };
     Ok(AttachedProbes {
         ebpf,
         report: AttachReport {
@@ -433,6 +451,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
             sampling,
             tcp,
             go,
+            synthetic,
         },
     })
 }

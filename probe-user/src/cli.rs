@@ -150,6 +150,9 @@ pub struct ProbeArgs {
     /// Print the kernel programs' diagnostics (aya-log).
     #[arg(long)]
     pub debug_ebpf: bool,
+    /// Benchmarks only: one event per system call of the target, to load the pipeline.
+    #[arg(long, hide = true)]
+    pub synthetic_syscall_events: bool,
 }
 
 impl ProbeArgs {
@@ -161,6 +164,7 @@ impl ProbeArgs {
             sched_hook: self.sched_hook,
             debug_ebpf: self.debug_ebpf,
             track_delivery,
+            synthetic_syscall_events: self.synthetic_syscall_events,
         }
     }
 }
@@ -304,8 +308,9 @@ fn run_attach(args: AttachArgs) -> anyhow::Result<()> {
         eprintln!("target {} exited", args.pid);
     }
     println!(
-        "{} capture(s); {} events dropped in the kernel",
+        "{} capture(s); {} events sent, {} dropped in the kernel",
         summary.captures.len(),
+        summary.counters.events_sent,
         summary.counters.ring_buffer_full
     );
     for capture in &summary.captures {

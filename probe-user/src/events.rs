@@ -152,6 +152,7 @@ impl Event {
                 tid: raw.tid,
                 which: raw.state,
             },
+            EventKind::Synthetic => return None,
         })
     }
 }

@@ -22,7 +22,9 @@ modes:
                                      every Nth request stalls in stall_here() inside the window
   client    --port P [--conns 4]     request/response load against a server
   pingpong                           two threads handing a byte back and forth through pipes as
-                                     fast as they can (a context-switch storm, for benchmarks)"
+                                     fast as they can (a context-switch storm, for benchmarks)
+  syscalls                           one thread making cheap system calls as fast as it can (with
+                                     p99probe's benchmark events: an event storm)"
     );
     std::process::exit(2)
 }
@@ -309,6 +311,19 @@ fn pingpong(until: Instant) {
     println!("rounds {rounds}");
 }
 
+fn syscall_storm(until: Instant) {
+    ready("");
+    let mut calls = 0u64;
+    while Instant::now() < until {
+        for _ in 0..10_000 {
+            // getppid: a real system call (glibc does not cache it) that does almost nothing.
+            std::hint::black_box(unsafe { libc::getppid() });
+        }
+        calls += 10_000;
+    }
+    println!("calls {calls}");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(mode) = args.first().cloned() else {
@@ -324,6 +339,7 @@ fn main() {
         "server" => server(&opts, until),
         "client" => client(&opts, until),
         "pingpong" => pingpong(until),
+        "syscalls" => syscall_storm(until),
         _ => usage(),
     }
 }

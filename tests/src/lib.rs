@@ -117,6 +117,7 @@ pub fn settings(pid: u32) -> ProbeSettings {
         sched_hook: None,
         debug_ebpf: false,
         track_delivery: true,
+        synthetic_syscall_events: false,
     }
 }
 

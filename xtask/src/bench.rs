@@ -10,23 +10,33 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 
-const ROUNDS: usize = 3;
+/// Runs on this VM vary by ±8% between neighbouring minutes; five alternating rounds keep a
+/// median from resting on one lucky or unlucky run.
+const ROUNDS: usize = 5;
 const LOAD_SECONDS: u32 = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Tool {
     Nothing,
     P99probe,
+    P99probeDelivery,
     Bpftrace,
     Bcc,
 }
 
 impl Tool {
-    const ALL: [Tool; 4] = [Tool::Nothing, Tool::P99probe, Tool::Bpftrace, Tool::Bcc];
+    const ALL: [Tool; 5] = [
+        Tool::Nothing,
+        Tool::P99probe,
+        Tool::P99probeDelivery,
+        Tool::Bpftrace,
+        Tool::Bcc,
+    ];
     fn name(self) -> &'static str {
         match self {
             Tool::Nothing => "nothing attached",
             Tool::P99probe => "p99probe attach",
+            Tool::P99probeDelivery => "p99probe attach --latency delivery",
             Tool::Bpftrace => "bpftrace (equivalent script)",
             Tool::Bcc => "BCC runqlat+offcputime+tcpretrans",
         }
@@ -214,7 +224,7 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
     };
     let mut running = match tool {
         Tool::Nothing => return Ok(vec![]),
-        Tool::P99probe => vec![spawn(
+        Tool::P99probe | Tool::P99probeDelivery => vec![spawn(
             Command::new("taskset")
                 .args(["-c", "1"])
                 .arg(bin(root, "p99probe"))
@@ -226,13 +236,20 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
                     "1h",
                     "--duration",
                     "120s",
+                    "--latency",
+                    if tool == Tool::P99probe {
+                        "server"
+                    } else {
+                        "delivery"
+                    },
                     "--out",
                 ])
                 .arg(scratch.join("captures")),
         )?],
+        // Pinned like p99probe, so both share the load generator's CPU alike.
         Tool::Bpftrace => vec![spawn(
-            Command::new("bpftrace")
-                .arg("-e")
+            Command::new("taskset")
+                .args(["-c", "1", "bpftrace", "-e"])
                 .arg(BPFTRACE_SCRIPT.replace("PID", &pid.to_string())),
         )?],
         Tool::Bcc => vec![
@@ -246,11 +263,11 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
         ],
     };
     // Give them time to compile/load and attach; a tool that cannot run has exited by then.
-    std::thread::sleep(Duration::from_secs(if tool == Tool::P99probe {
-        3
-    } else {
-        8
-    }));
+    let startup = match tool {
+        Tool::P99probe | Tool::P99probeDelivery => 3,
+        _ => 8,
+    };
+    std::thread::sleep(Duration::from_secs(startup));
     for killed in &mut running {
         if let Ok(Some(status)) = killed.0.try_wait() {
             let mut err = String::new();
@@ -343,6 +360,74 @@ struct Pipeline {
     drops: Vec<f64>,
     cpu_percent: Vec<f64>,
     rss_full_mb: f64,
+    storm: Storm,
+}
+
+/// The agent under an event storm it cannot fall behind on unnoticed: one event per system
+/// call of a target that does nothing else.
+#[derive(Default)]
+struct Storm {
+    events_per_s: Vec<f64>,
+    drops: Vec<f64>,
+    cpu_percent: Vec<f64>,
+    rss_mb: Vec<f64>,
+}
+
+const STORM_SECONDS: u64 = 8;
+
+fn storm(root: &Path, scratch: &Path) -> Result<Storm> {
+    let mut result = Storm::default();
+    for round in 0..ROUNDS {
+        eprintln!("bench: event storm round {}", round + 1);
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", "0"])
+            .arg(bin(root, "p99probe-target"))
+            .args(["syscalls", "--duration", "30"]);
+        let target = Killed(cmd.stdout(Stdio::piped()).spawn()?);
+        std::thread::sleep(Duration::from_millis(300));
+        let agent = Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(bin(root, "p99probe"))
+            .args(["attach", "--pid", &target.0.id().to_string()])
+            .args(["--p99", "1h", "--synthetic-syscall-events", "--duration"])
+            .arg(format!("{STORM_SECONDS}s"))
+            .arg("--out")
+            .arg(scratch.join("captures"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let pid = agent.id();
+        std::thread::sleep(Duration::from_secs(2));
+        let (t0, c0) = (Instant::now(), proc_cpu_ticks(pid).unwrap_or(0));
+        std::thread::sleep(Duration::from_secs(4));
+        let (t1, c1) = (Instant::now(), proc_cpu_ticks(pid).unwrap_or(0));
+        result
+            .rss_mb
+            .push(proc_rss_kb(pid).unwrap_or(0) as f64 / 1024.0);
+        let out = agent.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "0 capture(s); N events sent, M dropped in the kernel"
+        let line = text
+            .lines()
+            .find(|l| l.contains("events sent"))
+            .with_context(|| format!("attach output: {text}"))?;
+        let number = |after: &str| -> f64 {
+            line.split(after)
+                .next()
+                .and_then(|head| head.split_whitespace().last())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        result
+            .events_per_s
+            .push(number(" events sent") / STORM_SECONDS as f64);
+        result.drops.push(number(" dropped"));
+        result
+            .cpu_percent
+            .push((c1 - c0) as f64 / 100.0 / (t1 - t0).as_secs_f64() * 100.0);
+        drop(target);
+    }
+    Ok(result)
 }
 
 fn info_field(text: &str, prefix: &str, index: usize) -> Option<f64> {
@@ -363,6 +448,7 @@ fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
         drops: vec![],
         cpu_percent: vec![],
         rss_full_mb: 0.0,
+        storm: storm(root, scratch)?,
     };
     for round in 0..ROUNDS {
         eprintln!("bench: pipeline round {}", round + 1);
@@ -559,7 +645,7 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
 
     let mut md = String::new();
     let _ = writeln!(md, "# p99probe benchmarks\n");
-    let _ = writeln!(md, "Written by `cargo xtask bench`. Every configuration runs {ROUNDS} times, alternating configurations round by round (A/B/C/D, A/B/C/D, ...), so drift cancels; each cell is the median and, in brackets, the min–max.\n");
+    let _ = writeln!(md, "Written by `cargo xtask bench`. Every configuration runs {ROUNDS} times, alternating configurations round by round (A/B/C/D/E, A/B/C/D/E, ...), so drift cancels; each cell is the median and, in brackets, the min–max.\n");
     let _ = writeln!(md, "## Machine\n");
     for (label, value) in [
         ("kernel", version("uname", &["-r"])),
@@ -575,7 +661,7 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
     ] {
         let _ = writeln!(md, "- {label}: {value}");
     }
-    let _ = writeln!(md, "\nServer pinned to CPU 0, load generator and tracing tools to CPU 1; {LOAD_SECONDS} s of load per run; p99probe runs `attach` with every hook on and a threshold (`--p99 1h`) never reached.\n");
+    let _ = writeln!(md, "\nServer pinned to CPU 0, load generator and tracing tools to CPU 1; {LOAD_SECONDS} s of load per run; p99probe runs `attach` with a threshold (`--p99 1h`) never reached and every hook its latency mode uses: scheduler, wakeups, 499 Hz sampling (the bpftrace script samples at 99 Hz), arrival/write/state/retransmit socket hooks, Go runtime uprobes; `--latency delivery` adds the per-segment ACK hook.\n");
     for o in [&go, &redis] {
         let _ = writeln!(md, "## Overhead on {} under `{}`\n", o.server, o.load);
         let _ = writeln!(md, "| configuration | throughput (req/s) | ratio | P50 (ms) | P99 (ms) | P99 ratio |\n|---|---|---|---|---|---|");
@@ -640,6 +726,36 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
         cpu / (eps / 100_000.0)
     );
     let _ = writeln!(md, "| agent RSS with the flight recorder full (10 s of history, same target, `attach`) | {:.0} MB |", pipeline.rss_full_mb);
+    let storm = &pipeline.storm;
+    let storm_eps = stats(&storm.events_per_s).0;
+    let storm_cpu = stats(&storm.cpu_percent).0;
+    let _ = writeln!(md, "\nDrain capacity: a target making `getppid()` calls as fast as it can on CPU 0, and `p99probe attach --synthetic-syscall-events` (a benchmark-only hook: one event per system call of the target, {STORM_SECONDS} s) pinned to CPU 1, so the agent runs on one core.\n");
+    let _ = writeln!(md, "| metric | value |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "| events/s drained | {} |",
+        fmt_stat(&storm.events_per_s, 0)
+    );
+    let _ = writeln!(
+        md,
+        "| events dropped in the kernel (per run) | {} |",
+        fmt_stat(&storm.drops, 0)
+    );
+    let _ = writeln!(
+        md,
+        "| agent CPU % of its core while draining | {} |",
+        fmt_stat(&storm.cpu_percent, 1)
+    );
+    let _ = writeln!(
+        md,
+        "| agent CPU % per 100k events/s | {:.2} |",
+        storm_cpu / (storm_eps / 100_000.0)
+    );
+    let _ = writeln!(
+        md,
+        "| agent RSS at the end (flight recorder bounded at 4 M events = 384 MB) | {} MB |",
+        fmt_stat(&storm.rss_mb, 0)
+    );
     let _ = writeln!(md, "\n## Time to verdict\n\nGo server with a 20 ms stall on every 20th request under wrk; `attach --p99 5ms --post 1s`, three captures. Time from the end of the post-window to `report.json` (written last) on disk:\n");
     let _ = writeln!(
         md,
@@ -672,13 +788,14 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
         go_ratio * 100.0,
         if go_ratio >= 0.98 { "met" } else { "missed" }
     );
+    let storm_drops = stats(&pipeline.storm.drops).2;
     let _ = writeln!(
         md,
-        "- ≥ 1 M events/s drained with zero drops: {eps:.0} events/s — {}",
-        if eps >= 1e6 {
+        "- ≥ 1 M events/s drained with zero drops on one core: {storm_eps:.0} events/s, at most {storm_drops:.0} dropped, agent at {storm_cpu:.0}% of its core — {}",
+        if storm_eps >= 1e6 && storm_drops == 0.0 {
             "met"
         } else {
-            "not shown: the synthetic target cannot produce 1 M/s on this 2-CPU machine"
+            "missed"
         }
     );
     let vt = stats(&verdict).0;
