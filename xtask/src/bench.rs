@@ -621,9 +621,26 @@ fn version(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|_| "not installed".into())
 }
 
+/// bpftrace and BCC find classic tracepoints through tracefs, which a fresh machine may not
+/// have mounted (p99probe itself does not need it).
+fn mount_tracefs() -> Result<()> {
+    if Path::new("/sys/kernel/tracing/events/sched").exists() {
+        return Ok(());
+    }
+    let status = Command::new("mount")
+        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+        .status()
+        .context("mount tracefs")?;
+    if !status.success() {
+        bail!("mounting tracefs on /sys/kernel/tracing failed: {status}");
+    }
+    Ok(())
+}
+
 pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
     let scratch = root.join("target/bench");
     std::fs::create_dir_all(&scratch)?;
+    mount_tracefs()?;
     let go = overhead(
         "Go net/http (golang-go)",
         "wrk -t1 -c8",
