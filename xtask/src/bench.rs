@@ -716,6 +716,10 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
                 }
             }
         }
+        if let Ok(samples) = &o.results[0].1 {
+            let (_, min, max) = stats(&samples.iter().map(|s| s.throughput).collect::<Vec<_>>());
+            let _ = writeln!(md, "\nRun-to-run spread of \"nothing attached\" alone: {:.0}% (max/min − 1); ratios closer to 1 than that are within this machine's noise.", (max / min - 1.0) * 100.0);
+        }
         let _ = writeln!(md);
     }
     let _ = writeln!(md, "## Pipeline limits\n\nTarget: two threads handing a byte back and forth through pipes on CPU 0 (`p99probe-target pingpong`); `p99probe record --min-offcpu 0` on CPU 1, so every switch and wakeup is an event. The target, slowed by the tracing, is the limit here, not the agent.\n");
