@@ -306,6 +306,18 @@ struct Overhead {
     results: Vec<(Tool, Result<Vec<Sample>, String>)>,
 }
 
+impl Overhead {
+    /// One figure of every run of `tool`, or empty when it did not run.
+    fn column(&self, tool: Tool, figure: fn(&Sample) -> f64) -> Vec<f64> {
+        self.results
+            .iter()
+            .find(|(t, _)| *t == tool)
+            .and_then(|(_, result)| result.as_ref().ok())
+            .map(|samples| samples.iter().map(figure).collect())
+            .unwrap_or_default()
+    }
+}
+
 fn overhead(
     server: &'static str,
     load: &'static str,
@@ -355,10 +367,54 @@ fn proc_rss_kb(pid: u32) -> Option<u64> {
         .ok()
 }
 
-struct Pipeline {
+/// Per-round figures of the agent draining the kernel's events.
+#[derive(Default)]
+struct Drain {
     events_per_s: Vec<f64>,
     drops: Vec<f64>,
     cpu_percent: Vec<f64>,
+}
+
+impl Drain {
+    /// Median events/s and median agent CPU %.
+    fn medians(&self) -> (f64, f64) {
+        (stats(&self.events_per_s).0, stats(&self.cpu_percent).0)
+    }
+
+    /// The table head and the rows both drain measurements share.
+    fn write_rows(&self, md: &mut String, cpu_label: &str) {
+        let (eps, cpu) = self.medians();
+        let _ = writeln!(md, "| metric | value |\n|---|---|");
+        let _ = writeln!(
+            md,
+            "| events/s drained | {} |",
+            fmt_stat(&self.events_per_s, 0)
+        );
+        let _ = writeln!(
+            md,
+            "| events dropped in the kernel (per run) | {} |",
+            fmt_stat(&self.drops, 0)
+        );
+        let _ = writeln!(md, "| {cpu_label} | {} |", fmt_stat(&self.cpu_percent, 1));
+        let _ = writeln!(
+            md,
+            "| agent CPU % per 100k events/s | {:.2} |",
+            cpu / (eps / 100_000.0)
+        );
+    }
+}
+
+/// CPU % of process `pid` over `span`, starting now.
+fn cpu_percent_during(pid: u32, span: Duration) -> f64 {
+    const USER_HZ: f64 = 100.0;
+    let (t0, c0) = (Instant::now(), proc_cpu_ticks(pid).unwrap_or(0));
+    std::thread::sleep(span);
+    let (t1, c1) = (Instant::now(), proc_cpu_ticks(pid).unwrap_or(0));
+    c1.saturating_sub(c0) as f64 / USER_HZ / (t1 - t0).as_secs_f64() * 100.0
+}
+
+struct Pipeline {
+    switches: Drain,
     rss_full_mb: f64,
     storm: Storm,
 }
@@ -367,9 +423,7 @@ struct Pipeline {
 /// call of a target that does nothing else.
 #[derive(Default)]
 struct Storm {
-    events_per_s: Vec<f64>,
-    drops: Vec<f64>,
-    cpu_percent: Vec<f64>,
+    drain: Drain,
     rss_mb: Vec<f64>,
 }
 
@@ -398,9 +452,7 @@ fn storm(root: &Path, scratch: &Path) -> Result<Storm> {
             .spawn()?;
         let pid = agent.id();
         std::thread::sleep(Duration::from_secs(2));
-        let (t0, c0) = (Instant::now(), proc_cpu_ticks(pid).unwrap_or(0));
-        std::thread::sleep(Duration::from_secs(4));
-        let (t1, c1) = (Instant::now(), proc_cpu_ticks(pid).unwrap_or(0));
+        let cpu_percent = cpu_percent_during(pid, Duration::from_secs(4));
         result
             .rss_mb
             .push(proc_rss_kb(pid).unwrap_or(0) as f64 / 1024.0);
@@ -418,13 +470,12 @@ fn storm(root: &Path, scratch: &Path) -> Result<Storm> {
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(f64::NAN)
         };
-        result
+        let drain = &mut result.drain;
+        drain
             .events_per_s
             .push(number(" events sent") / STORM_SECONDS as f64);
-        result.drops.push(number(" dropped"));
-        result
-            .cpu_percent
-            .push((c1 - c0) as f64 / 100.0 / (t1 - t0).as_secs_f64() * 100.0);
+        drain.drops.push(number(" dropped"));
+        drain.cpu_percent.push(cpu_percent);
         drop(target);
     }
     Ok(result)
@@ -444,9 +495,7 @@ fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
     let target = bin(root, "p99probe-target");
     let agent = bin(root, "p99probe");
     let mut result = Pipeline {
-        events_per_s: vec![],
-        drops: vec![],
-        cpu_percent: vec![],
+        switches: Drain::default(),
         rss_full_mb: 0.0,
         storm: storm(root, scratch)?,
     };
@@ -478,15 +527,9 @@ fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
             .spawn()?;
         let pid = recorder.id();
         std::thread::sleep(Duration::from_secs(2));
-        let (t0, c0) = (Instant::now(), proc_cpu_ticks(pid).unwrap_or(0));
-        std::thread::sleep(Duration::from_secs(3));
-        let (t1, c1) = (Instant::now(), proc_cpu_ticks(pid).unwrap_or(0));
-        let recorder_status = Killed(recorder);
-        drop(recorder_status);
-        let ticks_per_s = 100.0; // USER_HZ
-        result
-            .cpu_percent
-            .push((c1 - c0) as f64 / ticks_per_s / (t1 - t0).as_secs_f64() * 100.0);
+        let cpu_percent = cpu_percent_during(pid, Duration::from_secs(3));
+        drop(Killed(recorder));
+        result.switches.cpu_percent.push(cpu_percent);
         let info = Command::new(&agent).arg("info").arg(&out).output()?;
         let text = String::from_utf8_lossy(&info.stdout);
         let sent = info_field(&text, "kernel:", 1).unwrap_or(f64::NAN);
@@ -496,8 +539,8 @@ fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
             .find_map(|l| l.strip_prefix("length: "))
             .and_then(|l| l.trim_end_matches('s').parse::<f64>().ok())
             .unwrap_or(6.0);
-        result.events_per_s.push(sent / length);
-        result.drops.push(dropped);
+        result.switches.events_per_s.push(sent / length);
+        result.switches.drops.push(dropped);
         drop(pingpong);
     }
     // Flight recorder full: attach (never triggering) long enough to fill its 10 s of history.
@@ -682,19 +725,17 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
     for o in [&go, &redis] {
         let _ = writeln!(md, "## Overhead on {} under `{}`\n", o.server, o.load);
         let _ = writeln!(md, "| configuration | throughput (req/s) | ratio | P50 (ms) | P99 (ms) | P99 ratio |\n|---|---|---|---|---|---|");
-        let base = match &o.results[0].1 {
-            Ok(samples) => (
-                stats(&samples.iter().map(|s| s.throughput).collect::<Vec<_>>()).0,
-                stats(&samples.iter().map(|s| s.p99_ms).collect::<Vec<_>>()).0,
-            ),
-            Err(_) => (f64::NAN, f64::NAN),
-        };
+        let base_throughput = o.column(Tool::Nothing, |s| s.throughput);
+        let base = (
+            stats(&base_throughput).0,
+            stats(&o.column(Tool::Nothing, |s| s.p99_ms)).0,
+        );
         for (tool, result) in &o.results {
             match result {
-                Ok(samples) => {
-                    let tput: Vec<f64> = samples.iter().map(|s| s.throughput).collect();
-                    let p50: Vec<f64> = samples.iter().map(|s| s.p50_ms).collect();
-                    let p99: Vec<f64> = samples.iter().map(|s| s.p99_ms).collect();
+                Ok(_) => {
+                    let tput = o.column(*tool, |s| s.throughput);
+                    let p50 = o.column(*tool, |s| s.p50_ms);
+                    let p99 = o.column(*tool, |s| s.p99_ms);
                     let _ = writeln!(
                         md,
                         "| {} | {} | {:.3} | {} | {} | {:.3} |",
@@ -716,62 +757,23 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
                 }
             }
         }
-        if let Ok(samples) = &o.results[0].1 {
-            let (_, min, max) = stats(&samples.iter().map(|s| s.throughput).collect::<Vec<_>>());
+        if !base_throughput.is_empty() {
+            let (_, min, max) = stats(&base_throughput);
             let _ = writeln!(md, "\nRun-to-run spread of \"nothing attached\" alone: {:.0}% (max/min − 1); ratios closer to 1 than that are within this machine's noise.", (max / min - 1.0) * 100.0);
         }
         let _ = writeln!(md);
     }
     let _ = writeln!(md, "## Pipeline limits\n\nTarget: two threads handing a byte back and forth through pipes on CPU 0 (`p99probe-target pingpong`); `p99probe record --min-offcpu 0` on CPU 1, so every switch and wakeup is an event. The target, slowed by the tracing, is the limit here, not the agent.\n");
-    let eps = stats(&pipeline.events_per_s).0;
-    let cpu = stats(&pipeline.cpu_percent).0;
-    let _ = writeln!(md, "| metric | value |\n|---|---|");
-    let _ = writeln!(
-        md,
-        "| events/s drained | {} |",
-        fmt_stat(&pipeline.events_per_s, 0)
-    );
-    let _ = writeln!(
-        md,
-        "| events dropped in the kernel (per run) | {} |",
-        fmt_stat(&pipeline.drops, 0)
-    );
-    let _ = writeln!(
-        md,
-        "| agent CPU % while draining | {} |",
-        fmt_stat(&pipeline.cpu_percent, 1)
-    );
-    let _ = writeln!(
-        md,
-        "| agent CPU % per 100k events/s | {:.2} |",
-        cpu / (eps / 100_000.0)
-    );
+    pipeline
+        .switches
+        .write_rows(&mut md, "agent CPU % while draining");
     let _ = writeln!(md, "| agent RSS with the flight recorder full (10 s of history, same target, `attach`) | {:.0} MB |", pipeline.rss_full_mb);
     let storm = &pipeline.storm;
-    let storm_eps = stats(&storm.events_per_s).0;
-    let storm_cpu = stats(&storm.cpu_percent).0;
+    let (storm_eps, storm_cpu) = storm.drain.medians();
     let _ = writeln!(md, "\nDrain capacity: a target making `getppid()` calls as fast as it can on CPU 0, and `p99probe attach --synthetic-syscall-events` (a benchmark-only hook: one event per system call of the target, {STORM_SECONDS} s) pinned to CPU 1, so the agent runs on one core.\n");
-    let _ = writeln!(md, "| metric | value |\n|---|---|");
-    let _ = writeln!(
-        md,
-        "| events/s drained | {} |",
-        fmt_stat(&storm.events_per_s, 0)
-    );
-    let _ = writeln!(
-        md,
-        "| events dropped in the kernel (per run) | {} |",
-        fmt_stat(&storm.drops, 0)
-    );
-    let _ = writeln!(
-        md,
-        "| agent CPU % of its core while draining | {} |",
-        fmt_stat(&storm.cpu_percent, 1)
-    );
-    let _ = writeln!(
-        md,
-        "| agent CPU % per 100k events/s | {:.2} |",
-        storm_cpu / (storm_eps / 100_000.0)
-    );
+    storm
+        .drain
+        .write_rows(&mut md, "agent CPU % of its core while draining");
     let _ = writeln!(
         md,
         "| agent RSS at the end (flight recorder bounded at 4 M events = 384 MB) | {} MB |",
@@ -789,27 +791,15 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
             .collect::<Vec<_>>()
     );
     let _ = writeln!(md, "## Goals\n");
-    let go_ratio = match &go.results[1].1 {
-        Ok(s) => {
-            stats(&s.iter().map(|x| x.throughput).collect::<Vec<_>>()).0
-                / stats(
-                    &go.results[0]
-                        .1
-                        .as_ref()
-                        .map(|v| v.iter().map(|x| x.throughput).collect::<Vec<_>>())
-                        .unwrap_or_default(),
-                )
-                .0
-        }
-        Err(_) => f64::NAN,
-    };
+    let go_ratio = stats(&go.column(Tool::P99probe, |s| s.throughput)).0
+        / stats(&go.column(Tool::Nothing, |s| s.throughput)).0;
     let _ = writeln!(
         md,
         "- throughput with p99probe ≥ 98% of nothing attached (Go): {:.1}% — {}",
         go_ratio * 100.0,
         if go_ratio >= 0.98 { "met" } else { "missed" }
     );
-    let storm_drops = stats(&pipeline.storm.drops).2;
+    let storm_drops = stats(&storm.drain.drops).2;
     let _ = writeln!(
         md,
         "- ≥ 1 M events/s drained with zero drops on one core: {storm_eps:.0} events/s, at most {storm_drops:.0} dropped, agent at {storm_cpu:.0}% of its core — {}",
