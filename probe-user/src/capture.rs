@@ -125,33 +125,23 @@ fn fill(dir: &Path, request: &CaptureRequest<'_>) -> Result<Report, ProbeError> 
     );
     let who = format!("{} (pid {})", recording.meta.comm, recording.meta.pid);
 
-    write(
-        "oncpu.folded",
-        flamegraph::folded_text(&spike.on_cpu).as_bytes(),
-    )?;
-    let svg = flamegraph::render_svg(
-        &spike.on_cpu,
-        FlameKind::Oncpu,
-        &format!("On-CPU in the spike: {who}"),
-    )
-    .map_err(|e| svg_err("oncpu.svg", e))?;
-    write("oncpu.svg", &svg)?;
-
-    write(
-        "offcpu.folded",
-        flamegraph::folded_text(&spike.off_cpu).as_bytes(),
-    )?;
+    // `<name>.folded` and `<name>.svg` of the spike's stacks.
+    let flame_graph = |name: &str, stacks, kind, title: &str| -> Result<(), ProbeError> {
+        write(
+            &format!("{name}.folded"),
+            flamegraph::folded_text(stacks).as_bytes(),
+        )?;
+        let svg_name = format!("{name}.svg");
+        let svg = flamegraph::render_svg(stacks, kind, &format!("{title} in the spike: {who}"))
+            .map_err(|e| svg_err(&svg_name, e))?;
+        write(&svg_name, &svg)
+    };
+    flame_graph("oncpu", &spike.on_cpu, FlameKind::Oncpu, "On-CPU")?;
+    flame_graph("offcpu", &spike.off_cpu, FlameKind::Offcpu, "Off-CPU")?;
     write(
         "offcpu-baseline.folded",
         flamegraph::folded_text(&baseline.off_cpu).as_bytes(),
     )?;
-    let svg = flamegraph::render_svg(
-        &spike.off_cpu,
-        FlameKind::Offcpu,
-        &format!("Off-CPU in the spike: {who}"),
-    )
-    .map_err(|e| svg_err("offcpu.svg", e))?;
-    write("offcpu.svg", &svg)?;
     let factor = if baseline.seconds > 0.0 {
         spike.seconds / baseline.seconds
     } else {

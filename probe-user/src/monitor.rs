@@ -16,7 +16,7 @@ use crate::events::{external_latency, Event};
 use crate::flight::FlightRecorder;
 use crate::histogram::human_ns;
 use crate::latency::{parse_feed_line, request_latency, LatencyKind, SlidingLatency};
-use crate::recorder::{monotonic_ns, LiveSession};
+use crate::recorder::{after, monotonic_ns, status_line, LiveSession};
 use crate::recording::KernelCounters;
 use crate::trigger::{Fire, Threshold, Trigger, TriggerConfig};
 use crate::verdict::Cause;
@@ -231,17 +231,8 @@ pub async fn attach_and_watch(
         latency_kind,
         running: Vec::new(),
     };
-    let progress = if opts.progress {
-        indicatif::ProgressBar::new_spinner()
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let deadline = async {
-        match opts.duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
+    let progress = status_line(opts.progress);
+    let deadline = after(opts.duration);
     tokio::pin!(deadline, stop);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut batch: Vec<RawEvent> = Vec::new();

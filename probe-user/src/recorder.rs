@@ -273,24 +273,32 @@ impl PendingRecording {
 
 /// Records the target until `duration` passes, `stop` resolves (Ctrl-C), or the target exits;
 /// whatever was captured is written in every one of those cases.
+/// A spinner status line, or a hidden one that ignores updates.
+pub fn status_line(shown: bool) -> indicatif::ProgressBar {
+    if shown {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    }
+}
+
+/// Completes after `duration`, or never without one.
+pub async fn after(duration: Option<Duration>) {
+    match duration {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 pub async fn record(
     opts: &RecordOptions,
     stop: impl Future<Output = ()>,
 ) -> Result<RecordSummary, ProbeError> {
     check_writable(&opts.out)?;
     let mut session = LiveSession::start(&opts.probe)?;
-    let progress = if opts.progress {
-        indicatif::ProgressBar::new_spinner()
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let progress = status_line(opts.progress);
     let mut events: Vec<RawEvent> = Vec::new();
-    let deadline = async {
-        match opts.duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
+    let deadline = after(opts.duration);
     tokio::pin!(deadline, stop);
     let mut poll = tokio::time::interval(Duration::from_millis(250));
     let mut target_exited = false;

@@ -171,22 +171,20 @@ pub fn render(
         ),
     );
     let plot_bottom = height - 30.0;
-    for w in baseline {
+    // A full-height background band over window `w`.
+    let mut band = |w: &Window, fill: &str| {
         let _ = writeln!(
             svg,
-            r##"<rect x="{:.1}" y="{top}" width="{:.1}" height="{:.1}" fill="#eeeeee"/>"##,
+            r##"<rect x="{:.1}" y="{top}" width="{:.1}" height="{:.1}" fill="{fill}"/>"##,
             x_of(w.start_ns),
             x_of(w.end_ns) - x_of(w.start_ns),
             plot_bottom - top
         );
+    };
+    for w in baseline {
+        band(w, "#eeeeee");
     }
-    let _ = writeln!(
-        svg,
-        r##"<rect x="{:.1}" y="{top}" width="{:.1}" height="{:.1}" fill="#fde0e0"/>"##,
-        x_of(spike.start_ns),
-        x_of(spike.end_ns) - x_of(spike.start_ns),
-        plot_bottom - top
-    );
+    band(&spike, "#fde0e0");
     let bar_w = plot_w / buckets.max(1) as f64;
     for (r, row) in rows.iter().enumerate() {
         let y0 = top + r as f64 * (row_h + gap) + gap;
