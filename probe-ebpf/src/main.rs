@@ -196,13 +196,18 @@ unsafe fn read_task_u32(task: *const u8, offset: u32) -> u32 {
     bpf_probe_read_kernel(task.add(offset as usize) as *const u32).unwrap_or(0)
 }
 
-/// (tid, tgid) of a task pointer.
+/// The task's thread id when it belongs to the target. Only the thread group is read for
+/// other tasks: this runs for every context switch and wakeup on the machine, nearly all of
+/// them someone else's, so their cost is one read.
 #[inline(always)]
-unsafe fn task_ids(task: *const u8, cfg: &ProbeConfig) -> (u32, u32) {
-    (
-        read_task_u32(task, cfg.offsets.task_pid),
-        read_task_u32(task, cfg.offsets.task_tgid),
-    )
+unsafe fn target_tid(task: *const u8, cfg: &ProbeConfig) -> Option<u32> {
+    if read_task_u32(task, cfg.offsets.task_tgid) != cfg.target_tgid {
+        return None;
+    }
+    match read_task_u32(task, cfg.offsets.task_pid) {
+        0 => None,
+        tid => Some(tid),
+    }
 }
 
 /// The thread's state entry, created if it is new.
@@ -331,15 +336,18 @@ fn on_sched_switch<C: EbpfContext>(
     prev_state: u32,
 ) {
     let cfg = config();
-    let now = unsafe { bpf_ktime_get_ns() };
-    let (prev_tid, prev_tgid) = unsafe { task_ids(prev, &cfg) };
-    if prev_tgid == cfg.target_tgid && prev_tid != 0 {
-        let runnable = preempt || prev_state == TASK_RUNNING;
-        switched_out(ctx, prev_tid, now, runnable, prev_state, true);
+    let prev_tid = unsafe { target_tid(prev, &cfg) };
+    let next_tid = unsafe { target_tid(next, &cfg) };
+    if prev_tid.is_none() && next_tid.is_none() {
+        return;
     }
-    let (next_tid, next_tgid) = unsafe { task_ids(next, &cfg) };
-    if next_tgid == cfg.target_tgid && next_tid != 0 {
-        switched_in(ctx, &cfg, next_tid, next_tgid, now, false);
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(tid) = prev_tid {
+        let runnable = preempt || prev_state == TASK_RUNNING;
+        switched_out(ctx, tid, now, runnable, prev_state, true);
+    }
+    if let Some(tid) = next_tid {
+        switched_in(ctx, &cfg, tid, cfg.target_tgid, now, false);
     }
 }
 
@@ -347,15 +355,19 @@ fn on_sched_switch<C: EbpfContext>(
 #[inline(always)]
 fn on_finish_task_switch<C: EbpfContext>(ctx: &C, prev: *const u8) {
     let cfg = config();
+    let prev_tid = unsafe { target_tid(prev, &cfg) };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    let next_is_target = tgid == cfg.target_tgid && tid != 0;
+    if prev_tid.is_none() && !next_is_target {
+        return;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
-    let (prev_tid, prev_tgid) = unsafe { task_ids(prev, &cfg) };
-    if prev_tgid == cfg.target_tgid && prev_tid != 0 {
+    if let Some(prev_tid) = prev_tid {
         let state = unsafe { read_task_u32(prev, cfg.offsets.task_state) };
         switched_out(ctx, prev_tid, now, state == TASK_RUNNING, state, false);
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
-    if tgid == cfg.target_tgid && tid != 0 {
+    if next_is_target {
         switched_in(ctx, &cfg, tid, tgid, now, true);
     }
 }
@@ -363,8 +375,7 @@ fn on_finish_task_switch<C: EbpfContext>(ctx: &C, prev: *const u8) {
 #[inline(always)]
 fn on_wakeup(task: *const u8) {
     let cfg = config();
-    let (tid, tgid) = unsafe { task_ids(task, &cfg) };
-    if tgid == cfg.target_tgid && tid != 0 {
+    if let Some(tid) = unsafe { target_tid(task, &cfg) } {
         mark_runnable(tid, unsafe { bpf_ktime_get_ns() });
     }
 }

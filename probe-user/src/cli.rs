@@ -303,7 +303,6 @@ fn run_attach(args: AttachArgs) -> anyhow::Result<()> {
         };
         crate::monitor::attach_and_watch(&options, ctrl_c).await
     })?;
-    eprintln!("{}", summary.hooks);
     if summary.target_exited {
         eprintln!("target {} exited", args.pid);
     }
@@ -390,7 +389,6 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
         };
         record(&options, ctrl_c).await
     })?;
-    eprintln!("{}", summary.hooks);
     if summary.target_exited {
         eprintln!(
             "target {} exited during the recording; kept what was captured",

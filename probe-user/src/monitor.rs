@@ -231,7 +231,7 @@ pub async fn attach_and_watch(
         latency_kind,
         running: Vec::new(),
     };
-    let progress = status_line(opts.progress);
+    let progress = status_line(opts.progress, probe.pid, session.hooks());
     let deadline = after(opts.duration);
     tokio::pin!(deadline, stop);
     let mut tick = tokio::time::interval(Duration::from_millis(100));

@@ -274,8 +274,12 @@ impl PendingRecording {
 /// Records the target until `duration` passes, `stop` resolves (Ctrl-C), or the target exits;
 /// whatever was captured is written in every one of those cases.
 /// A spinner status line, or a hidden one that ignores updates.
-pub fn status_line(shown: bool) -> indicatif::ProgressBar {
+/// The live status line, after announcing which hooks are in. The announcement is printed
+/// even without a terminal (where the status line is hidden): a script or a user piping the
+/// output must be able to tell when tracing has started.
+pub fn status_line(shown: bool, pid: u32, hooks: &AttachReport) -> indicatif::ProgressBar {
     if shown {
+        eprintln!("p99probe: tracing pid {pid}; {hooks}");
         indicatif::ProgressBar::new_spinner()
     } else {
         indicatif::ProgressBar::hidden()
@@ -296,7 +300,7 @@ pub async fn record(
 ) -> Result<RecordSummary, ProbeError> {
     check_writable(&opts.out)?;
     let mut session = LiveSession::start(&opts.probe)?;
-    let progress = status_line(opts.progress);
+    let progress = status_line(opts.progress, opts.probe.pid, session.hooks());
     let mut events: Vec<RawEvent> = Vec::new();
     let deadline = after(opts.duration);
     tokio::pin!(deadline, stop);

@@ -170,8 +170,11 @@ fn analysis_commands_write_their_files() {
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("scheduler hook: "),
-        "hook not reported: {stderr}"
+        stderr.contains(&format!(
+            "p99probe: tracing pid {}; scheduler hook: ",
+            sleeper.pid()
+        )),
+        "hooks not announced: {stderr}"
     );
 
     let svg = dir.path().join("off.svg");
