@@ -183,9 +183,27 @@ pub struct ProbeConfig {
     pub _reserved: u32,
 }
 
+/// A thread's scheduling state, kept by the kernel programs in the `THREADS` map (keyed by tid)
+/// and updated in place. Shared because the agent must know which stack ids threads still hold
+/// for off-CPU intervals that have not ended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThreadState {
+    /// When it became runnable (woken, or preempted while still runnable); 0: not waiting.
+    pub runnable_since: u64,
+    /// When it left the CPU; 0: on a CPU (or not seen leaving one).
+    pub off_since: u64,
+    /// Where and how it left.
+    pub kernel_stack_id: i32,
+    pub user_stack_id: i32,
+    pub state: u32,
+    pub flags: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain #[repr(C)] data with no padding-dependent invariants.
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::RawEvent {}
+    unsafe impl aya::Pod for super::ThreadState {}
 }

@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    Counter, EventKind, ProbeConfig, RawEvent, COUNTER_SLOTS, FLAG_PREEMPTED,
+    Counter, EventKind, ProbeConfig, RawEvent, ThreadState, COUNTER_SLOTS, FLAG_PREEMPTED,
     GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD, GO_STOP_THE_WORLD, NO_STACK,
 };
 
@@ -103,20 +103,6 @@ const NEW_SOCKET: SocketState = SocketState {
     stage: IDLE,
     response_end_seq: 0,
 };
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ThreadState {
-    /// When it became runnable (woken, or preempted while still runnable); 0: not waiting.
-    runnable_since: u64,
-    /// When it left the CPU; 0: on a CPU (or not seen leaving one).
-    off_since: u64,
-    /// Where and how it left.
-    kernel_stack_id: i32,
-    user_stack_id: i32,
-    state: u32,
-    flags: u32,
-}
 
 const NEW_THREAD: ThreadState = ThreadState {
     runnable_since: 0,
@@ -208,6 +194,14 @@ unsafe fn target_tid(task: *const u8, cfg: &ProbeConfig) -> Option<u32> {
         0 => None,
         tid => Some(tid),
     }
+}
+
+/// The current task's thread id when it belongs to the target: a helper call, no memory read.
+#[inline(always)]
+fn current_target_tid(cfg: &ProbeConfig) -> Option<u32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    (tgid == cfg.target_tgid && tid != 0).then_some(tid)
 }
 
 /// The thread's state entry, created if it is new.
@@ -328,15 +322,9 @@ fn switched_in<C: EbpfContext>(
 
 /// `sched_switch` flavour: current == prev.
 #[inline(always)]
-fn on_sched_switch<C: EbpfContext>(
-    ctx: &C,
-    preempt: bool,
-    prev: *const u8,
-    next: *const u8,
-    prev_state: u32,
-) {
+fn on_sched_switch<C: EbpfContext>(ctx: &C, preempt: bool, next: *const u8, prev_state: u32) {
     let cfg = config();
-    let prev_tid = unsafe { target_tid(prev, &cfg) };
+    let prev_tid = current_target_tid(&cfg);
     let next_tid = unsafe { target_tid(next, &cfg) };
     if prev_tid.is_none() && next_tid.is_none() {
         return;
@@ -356,10 +344,8 @@ fn on_sched_switch<C: EbpfContext>(
 fn on_finish_task_switch<C: EbpfContext>(ctx: &C, prev: *const u8) {
     let cfg = config();
     let prev_tid = unsafe { target_tid(prev, &cfg) };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
-    let next_is_target = tgid == cfg.target_tgid && tid != 0;
-    if prev_tid.is_none() && !next_is_target {
+    let next_tid = current_target_tid(&cfg);
+    if prev_tid.is_none() && next_tid.is_none() {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -367,8 +353,8 @@ fn on_finish_task_switch<C: EbpfContext>(ctx: &C, prev: *const u8) {
         let state = unsafe { read_task_u32(prev, cfg.offsets.task_state) };
         switched_out(ctx, prev_tid, now, state == TASK_RUNNING, state, false);
     }
-    if next_is_target {
-        switched_in(ctx, &cfg, tid, tgid, now, true);
+    if let Some(tid) = next_tid {
+        switched_in(ctx, &cfg, tid, cfg.target_tgid, now, true);
     }
 }
 
@@ -397,9 +383,10 @@ pub fn sched_switch_kprobe(ctx: ProbeContext) -> u32 {
 
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
-    let (preempt, prev, next, prev_state): (u8, *const u8, *const u8, u32) =
-        unsafe { (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3)) };
-    on_sched_switch(&ctx, preempt != 0, prev, next, prev_state);
+    // prev (argument 1) is the current task, whose ids come from a helper.
+    let (preempt, next, prev_state): (u8, *const u8, u32) =
+        unsafe { (ctx.arg(0), ctx.arg(2), ctx.arg(3)) };
+    on_sched_switch(&ctx, preempt != 0, next, prev_state);
     0
 }
 
@@ -412,10 +399,9 @@ unsafe fn raw_arg(ctx: &RawTracePointContext, n: usize) -> u64 {
 pub fn sched_switch_raw(ctx: RawTracePointContext) -> i32 {
     unsafe {
         let preempt = raw_arg(&ctx, 0) as u8 != 0;
-        let prev = raw_arg(&ctx, 1) as *const u8;
         let next = raw_arg(&ctx, 2) as *const u8;
         let prev_state = raw_arg(&ctx, 3) as u32;
-        on_sched_switch(&ctx, preempt, prev, next, prev_state);
+        on_sched_switch(&ctx, preempt, next, prev_state);
     }
     0
 }
@@ -447,11 +433,9 @@ pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> i32 {
 #[perf_event]
 pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     let cfg = config();
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
-    if tgid != cfg.target_tgid || tid == 0 {
+    let Some(tid) = current_target_tid(&cfg) else {
         return 0;
-    }
+    };
     let kernel_stack_id = stack_id(&ctx, 0);
     let user_stack_id = stack_id(&ctx, BPF_F_USER_STACK as u64);
     emit(|event| {
@@ -459,7 +443,7 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
         event.cpu = unsafe { bpf_get_smp_processor_id() };
         event.ts_ns = unsafe { bpf_ktime_get_ns() };
         event.tid = tid;
-        event.tgid = tgid;
+        event.tgid = cfg.target_tgid;
         event.kernel_stack_id = kernel_stack_id;
         event.user_stack_id = user_stack_id;
     });

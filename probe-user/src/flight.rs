@@ -56,6 +56,10 @@ impl FlightRecorder {
         events
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = &RawEvent> {
+        self.events.iter()
+    }
+
     pub fn len(&self) -> usize {
         self.events.len()
     }

@@ -62,6 +62,8 @@ pub struct AttachOptions {
     pub progress: bool,
     /// Flight-recorder bound; the oldest events go first beyond it.
     pub max_buffered_events: usize,
+    /// How often stack-map entries no held event refers to are freed.
+    pub stack_sweep_every: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +80,8 @@ pub struct AttachSummary {
     pub counters: KernelCounters,
     pub target_exited: bool,
     pub evicted_for_memory: u64,
+    /// Kernel stack-map entries freed once no held event referred to them.
+    pub stacks_freed: u64,
 }
 
 fn spawn_feed(feed: &LatencyFeed) -> Result<mpsc::Receiver<u64>, ProbeError> {
@@ -241,6 +245,8 @@ pub async fn attach_and_watch(
     let mut events_seen = 0u64;
     let mut rate_mark = (monotonic_ns(), 0u64);
     let mut events_per_s = 0.0;
+    let mut last_sweep = monotonic_ns();
+    let mut stacks_freed = 0u64;
     loop {
         tokio::select! {
             result = session.next_events(&mut batch) => {
@@ -304,6 +310,13 @@ pub async fn attach_and_watch(
                         break;
                     }
                 }
+                if now.saturating_sub(last_sweep) >= ns(opts.stack_sweep_every) {
+                    last_sweep = now;
+                    // Undrained events hold stack ids too; they join the flight recorder on
+                    // the next turn of the loop.
+                    session.drain_now(&mut batch);
+                    stacks_freed += session.sweep_stacks(flight.iter().chain(batch.iter()))? as u64;
+                }
                 let drops = session.counters().map(|c| c.ring_buffer_full).unwrap_or(0);
                 let threshold = match trigger.threshold_ns() {
                     Some(t) if trigger.armed(now) => human_ns(t),
@@ -343,5 +356,6 @@ pub async fn attach_and_watch(
         counters,
         target_exited,
         evicted_for_memory: flight.evicted_for_memory,
+        stacks_freed,
     })
 }

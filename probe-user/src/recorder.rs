@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf, StackTraceMap};
 use aya::Ebpf;
-use probe_common::{Counter, RawEvent};
+use probe_common::{Counter, RawEvent, ThreadState};
 use tokio::io::unix::AsyncFd;
 
 use crate::attach::{attach, AttachReport, AttachedProbes, ProbeSettings};
@@ -140,6 +140,8 @@ pub struct LiveSession {
     threads: BTreeMap<u32, String>,
     maps: Vec<MemoryMap>,
     settings: RecordSettings,
+    /// Stack ids nothing referred to at the last [`LiveSession::sweep_stacks`].
+    unreferenced_stacks: BTreeSet<u32>,
 }
 
 impl LiveSession {
@@ -175,6 +177,7 @@ impl LiveSession {
                 sample_hz: probe.sample_hz,
                 min_offcpu_ns: probe.min_offcpu_ns,
             },
+            unreferenced_stacks: BTreeSet::new(),
         })
     }
 
@@ -195,6 +198,58 @@ impl LiveSession {
             Err(_) => drain(self.ring.get_mut(), out),
         }
         Ok(())
+    }
+
+    /// Frees the kernel stack map's entries that nothing refers to any more, and returns how
+    /// many. The kernel never empties that map and it has a fixed size: in a long attach it
+    /// fills, and from then on new stacks are lost. An entry stays while `live` (the events
+    /// still held for captures) or a thread's unfinished off-CPU interval refers to it. It is
+    /// removed only when it was unreferenced at the previous sweep as well, because the kernel
+    /// may have just stored its id in an event the agent has not drained yet.
+    pub fn sweep_stacks<'a>(
+        &mut self,
+        live: impl Iterator<Item = &'a RawEvent>,
+    ) -> Result<usize, ProbeError> {
+        let mut referenced = BTreeSet::new();
+        let mut hold = |ids: [i32; 2]| {
+            for id in ids {
+                if let Ok(id) = u32::try_from(id) {
+                    referenced.insert(id);
+                }
+            }
+        };
+        for event in live {
+            hold([event.kernel_stack_id, event.user_stack_id]);
+        }
+        let threads: aya::maps::HashMap<_, u32, ThreadState> = aya::maps::HashMap::try_from(
+            self.attached
+                .ebpf
+                .map("THREADS")
+                .ok_or_else(|| map_err("THREADS", "map missing"))?,
+        )
+        .map_err(|e| map_err("THREADS", e))?;
+        for (_, thread) in threads.iter().flatten() {
+            hold([thread.kernel_stack_id, thread.user_stack_id]);
+        }
+        let mut stacks: StackTraceMap<_> = StackTraceMap::try_from(
+            self.attached
+                .ebpf
+                .map_mut("STACKS")
+                .ok_or_else(|| map_err("STACKS", "map missing"))?,
+        )
+        .map_err(|e| map_err("STACKS", e))?;
+        let present: Vec<u32> = stacks.stack_ids().flatten().collect();
+        let mut unreferenced = BTreeSet::new();
+        let mut freed = 0;
+        for id in present.into_iter().filter(|id| !referenced.contains(id)) {
+            if !self.unreferenced_stacks.contains(&id) {
+                unreferenced.insert(id);
+            } else if stacks.remove(&id).is_ok() {
+                freed += 1;
+            }
+        }
+        self.unreferenced_stacks = unreferenced;
+        Ok(freed)
     }
 
     pub fn drain_now(&mut self, out: &mut Vec<RawEvent>) {

@@ -36,6 +36,8 @@ fn options(pid: u32, out: &Path, p99_ms: u64, latency: LatencyKind, seconds: u64
         out_dir: out.to_path_buf(),
         progress: false,
         max_buffered_events: 4_000_000,
+        // Often, so that sweeps run while captures are taken and must not cost them stacks.
+        stack_sweep_every: Duration::from_secs(1),
     }
 }
 
@@ -56,6 +58,11 @@ fn run(options: &AttachOptions) -> Vec<PathBuf> {
         "hooks: {:?}",
         summary.hooks.tcp
     );
+    // Events older than the retention (pre + baseline + window + 1 s = 7 s) have left the
+    // flight recorder; the stacks only they used must have been freed.
+    if options.duration >= Some(Duration::from_secs(12)) {
+        assert!(summary.stacks_freed > 0, "no stack-map entry was freed");
+    }
     summary.captures.into_iter().map(|c| c.dir).collect()
 }
 
