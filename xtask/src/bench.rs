@@ -96,7 +96,8 @@ fn go_server(go_binary: &Path, args: &[&str]) -> Result<(Killed, u16)> {
     cmd.args(["-c", "0"])
         .arg(go_binary)
         .args(args)
-        .args(["-lifetime", "300s"]);
+        // A safety net only (Killed stops it); the interleaved measurement alone runs ~7 min.
+        .args(["-lifetime", "3600s"]);
     start_ready(cmd)
 }
 
@@ -417,7 +418,10 @@ fn served_per_second(pid: u32, span: Duration) -> Result<f64> {
     let (t0, w0) = (Instant::now(), writes()?);
     std::thread::sleep(span);
     let (t1, w1) = (Instant::now(), writes()?);
-    Ok(w1.saturating_sub(w0) as f64 / (t1 - t0).as_secs_f64())
+    if w1 == w0 {
+        bail!("the server (pid {pid}) answered nothing for {span:?}: it stopped or hung");
+    }
+    Ok((w1 - w0) as f64 / (t1 - t0).as_secs_f64())
 }
 
 /// Throughput ratios from interleaved phases on one server under one continuous load.
