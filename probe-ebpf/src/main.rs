@@ -703,37 +703,33 @@ pub fn tcp_retransmit_skb_raw(ctx: RawTracePointContext) -> i32 {
 /// kernel produce millions of events per second and measure what the agent drains.
 #[btf_tracepoint(function = "sys_enter")]
 pub fn synthetic_sys_enter(_ctx: BtfTracePointContext) -> i32 {
-    let cfg = config();
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == cfg.target_tgid {
-        emit(|event| {
-            event.kind = EventKind::Synthetic as u32;
-            event.cpu = unsafe { bpf_get_smp_processor_id() };
-            event.ts_ns = unsafe { bpf_ktime_get_ns() };
-            event.tid = pid_tgid as u32;
-            event.tgid = cfg.target_tgid;
-        });
-    }
+    emit_if_current_is_target(EventKind::Synthetic, 0);
     0
 }
 
-/// Entry of a Go runtime function in the target. Entry probes only: Go moves goroutine stacks,
-/// which breaks the return trampolines uretprobes rely on.
+/// An event of `kind` (with `state`) when the current task belongs to the target.
 #[inline(always)]
-fn go_runtime_entered(which: u32) {
+fn emit_if_current_is_target(kind: EventKind, state: u32) {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 != cfg.target_tgid {
         return;
     }
     emit(|event| {
-        event.kind = EventKind::GoRuntime as u32;
+        event.kind = kind as u32;
         event.cpu = unsafe { bpf_get_smp_processor_id() };
         event.ts_ns = unsafe { bpf_ktime_get_ns() };
         event.tid = pid_tgid as u32;
         event.tgid = cfg.target_tgid;
-        event.state = which;
+        event.state = state;
     });
+}
+
+/// Entry of a Go runtime function in the target. Entry probes only: Go moves goroutine stacks,
+/// which breaks the return trampolines uretprobes rely on.
+#[inline(always)]
+fn go_runtime_entered(which: u32) {
+    emit_if_current_is_target(EventKind::GoRuntime, which);
 }
 
 #[uprobe]

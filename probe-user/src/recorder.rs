@@ -66,12 +66,28 @@ fn map_err(what: &str, err: impl std::fmt::Display) -> ProbeError {
     }
 }
 
+/// One of the probe object's maps, viewed as `T`.
+fn kernel_map<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<T, ProbeError>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.map(name).ok_or_else(|| map_err(name, "map missing"))?;
+    T::try_from(map).map_err(|e| map_err(name, e))
+}
+
+/// [`kernel_map`] for changing the map.
+fn kernel_map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T, ProbeError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| map_err(name, "map missing"))?;
+    T::try_from(map).map_err(|e| map_err(name, e))
+}
+
 fn read_counters(ebpf: &Ebpf) -> Result<KernelCounters, ProbeError> {
-    let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(
-        ebpf.map("COUNTERS")
-            .ok_or_else(|| map_err("COUNTERS", "map missing"))?,
-    )
-    .map_err(|e| map_err("COUNTERS", e))?;
+    let counters: PerCpuArray<_, u64> = kernel_map(ebpf, "COUNTERS")?;
     let sum = |c: Counter| -> u64 {
         counters
             .get(&(c as u32), 0)
@@ -87,11 +103,7 @@ fn read_counters(ebpf: &Ebpf) -> Result<KernelCounters, ProbeError> {
 }
 
 fn read_stacks(ebpf: &Ebpf, events: &[RawEvent]) -> Result<BTreeMap<u32, Vec<u64>>, ProbeError> {
-    let map: StackTraceMap<_> = StackTraceMap::try_from(
-        ebpf.map("STACKS")
-            .ok_or_else(|| map_err("STACKS", "map missing"))?,
-    )
-    .map_err(|e| map_err("STACKS", e))?;
+    let map: StackTraceMap<_> = kernel_map(ebpf, "STACKS")?;
     let mut ids = BTreeSet::new();
     for event in events.iter().filter_map(Event::from_raw) {
         if let Event::OffCpu {
@@ -221,23 +233,12 @@ impl LiveSession {
         for event in live {
             hold([event.kernel_stack_id, event.user_stack_id]);
         }
-        let threads: aya::maps::HashMap<_, u32, ThreadState> = aya::maps::HashMap::try_from(
-            self.attached
-                .ebpf
-                .map("THREADS")
-                .ok_or_else(|| map_err("THREADS", "map missing"))?,
-        )
-        .map_err(|e| map_err("THREADS", e))?;
+        let threads: aya::maps::HashMap<_, u32, ThreadState> =
+            kernel_map(&self.attached.ebpf, "THREADS")?;
         for (_, thread) in threads.iter().flatten() {
             hold([thread.kernel_stack_id, thread.user_stack_id]);
         }
-        let mut stacks: StackTraceMap<_> = StackTraceMap::try_from(
-            self.attached
-                .ebpf
-                .map_mut("STACKS")
-                .ok_or_else(|| map_err("STACKS", "map missing"))?,
-        )
-        .map_err(|e| map_err("STACKS", e))?;
+        let mut stacks: StackTraceMap<_> = kernel_map_mut(&mut self.attached.ebpf, "STACKS")?;
         let present: Vec<u32> = stacks.stack_ids().flatten().collect();
         let mut unreferenced = BTreeSet::new();
         let mut freed = 0;
