@@ -96,7 +96,7 @@ fn go_server(go_binary: &Path, args: &[&str]) -> Result<(Killed, u16)> {
     cmd.args(["-c", "0"])
         .arg(go_binary)
         .args(args)
-        // A safety net only (Killed stops it); the interleaved measurement alone runs ~7 min.
+        // A safety net only (Killed stops it); the interleaved measurement alone runs over 10 min.
         .args(["-lifetime", "3600s"]);
     start_ready(cmd)
 }
