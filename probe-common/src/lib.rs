@@ -139,6 +139,15 @@ pub enum Counter {
 
 pub const COUNTER_SLOTS: u32 = 4;
 
+/// Words of the kernel's bitmap of the target's listening ports: one bit per TCP port.
+pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
+
+/// Where a port's bit lives in that bitmap: the word's index and the bit's mask.
+#[inline(always)]
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    (port as u32 / 64, 1 << (port % 64))
+}
+
 /// Offsets into kernel structs, resolved by the agent from the running kernel's BTF and
 /// passed to the programs as a global, because aya-ebpf has no CO-RE relocations.
 #[repr(C)]
@@ -206,4 +215,20 @@ mod pod {
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::RawEvent {}
     unsafe impl aya::Pod for super::ThreadState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_port_has_its_own_bit_inside_the_bitmap() {
+        assert_eq!(port_bit(0), (0, 1));
+        assert_eq!(port_bit(8080), (126, 1 << 16));
+        assert_eq!(port_bit(u16::MAX), (PORT_BITMAP_WORDS - 1, 1 << 63));
+        for port in 0..=u16::MAX {
+            let (word, bit) = port_bit(port);
+            assert_eq!(word * 64 + bit.trailing_zeros(), port as u32);
+        }
+    }
 }

@@ -15,7 +15,7 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, fentry, kprobe, map, perf_event, raw_tracepoint, uprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{
         BtfTracePointContext, FEntryContext, PerfEventContext, ProbeContext, RawTracePointContext,
     },
@@ -23,8 +23,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    Counter, EventKind, ProbeConfig, RawEvent, ThreadState, COUNTER_SLOTS, FLAG_PREEMPTED,
-    GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD, GO_STOP_THE_WORLD, NO_STACK,
+    port_bit, Counter, EventKind, ProbeConfig, RawEvent, ThreadState, COUNTER_SLOTS,
+    FLAG_PREEMPTED, GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD, GO_STOP_THE_WORLD,
+    NO_STACK, PORT_BITMAP_WORDS,
 };
 
 #[no_mangle]
@@ -67,18 +68,24 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS,
 #[map]
 static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(65536, 0);
 
-/// Local ports the target listens on, seeded by the agent from /proc (catches sockets that
-/// have not sent anything since attach).
+/// Local ports the target listens on, one bit per port, set by the agent from /proc at attach
+/// and re-read while attached. Arrivals, ACKs and retransmits run in softirq or timer context,
+/// where the current task says nothing about who owns the socket; the local port does. A
+/// bitmap rather than a hash: every arrival on the machine is checked against it, and an
+/// array lookup is one indexed load where a hash lookup of a socket pointer is a cache miss.
 #[map]
-static TARGET_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+static TARGET_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
 
-/// The target's sockets (by `struct sock` pointer) and the request in flight on each.
-/// Arrivals, ACKs and retransmits run in softirq or timer context, where the current task says
-/// nothing about who owns the socket, so a socket is learned when the target sends on it or
-/// when a connection is established on one of its listening ports. Ownership and request
-/// state share one map so that the per-packet hooks do a single lookup.
+/// The target's connections on its listening ports (by `struct sock` pointer) and the request
+/// in flight on each, learned at their first arrival.
 #[map]
 static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Sockets the target sent on that are not on its listening ports: its own outbound
+/// connections (databases, upstream services). Kept only so that their retransmits are
+/// attributed; their traffic is not request latency.
+#[map]
+static OUTBOUND: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -98,12 +105,6 @@ const IDLE: u32 = 0;
 const WAITING: u32 = 1;
 const ANSWERED: u32 = 2;
 
-const NEW_SOCKET: SocketState = SocketState {
-    arrived_ns: 0,
-    stage: IDLE,
-    response_end_seq: 0,
-};
-
 const NEW_THREAD: ThreadState = ThreadState {
     runnable_since: 0,
     off_since: 0,
@@ -115,9 +116,9 @@ const NEW_THREAD: ThreadState = ThreadState {
 
 const TASK_RUNNING: u32 = 0;
 const TASK_DEAD: u32 = 0x80;
-const TCP_ESTABLISHED: i32 = 1;
 const AF_INET6: u16 = 10;
 const TCP_CLOSE: i32 = 7;
+const AF_INET: u16 = 2;
 
 #[inline(always)]
 fn config() -> ProbeConfig {
@@ -177,20 +178,59 @@ fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> i32 {
     }
 }
 
-#[inline(always)]
-unsafe fn read_task_u32(task: *const u8, offset: u32) -> u32 {
-    bpf_probe_read_kernel(task.add(offset as usize) as *const u32).unwrap_or(0)
+/// A kernel object pointer from a hook's arguments, whose fields are read at offsets the agent
+/// resolved from BTF.
+trait KernelPtr: Copy {
+    fn addr(self) -> u64;
+    /// The field at `offset`, or 0 when it cannot be read.
+    fn read<T: Copy + Default>(self, offset: u32) -> T;
+}
+
+/// An argument of a BTF-typed hook (tp_btf, fentry). The verifier knows what it points to, so
+/// a field is a plain load, checked when the program loads and fault-guarded by the kernel.
+/// On the hot paths this matters: here `bpf_probe_read_kernel` costs more than the map
+/// lookup it was meant to avoid.
+#[derive(Clone, Copy)]
+struct Typed(*const u8);
+
+impl KernelPtr for Typed {
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0 as u64
+    }
+    #[inline(always)]
+    fn read<T: Copy + Default>(self, offset: u32) -> T {
+        // The offset is a constant of the loaded program (CONFIG is frozen), as the
+        // verifier requires for a typed access.
+        unsafe { core::ptr::read_volatile(self.0.add(offset as usize) as *const T) }
+    }
+}
+
+/// An argument of an untyped hook (raw tracepoint, kprobe): read through the helper.
+#[derive(Clone, Copy)]
+struct Untyped(u64);
+
+impl KernelPtr for Untyped {
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0
+    }
+    #[inline(always)]
+    fn read<T: Copy + Default>(self, offset: u32) -> T {
+        unsafe { bpf_probe_read_kernel((self.0 as *const u8).add(offset as usize) as *const T) }
+            .unwrap_or_default()
+    }
 }
 
 /// The task's thread id when it belongs to the target. Only the thread group is read for
 /// other tasks: this runs for every context switch and wakeup on the machine, nearly all of
 /// them someone else's, so their cost is one read.
 #[inline(always)]
-unsafe fn target_tid(task: *const u8, cfg: &ProbeConfig) -> Option<u32> {
-    if read_task_u32(task, cfg.offsets.task_tgid) != cfg.target_tgid {
+fn target_tid(task: impl KernelPtr, cfg: &ProbeConfig) -> Option<u32> {
+    if task.read::<u32>(cfg.offsets.task_tgid) != cfg.target_tgid {
         return None;
     }
-    match read_task_u32(task, cfg.offsets.task_pid) {
+    match task.read::<u32>(cfg.offsets.task_pid) {
         0 => None,
         tid => Some(tid),
     }
@@ -322,10 +362,10 @@ fn switched_in<C: EbpfContext>(
 
 /// `sched_switch` flavour: current == prev.
 #[inline(always)]
-fn on_sched_switch<C: EbpfContext>(ctx: &C, preempt: bool, next: *const u8, prev_state: u32) {
+fn on_sched_switch<C: EbpfContext>(ctx: &C, preempt: bool, next: impl KernelPtr, prev_state: u32) {
     let cfg = config();
     let prev_tid = current_target_tid(&cfg);
-    let next_tid = unsafe { target_tid(next, &cfg) };
+    let next_tid = target_tid(next, &cfg);
     if prev_tid.is_none() && next_tid.is_none() {
         return;
     }
@@ -341,16 +381,16 @@ fn on_sched_switch<C: EbpfContext>(ctx: &C, preempt: bool, next: *const u8, prev
 
 /// `finish_task_switch` flavour: current == next, `prev` has just left.
 #[inline(always)]
-fn on_finish_task_switch<C: EbpfContext>(ctx: &C, prev: *const u8) {
+fn on_finish_task_switch<C: EbpfContext>(ctx: &C, prev: impl KernelPtr) {
     let cfg = config();
-    let prev_tid = unsafe { target_tid(prev, &cfg) };
+    let prev_tid = target_tid(prev, &cfg);
     let next_tid = current_target_tid(&cfg);
     if prev_tid.is_none() && next_tid.is_none() {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(prev_tid) = prev_tid {
-        let state = unsafe { read_task_u32(prev, cfg.offsets.task_state) };
+        let state = prev.read::<u32>(cfg.offsets.task_state);
         switched_out(ctx, prev_tid, now, state == TASK_RUNNING, state, false);
     }
     if let Some(tid) = next_tid {
@@ -359,9 +399,9 @@ fn on_finish_task_switch<C: EbpfContext>(ctx: &C, prev: *const u8) {
 }
 
 #[inline(always)]
-fn on_wakeup(task: *const u8) {
+fn on_wakeup(task: impl KernelPtr) {
     let cfg = config();
-    if let Some(tid) = unsafe { target_tid(task, &cfg) } {
+    if let Some(tid) = target_tid(task, &cfg) {
         mark_runnable(tid, unsafe { bpf_ktime_get_ns() });
     }
 }
@@ -369,14 +409,14 @@ fn on_wakeup(task: *const u8) {
 #[fentry(function = "finish_task_switch")]
 pub fn sched_switch_fentry(ctx: FEntryContext) -> u32 {
     let prev: *const u8 = unsafe { ctx.arg(0) };
-    on_finish_task_switch(&ctx, prev);
+    on_finish_task_switch(&ctx, Typed(prev));
     0
 }
 
 #[kprobe]
 pub fn sched_switch_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(prev) = ctx.arg::<*const u8>(0) {
-        on_finish_task_switch(&ctx, prev);
+        on_finish_task_switch(&ctx, Untyped(prev as u64));
     }
     0
 }
@@ -386,7 +426,7 @@ pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
     // prev (argument 1) is the current task, whose ids come from a helper.
     let (preempt, next, prev_state): (u8, *const u8, u32) =
         unsafe { (ctx.arg(0), ctx.arg(2), ctx.arg(3)) };
-    on_sched_switch(&ctx, preempt != 0, next, prev_state);
+    on_sched_switch(&ctx, preempt != 0, Typed(next), prev_state);
     0
 }
 
@@ -399,7 +439,7 @@ unsafe fn raw_arg(ctx: &RawTracePointContext, n: usize) -> u64 {
 pub fn sched_switch_raw(ctx: RawTracePointContext) -> i32 {
     unsafe {
         let preempt = raw_arg(&ctx, 0) as u8 != 0;
-        let next = raw_arg(&ctx, 2) as *const u8;
+        let next = Untyped(raw_arg(&ctx, 2));
         let prev_state = raw_arg(&ctx, 3) as u32;
         on_sched_switch(&ctx, preempt, next, prev_state);
     }
@@ -408,25 +448,25 @@ pub fn sched_switch_raw(ctx: RawTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn sched_wakeup_btf(ctx: BtfTracePointContext) -> i32 {
-    on_wakeup(unsafe { ctx.arg(0) });
+    on_wakeup(Typed(unsafe { ctx.arg(0) }));
     0
 }
 
 #[btf_tracepoint(function = "sched_wakeup_new")]
 pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> i32 {
-    on_wakeup(unsafe { ctx.arg(0) });
+    on_wakeup(Typed(unsafe { ctx.arg(0) }));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sched_wakeup")]
 pub fn sched_wakeup_raw(ctx: RawTracePointContext) -> i32 {
-    on_wakeup(unsafe { raw_arg(&ctx, 0) } as *const u8);
+    on_wakeup(Untyped(unsafe { raw_arg(&ctx, 0) }));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sched_wakeup_new")]
 pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> i32 {
-    on_wakeup(unsafe { raw_arg(&ctx, 0) } as *const u8);
+    on_wakeup(Untyped(unsafe { raw_arg(&ctx, 0) }));
     0
 }
 
@@ -467,30 +507,58 @@ fn emit_request(kind: EventKind, tid: u32, now: u64, latency: u64) {
     });
 }
 
+#[inline(always)]
+fn is_target_port(port: u16) -> bool {
+    let (word, bit) = port_bit(port);
+    TARGET_PORTS.get(word).is_some_and(|bits| bits & bit != 0)
+}
+
+/// Whether the socket's local port is one the target listens on: a connection it accepted
+/// (or the listener itself).
+#[inline(always)]
+fn on_target_port(sk: impl KernelPtr) -> bool {
+    is_target_port(sk.read::<u16>(config().offsets.sk_num))
+}
+
 /// Request bytes arrived (softirq): start timing unless a request is already waiting.
 #[inline(always)]
-fn on_data_ready(sk: u64) {
-    let Some(socket) = SOCKETS.get_ptr_mut(&sk) else {
+fn on_data_ready(sk: impl KernelPtr) {
+    if !on_target_port(sk) {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(socket) = SOCKETS.get_ptr_mut(&sk.addr()) else {
+        // First arrival since attach, on a new connection or one accepted before.
+        let waiting = SocketState {
+            arrived_ns: now,
+            stage: WAITING,
+            response_end_seq: 0,
+        };
+        let _ = SOCKETS.insert(&sk.addr(), &waiting, 0);
         return;
     };
     let socket = unsafe { &mut *socket };
     // More bytes of a request not yet answered: it started at its first bytes.
     if socket.stage != WAITING {
-        socket.arrived_ns = unsafe { bpf_ktime_get_ns() };
+        socket.arrived_ns = now;
         socket.stage = WAITING;
     }
 }
 
-/// The target sent on a socket: learn the socket, and answer the request waiting on it.
+/// The target sent on a socket: answer the request waiting on it, or remember an outbound
+/// connection of the target.
 #[inline(always)]
-fn on_send(sk: u64, sent: i32) {
+fn on_send(sk: impl KernelPtr, sent: i32) {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 != cfg.target_tgid {
         return;
     }
-    let Some(socket) = SOCKETS.get_ptr_mut(&sk) else {
-        let _ = SOCKETS.insert(&sk, &NEW_SOCKET, 0);
+    if !on_target_port(sk) {
+        learn_outbound(sk);
+        return;
+    }
+    let Some(socket) = SOCKETS.get_ptr_mut(&sk.addr()) else {
         return;
     };
     let socket = unsafe { &mut *socket };
@@ -508,14 +576,30 @@ fn on_send(sk: u64, sent: i32) {
         socket.stage = IDLE;
         return;
     }
-    match unsafe { read_field::<u32>(sk, cfg.offsets.tcp_write_seq) } {
-        Ok(seq) => {
-            socket.stage = ANSWERED;
-            socket.response_end_seq = seq;
-            // On loopback the peer's ACK can be processed before sendmsg returns here.
-            deliver_if_acked(sk, socket);
-        }
-        Err(_) => socket.stage = IDLE,
+    socket.stage = ANSWERED;
+    socket.response_end_seq = tcp_sock_field(sk, cfg.offsets.tcp_write_seq);
+    // On loopback the peer's ACK can be processed before sendmsg returns here.
+    deliver_if_acked(sk, socket);
+}
+
+/// A `struct tcp_sock` field of a socket. The hooks' arguments are typed `struct sock`, and the
+/// verifier refuses a typed access past its end, so these go through the helper.
+#[inline(always)]
+fn tcp_sock_field(sk: impl KernelPtr, offset: u32) -> u32 {
+    Untyped(sk.addr()).read(offset)
+}
+
+#[inline(always)]
+fn learn_outbound(sk: impl KernelPtr) {
+    let key = sk.addr();
+    if unsafe { OUTBOUND.get(&key) }.is_some() {
+        return;
+    }
+    if matches!(
+        sk.read::<u16>(config().offsets.sk_family),
+        AF_INET | AF_INET6
+    ) {
+        let _ = OUTBOUND.insert(&key, &0, 0);
     }
 }
 
@@ -523,8 +607,11 @@ fn on_send(sk: u64, sent: i32) {
 /// acknowledges the whole response, the response was delivered. Attached only when delivery
 /// latency is tracked: it runs for every segment on the machine.
 #[inline(always)]
-fn on_tcp_probe(sk: u64, skb: u64) -> Result<(), i64> {
-    let Some(socket) = SOCKETS.get_ptr_mut(&sk) else {
+fn on_tcp_probe(sk: impl KernelPtr, skb: u64) -> Result<(), i64> {
+    if !on_target_port(sk) {
+        return Ok(());
+    }
+    let Some(socket) = SOCKETS.get_ptr_mut(&sk.addr()) else {
         return Ok(());
     };
     let socket = unsafe { &mut *socket };
@@ -558,35 +645,31 @@ fn delivered(socket: &mut SocketState) {
 /// If the peer has acknowledged the whole answered response (by `snd_una`, whatever path
 /// the ACK took), the response is delivered: now, or earlier than now.
 #[inline(always)]
-fn deliver_if_acked(sk: u64, socket: &mut SocketState) {
+fn deliver_if_acked(sk: impl KernelPtr, socket: &mut SocketState) {
     if socket.stage != ANSWERED {
         return;
     }
-    let Ok(snd_una) = (unsafe { read_field::<u32>(sk, config().offsets.tcp_snd_una) }) else {
-        return;
-    };
+    let snd_una = tcp_sock_field(sk, config().offsets.tcp_snd_una);
     if (snd_una.wrapping_sub(socket.response_end_seq) as i32) >= 0 {
         delivered(socket);
     }
 }
 
 #[inline(always)]
-fn on_set_state(sk: u64, new_state: i32) {
+fn on_set_state(sk: impl KernelPtr, new_state: i32) {
+    if !on_target_port(sk) {
+        if new_state == TCP_CLOSE {
+            let _ = OUTBOUND.remove(&sk.addr());
+        }
+        return;
+    }
     // ACKs after the server starts closing never reach tcp_probe (it fires in ESTABLISHED
     // only); a response followed by a close is delivered by the time the state moves on.
-    if let Some(socket) = SOCKETS.get_ptr_mut(&sk) {
+    if let Some(socket) = SOCKETS.get_ptr_mut(&sk.addr()) {
         deliver_if_acked(sk, unsafe { &mut *socket });
     }
     if new_state == TCP_CLOSE {
-        let _ = SOCKETS.remove(&sk);
-    } else if new_state == TCP_ESTABLISHED {
-        // A connection accepted on one of the target's listening ports is the target's from
-        // its first byte, before the target has touched it.
-        if let Ok(port) = unsafe { read_field::<u16>(sk, config().offsets.sk_num) } {
-            if unsafe { TARGET_PORTS.get(&port) }.is_some() {
-                let _ = SOCKETS.insert(&sk, &NEW_SOCKET, 0);
-            }
-        }
+        let _ = SOCKETS.remove(&sk.addr());
     }
 }
 
@@ -595,8 +678,7 @@ fn on_retransmit(sk: u64) -> Result<(), i64> {
     let cfg = config();
     let o = &cfg.offsets;
     let local_port: u16 = unsafe { read_field(sk, o.sk_num)? };
-    let known = unsafe { SOCKETS.get(&sk) }.is_some();
-    if !known && unsafe { TARGET_PORTS.get(&local_port) }.is_none() {
+    if !is_target_port(local_port) && unsafe { OUTBOUND.get(&sk) }.is_none() {
         return Ok(());
     }
     let (state, family, remote_port) = unsafe {
@@ -638,52 +720,52 @@ fn on_retransmit(sk: u64) -> Result<(), i64> {
 
 #[btf_tracepoint(function = "sk_data_ready")]
 pub fn sk_data_ready_btf(ctx: BtfTracePointContext) -> i32 {
-    on_data_ready(unsafe { ctx.arg::<u64>(0) });
+    on_data_ready(Typed(unsafe { ctx.arg(0) }));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn sk_data_ready_raw(ctx: RawTracePointContext) -> i32 {
-    on_data_ready(unsafe { raw_arg(&ctx, 0) });
+    on_data_ready(Untyped(unsafe { raw_arg(&ctx, 0) }));
     0
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
-    let (sk, ret): (u64, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
-    on_send(sk, ret as i32);
+    let (sk, ret): (*const u8, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
+    on_send(Typed(sk), ret as i32);
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_length_raw(ctx: RawTracePointContext) -> i32 {
-    unsafe { on_send(raw_arg(&ctx, 0), raw_arg(&ctx, 1) as i32) };
+    unsafe { on_send(Untyped(raw_arg(&ctx, 0)), raw_arg(&ctx, 1) as i32) };
     0
 }
 
 #[btf_tracepoint(function = "tcp_probe")]
 pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
-    let (sk, skb): (u64, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
-    let _ = on_tcp_probe(sk, skb);
+    let (sk, skb): (*const u8, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
+    let _ = on_tcp_probe(Typed(sk), skb);
     0
 }
 
 #[raw_tracepoint(tracepoint = "tcp_probe")]
 pub fn tcp_probe_raw(ctx: RawTracePointContext) -> i32 {
-    let _ = unsafe { on_tcp_probe(raw_arg(&ctx, 0), raw_arg(&ctx, 1)) };
+    let _ = unsafe { on_tcp_probe(Untyped(raw_arg(&ctx, 0)), raw_arg(&ctx, 1)) };
     0
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
-    let (sk, new_state): (u64, u64) = unsafe { (ctx.arg(0), ctx.arg(2)) };
-    on_set_state(sk, new_state as i32);
+    let (sk, new_state): (*const u8, u64) = unsafe { (ctx.arg(0), ctx.arg(2)) };
+    on_set_state(Typed(sk), new_state as i32);
     0
 }
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
-    unsafe { on_set_state(raw_arg(&ctx, 0), raw_arg(&ctx, 2) as i32) };
+    unsafe { on_set_state(Untyped(raw_arg(&ctx, 0)), raw_arg(&ctx, 2) as i32) };
     0
 }
 

@@ -4,14 +4,14 @@
 use std::fmt;
 
 use aya::{
-    maps::HashMap as BpfHashMap,
+    maps::Array,
     programs::{
         perf_event::{PerfEventScope, PerfTypeId, SamplePolicy},
         BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
 };
-use probe_common::{KernelOffsets, ProbeConfig};
+use probe_common::{port_bit, KernelOffsets, ProbeConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::btf::KernelBtf;
@@ -272,15 +272,18 @@ fn attach_btf_or_raw(
         p.load(tracepoint, btf).map_err(|e| chain(&e))?;
         p.attach().map(drop).map_err(|e| chain(&e))
     })();
-    if attempt.is_ok() {
-        return Ok(format!("tp_btf/{tracepoint}"));
-    }
+    let why = match attempt {
+        Ok(()) => return Ok(format!("tp_btf/{tracepoint}")),
+        Err(why) => why,
+    };
     let raw = format!("{base}_raw");
     let p: &mut RawTracePoint = program_mut(ebpf, &raw)?;
     p.load().map_err(|e| attach_err(&raw, chain(&e)))?;
     p.attach(tracepoint)
         .map_err(|e| attach_err(&raw, chain(&e)))?;
-    Ok(format!("raw_tp/{tracepoint}"))
+    Ok(format!(
+        "raw_tp/{tracepoint} [tp_btf/{tracepoint} not available: {why}]"
+    ))
 }
 
 fn attach_wakeups(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, ProbeError> {
@@ -313,23 +316,39 @@ fn attach_sampling(ebpf: &mut Ebpf, hz: u64) -> Result<String, ProbeError> {
     ))
 }
 
+/// Sets the bits of the target's listening ports in the kernel's port bitmap and returns how
+/// many ports it listens on. Called at attach and again while attached, for listeners opened
+/// later. Bits are only added: connections on a port the target stops listening on stay
+/// timed until they close.
+pub fn mark_listening_ports(ebpf: &mut Ebpf, pid: u32) -> Result<usize, ProbeError> {
+    let map = ebpf
+        .map_mut("TARGET_PORTS")
+        .ok_or_else(|| attach_err("TARGET_PORTS", "map missing"))?;
+    let mut bitmap: Array<_, u64> =
+        Array::try_from(map).map_err(|e| attach_err("TARGET_PORTS", e))?;
+    let ports = target::listening_ports(pid);
+    for &port in &ports {
+        let (word, bit) = port_bit(port);
+        let bits = bitmap
+            .get(&word, 0)
+            .map_err(|e| attach_err("TARGET_PORTS", e))?;
+        if bits & bit == 0 {
+            bitmap
+                .set(word, bits | bit, 0)
+                .map_err(|e| attach_err("TARGET_PORTS", e))?;
+        }
+    }
+    Ok(ports.len())
+}
+
 fn attach_tcp(
     ebpf: &mut Ebpf,
     btf: &Btf,
     pid: u32,
     track_delivery: bool,
 ) -> Result<Vec<String>, ProbeError> {
-    // Ports first: connections accepted from now on are recognised by them.
-    let mut ports: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(
-        ebpf.map_mut("TARGET_PORTS")
-            .ok_or_else(|| attach_err("TARGET_PORTS", "map missing"))?,
-    )
-    .map_err(|e| attach_err("TARGET_PORTS", e))?;
-    for port in target::listening_ports(pid) {
-        ports
-            .insert(port, 1, 0)
-            .map_err(|e| attach_err("TARGET_PORTS", e))?;
-    }
+    // Ports first: the socket hooks know the target's connections by them.
+    mark_listening_ports(ebpf, pid)?;
     let mut hooks = vec![
         "inet_sock_set_state",
         "sock_send_length",

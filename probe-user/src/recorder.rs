@@ -11,7 +11,7 @@ use aya::Ebpf;
 use probe_common::{Counter, RawEvent, ThreadState};
 use tokio::io::unix::AsyncFd;
 
-use crate::attach::{attach, AttachReport, AttachedProbes, ProbeSettings};
+use crate::attach::{attach, mark_listening_ports, AttachReport, AttachedProbes, ProbeSettings};
 use crate::error::ProbeError;
 use crate::events::{decode_raw, Event};
 use crate::output::check_writable;
@@ -154,7 +154,12 @@ pub struct LiveSession {
     settings: RecordSettings,
     /// Stack ids nothing referred to at the last [`LiveSession::sweep_stacks`].
     unreferenced_stacks: BTreeSet<u32>,
+    ports_read_ns: u64,
 }
+
+/// How often the target's listening ports are re-read while attached: a listener opened after
+/// attach has its connections timed from then on. Reading them walks the target's open files.
+const PORTS_REREAD_NS: u64 = 2_000_000_000;
 
 impl LiveSession {
     pub fn start(probe: &ProbeSettings) -> Result<LiveSession, ProbeError> {
@@ -190,6 +195,7 @@ impl LiveSession {
                 min_offcpu_ns: probe.min_offcpu_ns,
             },
             unreferenced_stacks: BTreeSet::new(),
+            ports_read_ns: monotonic_ns(),
         })
     }
 
@@ -264,6 +270,13 @@ impl LiveSession {
         }
         self.threads.extend(target::thread_names(self.pid));
         merge_maps(&mut self.maps, target::executable_maps(self.pid));
+        let now = monotonic_ns();
+        if now.saturating_sub(self.ports_read_ns) >= PORTS_REREAD_NS {
+            self.ports_read_ns = now;
+            if let Err(e) = mark_listening_ports(&mut self.attached.ebpf, self.pid) {
+                log::warn!("listening ports not re-read: {e}");
+            }
+        }
         true
     }
 
