@@ -17,9 +17,11 @@ modes:
   worker    [--cpu N]                bursts of CPU work (work_burst) with 1 ms sleeps, pinned
   hog       [--cpu N]                pure CPU hog, pinned
   server    [--port 0] [--response-bytes 4096] [--stall-every N --stall-ms M]
-            [--inject-after SECS --inject-for SECS]
+            [--inject-after SECS --inject-for SECS] [--backend PORT]
                                      TCP server speaking HTTP/1.1 (for wrk) or one-line requests;
-                                     every Nth request stalls in stall_here() inside the window
+                                     every Nth request stalls in stall_here() inside the window;
+                                     with --backend, each request first makes a one-line call to
+                                     the server on PORT (one outbound connection per connection)
   client    --port P [--conns 4]     request/response load against a server
   pingpong                           two threads handing a byte back and forth through pipes as
                                      fast as they can (a context-switch storm, for benchmarks)
@@ -184,7 +186,23 @@ fn read_request(reader: &mut impl BufRead, line: &mut String) -> Option<bool> {
     }
 }
 
-fn serve_connection(stream: TcpStream, body: &[u8], injection: &Injection) {
+/// A blocking request/response round trip to a backend, as a server calling its database does.
+#[inline(never)]
+fn call_backend(backend: &mut BufReader<TcpStream>, reply: &mut Vec<u8>) -> bool {
+    reply.clear();
+    backend.get_mut().write_all(b"GET\n").is_ok()
+        && matches!(backend.read_until(b'\n', reply), Ok(n) if n > 0)
+}
+
+fn serve_connection(stream: TcpStream, body: &[u8], injection: &Injection, backend_port: u16) {
+    let mut backend = match backend_port {
+        0 => None,
+        port => match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(connection) => Some(BufReader::new(connection)),
+            Err(_) => return,
+        },
+    };
+    let mut backend_reply = Vec::new();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
     let mut line = String::new();
@@ -197,6 +215,11 @@ fn serve_connection(stream: TcpStream, body: &[u8], injection: &Injection) {
     http_response.extend_from_slice(body);
     while let Some(http) = read_request(&mut reader, &mut line) {
         served += 1;
+        if let Some(backend) = backend.as_mut() {
+            if !call_backend(backend, &mut backend_reply) {
+                return;
+            }
+        }
         if injection.active() && served.is_multiple_of(injection.stall_every) {
             stall_here(injection.stall_ms);
         }
@@ -220,6 +243,7 @@ fn server(opts: &Opts, until: Instant) {
                 opts.get("--inject-for", 1e6f64) + opts.get("--inject-after", 0.0f64),
             ),
     }));
+    let backend_port = opts.get("--backend", 0u16);
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
     let port = listener.local_addr().unwrap().port();
     let mut body = vec![b'x'; bytes.max(1)];
@@ -232,7 +256,7 @@ fn server(opts: &Opts, until: Instant) {
     });
     ready(&format!(" {port}"));
     for stream in listener.incoming().flatten() {
-        std::thread::spawn(move || serve_connection(stream, body, injection));
+        std::thread::spawn(move || serve_connection(stream, body, injection, backend_port));
     }
 }
 

@@ -58,11 +58,30 @@ pub struct Spawned {
     pub child: Child,
     /// The port it printed with `ready PORT`, if any.
     pub port: Option<u16>,
+    /// Lines it printed after `ready`.
+    later_lines: Option<std::sync::mpsc::Receiver<String>>,
 }
 
 impl Spawned {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The first later stdout line starting with `prefix`, without it; panics after `timeout`.
+    pub fn line_after(&mut self, prefix: &str, timeout: Duration) -> String {
+        let lines = self.later_lines.as_ref().expect("stdout was not captured");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.trim().to_string();
+                    }
+                }
+                Err(_) => panic!("no line starting {prefix:?} within {timeout:?}"),
+            }
+        }
     }
 }
 
@@ -83,12 +102,15 @@ pub fn spawn_ready(program: &Path, args: &[&str]) -> Spawned {
         .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let (later_tx, later_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let first = lines.next().and_then(Result::ok);
         let _ = tx.send(first);
         // Keep draining so the child never blocks on a full pipe.
-        for _ in lines {}
+        for line in lines.map_while(Result::ok) {
+            let _ = later_tx.send(line);
+        }
     });
     let line = rx
         .recv_timeout(Duration::from_secs(60))
@@ -102,7 +124,11 @@ pub fn spawn_ready(program: &Path, args: &[&str]) -> Spawned {
         "unexpected first line {line:?}"
     );
     let port = words.next().map(|p| p.parse().expect("port"));
-    Spawned { child, port }
+    Spawned {
+        child,
+        port,
+        later_lines: Some(later_rx),
+    }
 }
 
 pub fn target(args: &[&str]) -> Spawned {
@@ -154,12 +180,20 @@ pub struct PacketLoss {
 
 impl PacketLoss {
     pub fn on_source_ports(ports: &[u16], percent: u32) -> PacketLoss {
+        Self::on_ports("sport", ports, percent)
+    }
+
+    pub fn on_destination_ports(ports: &[u16], percent: u32) -> PacketLoss {
+        Self::on_ports("dport", ports, percent)
+    }
+
+    fn on_ports(match_field: &str, ports: &[u16], percent: u32) -> PacketLoss {
         let table = format!("p99probe_test_{}", std::process::id());
         let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
         let script = format!(
             "add table inet {table}\n\
              add chain inet {table} input {{ type filter hook input priority 0; policy accept; }}\n\
-             add rule inet {table} input iif lo tcp sport {{ {} }} numgen random mod 100 < {percent} drop\n",
+             add rule inet {table} input iif lo tcp {match_field} {{ {} }} numgen random mod 100 < {percent} drop\n",
             ports.join(", ")
         );
         let loss = PacketLoss { table };
@@ -253,5 +287,9 @@ pub fn wrk_on_cpu1(port: u16, connections: u32, seconds: u32) -> Spawned {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("wrk is installed by cargo xtask setup");
-    Spawned { child, port: None }
+    Spawned {
+        child,
+        port: None,
+        later_lines: None,
+    }
 }

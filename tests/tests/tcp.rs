@@ -70,3 +70,76 @@ fn induced_loss_yields_retransmits_on_the_targets_port_only() {
         retransmits.len()
     );
 }
+
+/// A server that calls a backend for every request owns two kinds of socket: the accepted ones
+/// (requests) and its own outbound ones (not requests, but their retransmits are its problem).
+#[test]
+fn outbound_calls_are_not_requests_but_their_retransmits_are_the_targets() {
+    let _serial = serial();
+    let backend = target(&["server", "--duration", "30", "--response-bytes", "64"]);
+    let backend_port = backend.port.unwrap();
+    let server = target(&[
+        "server",
+        "--duration",
+        "30",
+        "--response-bytes",
+        "64",
+        "--backend",
+        &backend_port.to_string(),
+    ]);
+    let port = server.port.unwrap();
+
+    let recording = {
+        let _loss = PacketLoss::on_destination_ports(&[backend_port], 10);
+        let recorder = std::thread::spawn({
+            let pid = server.pid();
+            move || record_for(settings(pid), Duration::from_secs(7))
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let mut load = target(&[
+            "client",
+            "--port",
+            &port.to_string(),
+            "--conns",
+            "4",
+            "--duration",
+            "3",
+        ]);
+        let sent: u64 = load
+            .line_after("requests ", Duration::from_secs(20))
+            .parse()
+            .unwrap();
+        (recorder.join().unwrap(), sent)
+    };
+    let (recording, sent) = recording;
+
+    let served = recording
+        .events()
+        .filter(|e| matches!(e, Event::RequestServed { .. }))
+        .count() as u64;
+    eprintln!("client completed {sent} requests; the kernel saw {served} served");
+    assert!(sent >= 100, "the load only completed {sent} requests");
+    // Each request also made one backend call: counting those would double `served`.
+    assert!(
+        served * 100 >= sent * 98 && served <= sent + 8,
+        "{served} requests seen for {sent} sent"
+    );
+
+    let outbound_retransmits = recording
+        .events()
+        .filter(|e| match e {
+            Event::TcpRetransmit { local, remote, .. } => {
+                assert!(
+                    local.port() == port || remote.port() == backend_port,
+                    "retransmit {local} -> {remote} is on neither of the target's sockets"
+                );
+                remote.port() == backend_port
+            }
+            _ => false,
+        })
+        .count();
+    assert!(
+        outbound_retransmits >= 3,
+        "only {outbound_retransmits} retransmits on the target's calls to its backend"
+    );
+}
