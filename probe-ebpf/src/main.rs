@@ -23,9 +23,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    port_bit, Counter, EventKind, ProbeConfig, RawEvent, ThreadState, COUNTER_SLOTS,
-    FLAG_PREEMPTED, GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD, GO_STOP_THE_WORLD,
-    NO_STACK, PORT_BITMAP_WORDS,
+    port_bit, Counter, EventKind, PendingRequests, ProbeConfig, RawEvent, RequestBatch,
+    RequestRecord, ThreadState, COUNTER_SLOTS, FLAG_PREEMPTED, GO_GC_MARK_TERMINATION, GO_GC_START,
+    GO_START_THE_WORLD, GO_STOP_THE_WORLD, NO_STACK, PORT_BITMAP_WORDS, REQUEST_BATCH_LEN,
 };
 
 #[no_mangle]
@@ -61,6 +61,9 @@ static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map]
+static PENDING_REQUESTS: PerCpuArray<PendingRequests> = PerCpuArray::with_max_entries(1, 0);
 
 /// tid → the thread's scheduling state. One entry per thread, created on first sight and
 /// updated in place afterwards: a hash insert or delete takes a bucket lock and allocates, and
@@ -128,9 +131,24 @@ fn config() -> ProbeConfig {
 
 #[inline(always)]
 fn count(counter: Counter) {
+    count_n(counter, 1);
+}
+
+#[inline(always)]
+fn count_n(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
+}
+
+/// Ring-buffer flags for a record: wake the agent only once enough has accumulated.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    (if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_AT_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }) as u64
 }
 
 /// Unread bytes in the ring buffer before an event wakes the agent. Below it the agent is not
@@ -158,12 +176,7 @@ fn emit(fill: impl FnOnce(&mut RawEvent)) {
         (*event).user_stack_id = NO_STACK;
         fill(&mut *event);
     }
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_AT_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags as u64);
+    entry.submit(wakeup_flags());
     count(Counter::EventsSent);
 }
 
@@ -495,6 +508,74 @@ unsafe fn read_field<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
     bpf_probe_read_kernel((base as *const u8).add(offset as usize) as *const T)
 }
 
+/// Adds a request latency to this CPU's batch, sending the batch when it is full. When the
+/// batch is in use by the program this one interrupted, the request goes out on its own.
+#[inline(always)]
+fn record_request(kind: EventKind, tid: u32, now: u64, latency: u64) {
+    let Some(pending) = PENDING_REQUESTS.get_ptr_mut(0) else {
+        return emit_request(kind, tid, now, latency);
+    };
+    let pending = unsafe { &mut *pending };
+    if unsafe { core::ptr::read_volatile(&pending.busy) } != 0 {
+        return emit_request(kind, tid, now, latency);
+    }
+    // Every write between taking and releasing `busy` is volatile: LLVM may move plain stores
+    // across volatile ones, and BPF has no compiler fence.
+    unsafe {
+        core::ptr::write_volatile(&mut pending.busy, 1);
+        let len = pending.batch.len as usize;
+        if len < REQUEST_BATCH_LEN {
+            core::ptr::write_volatile(
+                &mut pending.batch.records[len],
+                RequestRecord {
+                    ts_ns: now,
+                    latency_ns: latency,
+                    tid,
+                    kind: kind as u32,
+                },
+            );
+            core::ptr::write_volatile(&mut pending.batch.len, len as u32 + 1);
+        }
+        if pending.batch.len as usize >= REQUEST_BATCH_LEN {
+            send_batch(&mut pending.batch);
+        }
+        core::ptr::write_volatile(&mut pending.busy, 0);
+    }
+}
+
+#[inline(always)]
+fn send_batch(batch: &mut RequestBatch) {
+    if batch.len == 0 {
+        return;
+    }
+    batch.kind = EventKind::RequestBatch as u32;
+    batch.cpu = unsafe { bpf_get_smp_processor_id() };
+    batch.tgid = config().target_tgid;
+    match EVENTS.output(batch, wakeup_flags()) {
+        Ok(()) => count_n(Counter::EventsSent, batch.len as u64),
+        Err(_) => count_n(Counter::RingBufferFull, batch.len as u64),
+    }
+    unsafe { core::ptr::write_volatile(&mut batch.len, 0) };
+}
+
+/// Never attached: the agent runs it (`BPF_PROG_TEST_RUN` pinned to a CPU) on the CPUs whose
+/// batch has waited too long, so a partly filled batch is sent whatever the request rate.
+#[raw_tracepoint(tracepoint = "p99probe_flush_requests")]
+pub fn flush_requests(_ctx: RawTracePointContext) -> i32 {
+    let Some(pending) = PENDING_REQUESTS.get_ptr_mut(0) else {
+        return 0;
+    };
+    let pending = unsafe { &mut *pending };
+    if unsafe { core::ptr::read_volatile(&pending.busy) } != 0 {
+        return 1;
+    }
+    unsafe { core::ptr::write_volatile(&mut pending.busy, 1) };
+    send_batch(&mut pending.batch);
+    unsafe { core::ptr::write_volatile(&mut pending.busy, 0) };
+    0
+}
+
+/// One request as a record of its own, for when this CPU's batch is in use.
 #[inline(always)]
 fn emit_request(kind: EventKind, tid: u32, now: u64, latency: u64) {
     emit(|event| {
@@ -566,7 +647,7 @@ fn on_send(sk: impl KernelPtr, sent: i32) {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    emit_request(
+    record_request(
         EventKind::RequestServed,
         pid_tgid as u32,
         now,
@@ -633,7 +714,7 @@ fn on_tcp_probe(sk: impl KernelPtr, skb: u64) -> Result<(), i64> {
 #[inline(always)]
 fn delivered(socket: &mut SocketState) {
     let now = unsafe { bpf_ktime_get_ns() };
-    emit_request(
+    record_request(
         EventKind::RequestDelivered,
         0,
         now,

@@ -4,14 +4,14 @@
 use std::fmt;
 
 use aya::{
-    maps::Array,
+    maps::{Array, PerCpuArray},
     programs::{
         perf_event::{PerfEventScope, PerfTypeId, SamplePolicy},
         BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
 };
-use probe_common::{port_bit, KernelOffsets, ProbeConfig};
+use probe_common::{port_bit, KernelOffsets, PendingRequests, ProbeConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::btf::KernelBtf;
@@ -137,6 +137,111 @@ pub struct ProbeSettings {
 pub struct AttachedProbes {
     pub ebpf: Ebpf,
     pub report: AttachReport,
+    /// Online CPUs: each holds a batch of request latencies in the kernel.
+    cpus: Vec<u32>,
+}
+
+const FLUSH_PROGRAM: &str = "flush_requests";
+
+impl AttachedProbes {
+    /// Has the CPUs whose batch of request latencies holds a request that ended before
+    /// `older_than_ns` (CLOCK_MONOTONIC; `u64::MAX` for all) send it to the ring buffer.
+    ///
+    /// The kernel sends a CPU's batch when it is full; this bounds how long a request waits in
+    /// one at low rates. The flush program is never attached: `BPF_PROG_TEST_RUN` runs it on
+    /// the chosen CPU (in an IPI), the only way to touch another CPU's batch without racing
+    /// the programs that fill it. That IPI makes the agent wait for the CPU, so batches are
+    /// first read (a racy but harmless copy) and only CPUs with a stale batch are flushed: under
+    /// load batches fill long before they are stale and no CPU is interrupted.
+    pub fn flush_request_batches(&self, older_than_ns: u64) -> Result<(), ProbeError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let pending: PerCpuArray<_, PendingRequests> = PerCpuArray::try_from(
+            self.ebpf
+                .map("PENDING_REQUESTS")
+                .ok_or_else(|| attach_err("PENDING_REQUESTS", "map missing"))?,
+        )
+        .map_err(|e| attach_err("PENDING_REQUESTS", e))?;
+        let per_cpu = pending
+            .get(&0, 0)
+            .map_err(|e| attach_err("PENDING_REQUESTS", e))?;
+        let stale: Vec<u32> = self
+            .cpus
+            .iter()
+            .copied()
+            .filter(|&cpu| {
+                per_cpu
+                    .get(cpu as usize)
+                    .is_some_and(|p| p.batch.len > 0 && p.batch.records[0].ts_ns < older_than_ns)
+            })
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let program: &RawTracePoint = self
+            .ebpf
+            .program(FLUSH_PROGRAM)
+            .ok_or_else(|| attach_err(FLUSH_PROGRAM, "program missing from the probe object"))?
+            .try_into()
+            .map_err(|e| attach_err(FLUSH_PROGRAM, e))?;
+        let fd = program.fd().map_err(|e| attach_err(FLUSH_PROGRAM, e))?;
+        for cpu in stale {
+            run_on_cpu(fd.as_fd().as_raw_fd(), cpu)
+                .map_err(|e| attach_err(FLUSH_PROGRAM, format!("run on CPU {cpu}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// `union bpf_attr` as `BPF_PROG_TEST_RUN` reads it (linux/bpf.h); the kernel zero-fills the
+/// fields past the size it is given.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_F_TEST_RUN_ON_CPU: u32 = 1;
+
+/// Runs a loaded raw-tracepoint program once on `cpu`. aya 0.13 has no test-run call.
+fn run_on_cpu(program_fd: i32, cpu: u32) -> std::io::Result<()> {
+    let mut attr = TestRunAttr {
+        prog_fd: program_fd as u32,
+        flags: BPF_F_TEST_RUN_ON_CPU,
+        cpu,
+        ..Default::default()
+    };
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>() as u32,
+        )
+    };
+    if result < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn load_flush_program(ebpf: &mut Ebpf) -> Result<Vec<u32>, ProbeError> {
+    let p: &mut RawTracePoint = program_mut(ebpf, FLUSH_PROGRAM)?;
+    p.load().map_err(|e| attach_err(FLUSH_PROGRAM, chain(&e)))?;
+    aya::util::online_cpus().map_err(|(what, e)| attach_err(FLUSH_PROGRAM, format!("{what}: {e}")))
 }
 
 const CAP_SYS_ADMIN: u32 = 21;
@@ -451,6 +556,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     };
     let tcp = attach_tcp(&mut ebpf, &btf, settings.pid, settings.track_delivery)?;
     let go = attach_go(&mut ebpf, settings.pid);
+    let cpus = load_flush_program(&mut ebpf)?;
     let synthetic = if settings.synthetic_syscall_events {
         let name = "synthetic_sys_enter";
         let p: &mut BtfTracePoint = program_mut(&mut ebpf, name)?;
@@ -463,6 +569,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     };
     Ok(AttachedProbes {
         ebpf,
+        cpus,
         report: AttachReport {
             scheduler: chosen.to_string(),
             scheduler_attempts: attempts,

@@ -2,7 +2,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use probe_common::{EventKind, RawEvent, FLAG_PREEMPTED, NO_STACK};
+use probe_common::{
+    EventKind, RawEvent, RequestBatch, RequestRecord, FLAG_PREEMPTED, NO_STACK, REQUEST_BATCH_LEN,
+};
 use serde::Serialize;
 
 /// Stack-map id as written by the kernel; `None` when no stack was captured.
@@ -152,7 +154,7 @@ impl Event {
                 tid: raw.tid,
                 which: raw.state,
             },
-            EventKind::Synthetic => return None,
+            EventKind::Synthetic | EventKind::RequestBatch => return None,
         })
     }
 }
@@ -224,9 +226,115 @@ pub fn decode_raw(bytes: &[u8]) -> Option<RawEvent> {
     })
 }
 
+/// Appends the events of one ring-buffer record: a [`RawEvent`], or each request of a
+/// [`RequestBatch`]. Records of neither shape are dropped.
+pub fn decode_ring_record(bytes: &[u8], out: &mut Vec<RawEvent>) {
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    if u32_at(0) != Some(EventKind::RequestBatch as u32) {
+        out.extend(decode_raw(bytes));
+        return;
+    }
+    if bytes.len() < RequestBatch::SIZE {
+        return;
+    }
+    let (cpu, len, tgid) = (u32_at(4).unwrap(), u32_at(8).unwrap(), u32_at(12).unwrap());
+    let records = &bytes[16..RequestBatch::SIZE];
+    let record_size = std::mem::size_of::<RequestRecord>();
+    for record in records
+        .chunks_exact(record_size)
+        .take((len as usize).min(REQUEST_BATCH_LEN))
+    {
+        let u64_at = |o: usize| u64::from_le_bytes(record[o..o + 8].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(record[o..o + 4].try_into().unwrap());
+        let mut raw = RawEvent::zeroed();
+        raw.kind = u32_at(20);
+        raw.cpu = cpu;
+        raw.ts_ns = u64_at(0);
+        raw.duration_ns = u64_at(8);
+        raw.tid = u32_at(16);
+        raw.tgid = tgid;
+        out.push(raw);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn batch_bytes(batch: &RequestBatch) -> &[u8] {
+        unsafe {
+            std::slice::from_raw_parts(
+                batch as *const RequestBatch as *const u8,
+                RequestBatch::SIZE,
+            )
+        }
+    }
+
+    #[test]
+    fn a_request_batch_unpacks_into_its_requests_only() {
+        let mut batch = RequestBatch {
+            kind: EventKind::RequestBatch as u32,
+            cpu: 1,
+            len: 2,
+            tgid: 4242,
+            records: [RequestRecord::default(); REQUEST_BATCH_LEN],
+        };
+        batch.records[0] = RequestRecord {
+            ts_ns: 1_000,
+            latency_ns: 250,
+            tid: 4243,
+            kind: EventKind::RequestServed as u32,
+        };
+        batch.records[1] = RequestRecord {
+            ts_ns: 2_000,
+            latency_ns: 6_000_000_000,
+            tid: 0,
+            kind: EventKind::RequestDelivered as u32,
+        };
+        // A stale record past `len` is not a request.
+        batch.records[2].kind = EventKind::RequestServed as u32;
+        let mut out = Vec::new();
+        decode_ring_record(batch_bytes(&batch), &mut out);
+        let events: Vec<Event> = out.iter().filter_map(Event::from_raw).collect();
+        assert_eq!(
+            events,
+            vec![
+                Event::RequestServed {
+                    ts_ns: 1_000,
+                    tid: 4243,
+                    latency_ns: 250
+                },
+                Event::RequestDelivered {
+                    ts_ns: 2_000,
+                    latency_ns: 6_000_000_000
+                },
+            ]
+        );
+        assert!(out.iter().all(|raw| raw.cpu == 1 && raw.tgid == 4242));
+
+        // A length the kernel never writes is clamped; a truncated batch yields nothing.
+        batch.len = u32::MAX;
+        out.clear();
+        decode_ring_record(batch_bytes(&batch), &mut out);
+        assert_eq!(out.len(), REQUEST_BATCH_LEN);
+        out.clear();
+        decode_ring_record(&batch_bytes(&batch)[..100], &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_plain_record_passes_through() {
+        let raw = sample_raw();
+        let mut bytes = Vec::new();
+        encode_raw(&raw, &mut bytes);
+        let mut out = Vec::new();
+        decode_ring_record(&bytes, &mut out);
+        assert_eq!(out, vec![raw]);
+    }
 
     fn sample_raw() -> RawEvent {
         let mut raw = RawEvent::zeroed();

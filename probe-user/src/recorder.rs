@@ -13,7 +13,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::attach::{attach, mark_listening_ports, AttachReport, AttachedProbes, ProbeSettings};
 use crate::error::ProbeError;
-use crate::events::{decode_raw, Event};
+use crate::events::{decode_ring_record, Event};
 use crate::output::check_writable;
 use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
 use crate::symbolize::{symbolize_stacks, trim_tracing_frames};
@@ -41,6 +41,10 @@ pub struct RecordSummary {
 /// How often the agent drains the ring buffer when the kernel has not woken it.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
+/// How long a request may wait in a CPU's batch in the kernel before the agent has it sent.
+/// With the drain interval, the trigger sees a request at most ~50 ms after it ended.
+const BATCH_STALE_NS: u64 = 30_000_000;
+
 /// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -53,9 +57,7 @@ pub fn monotonic_ns() -> u64 {
 
 fn drain(ring: &mut RingBuf<MapData>, events: &mut Vec<RawEvent>) {
     while let Some(item) = ring.next() {
-        if let Some(raw) = decode_raw(&item) {
-            events.push(raw);
-        }
+        decode_ring_record(&item, events);
     }
 }
 
@@ -213,7 +215,11 @@ impl LiveSession {
                 drain(guard.get_inner_mut(), out);
                 guard.clear_ready();
             }
-            Err(_) => drain(self.ring.get_mut(), out),
+            Err(_) => {
+                let stale_before = monotonic_ns().saturating_sub(BATCH_STALE_NS);
+                self.attached.flush_request_batches(stale_before)?;
+                drain(self.ring.get_mut(), out);
+            }
         }
         Ok(())
     }
@@ -259,7 +265,11 @@ impl LiveSession {
         Ok(freed)
     }
 
+    /// Drains everything the kernel holds, including partly filled request batches.
     pub fn drain_now(&mut self, out: &mut Vec<RawEvent>) {
+        if let Err(e) = self.attached.flush_request_batches(u64::MAX) {
+            log::warn!("request batches not flushed: {e}");
+        }
         drain(self.ring.get_mut(), out);
     }
 

@@ -80,3 +80,45 @@ fn connection_close_requests_are_all_counted_including_the_first_on_each_connect
     let (sent, served, latencies) = measure(&["-H", "Connection: close"]);
     check(sent, served, latencies);
 }
+
+/// Request latencies wait in a per-CPU batch in the kernel until it fills; at a trickle of
+/// requests the agent must still get each one promptly, or a spike at low load goes unseen.
+#[test]
+fn a_lone_request_reaches_the_live_agent_promptly() {
+    use std::io::{BufRead, BufReader, Write};
+
+    use p99probe::recorder::{monotonic_ns, LiveSession};
+
+    let _serial = serial();
+    let server = target(&["server", "--duration", "30", "--response-bytes", "64"]);
+    let port = server.port.unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut session = LiveSession::start(&settings(server.pid())).unwrap();
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        (&stream).write_all(b"GET\n").unwrap();
+        let mut reply = String::new();
+        reader.read_line(&mut reply).unwrap();
+        let answered = monotonic_ns();
+
+        let mut events = Vec::new();
+        let seen = loop {
+            session.next_events(&mut events).await.unwrap();
+            let served = events
+                .iter()
+                .filter_map(Event::from_raw)
+                .any(|e| matches!(e, Event::RequestServed { .. }));
+            if served || monotonic_ns() - answered > 2_000_000_000 {
+                break served.then(monotonic_ns);
+            }
+        };
+        let waited_ms = seen.expect("the request never reached the agent") - answered;
+        let waited_ms = waited_ms / 1_000_000;
+        eprintln!("the request reached the agent {waited_ms} ms after its answer");
+        assert!(waited_ms < 200, "the request took {waited_ms} ms to arrive");
+    });
+}
