@@ -508,25 +508,34 @@ unsafe fn read_field<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
     bpf_probe_read_kernel((base as *const u8).add(offset as usize) as *const T)
 }
 
+/// Runs `work` on this CPU's batch of request latencies unless a program this one interrupted
+/// is using it; returns whether it ran.
+#[inline(always)]
+fn with_pending_batch(work: impl FnOnce(&mut RequestBatch)) -> bool {
+    let Some(pending) = PENDING_REQUESTS.get_ptr_mut(0) else {
+        return false;
+    };
+    let pending = unsafe { &mut *pending };
+    if unsafe { core::ptr::read_volatile(&pending.busy) } != 0 {
+        return false;
+    }
+    // Every write `work` makes to the batch is volatile: LLVM may move plain stores across
+    // the volatile ones that take and release `busy`, and BPF has no compiler fence.
+    unsafe { core::ptr::write_volatile(&mut pending.busy, 1) };
+    work(&mut pending.batch);
+    unsafe { core::ptr::write_volatile(&mut pending.busy, 0) };
+    true
+}
+
 /// Adds a request latency to this CPU's batch, sending the batch when it is full. When the
 /// batch is in use by the program this one interrupted, the request goes out on its own.
 #[inline(always)]
 fn record_request(kind: EventKind, tid: u32, now: u64, latency: u64) {
-    let Some(pending) = PENDING_REQUESTS.get_ptr_mut(0) else {
-        return emit_request(kind, tid, now, latency);
-    };
-    let pending = unsafe { &mut *pending };
-    if unsafe { core::ptr::read_volatile(&pending.busy) } != 0 {
-        return emit_request(kind, tid, now, latency);
-    }
-    // Every write between taking and releasing `busy` is volatile: LLVM may move plain stores
-    // across volatile ones, and BPF has no compiler fence.
-    unsafe {
-        core::ptr::write_volatile(&mut pending.busy, 1);
-        let len = pending.batch.len as usize;
+    let batched = with_pending_batch(|batch| unsafe {
+        let len = batch.len as usize;
         if len < REQUEST_BATCH_LEN {
             core::ptr::write_volatile(
-                &mut pending.batch.records[len],
+                &mut batch.records[len],
                 RequestRecord {
                     ts_ns: now,
                     latency_ns: latency,
@@ -534,12 +543,14 @@ fn record_request(kind: EventKind, tid: u32, now: u64, latency: u64) {
                     kind: kind as u32,
                 },
             );
-            core::ptr::write_volatile(&mut pending.batch.len, len as u32 + 1);
+            core::ptr::write_volatile(&mut batch.len, len as u32 + 1);
         }
-        if pending.batch.len as usize >= REQUEST_BATCH_LEN {
-            send_batch(&mut pending.batch);
+        if batch.len as usize >= REQUEST_BATCH_LEN {
+            send_batch(batch);
         }
-        core::ptr::write_volatile(&mut pending.busy, 0);
+    });
+    if !batched {
+        emit_request(kind, tid, now, latency);
     }
 }
 
@@ -562,17 +573,12 @@ fn send_batch(batch: &mut RequestBatch) {
 /// batch has waited too long, so a partly filled batch is sent whatever the request rate.
 #[raw_tracepoint(tracepoint = "p99probe_flush_requests")]
 pub fn flush_requests(_ctx: RawTracePointContext) -> i32 {
-    let Some(pending) = PENDING_REQUESTS.get_ptr_mut(0) else {
-        return 0;
-    };
-    let pending = unsafe { &mut *pending };
-    if unsafe { core::ptr::read_volatile(&pending.busy) } != 0 {
-        return 1;
+    // A batch in use is left for the next flush.
+    if with_pending_batch(send_batch) {
+        0
+    } else {
+        1
     }
-    unsafe { core::ptr::write_volatile(&mut pending.busy, 1) };
-    send_batch(&mut pending.batch);
-    unsafe { core::ptr::write_volatile(&mut pending.busy, 0) };
-    0
 }
 
 /// One request as a record of its own, for when this CPU's batch is in use.
