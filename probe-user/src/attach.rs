@@ -155,12 +155,7 @@ impl AttachedProbes {
     /// load batches fill long before they are stale and no CPU is interrupted.
     pub fn flush_request_batches(&self, older_than_ns: u64) -> Result<(), ProbeError> {
         use std::os::fd::{AsFd, AsRawFd};
-        let pending: PerCpuArray<_, PendingRequests> = PerCpuArray::try_from(
-            self.ebpf
-                .map("PENDING_REQUESTS")
-                .ok_or_else(|| attach_err("PENDING_REQUESTS", "map missing"))?,
-        )
-        .map_err(|e| attach_err("PENDING_REQUESTS", e))?;
+        let pending: PerCpuArray<_, PendingRequests> = kernel_map(&self.ebpf, "PENDING_REQUESTS")?;
         let per_cpu = pending
             .get(&0, 0)
             .map_err(|e| attach_err("PENDING_REQUESTS", e))?;
@@ -306,11 +301,33 @@ fn finish_task_switch_symbol() -> String {
         .unwrap_or_else(|| "finish_task_switch".into())
 }
 
-fn attach_err(program: &str, err: impl fmt::Display) -> ProbeError {
+pub(crate) fn attach_err(program: &str, err: impl fmt::Display) -> ProbeError {
     ProbeError::Attach {
         program: program.into(),
         reason: err.to_string(),
     }
+}
+
+/// One of the probe object's maps, viewed as `T`.
+pub(crate) fn kernel_map<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<T, ProbeError>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .map(name)
+        .ok_or_else(|| attach_err(name, "map missing"))?;
+    T::try_from(map).map_err(|e| attach_err(name, e))
+}
+
+/// [`kernel_map`] for changing the map.
+pub(crate) fn kernel_map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T, ProbeError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| attach_err(name, "map missing"))?;
+    T::try_from(map).map_err(|e| attach_err(name, e))
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ProbeError>
@@ -426,11 +443,7 @@ fn attach_sampling(ebpf: &mut Ebpf, hz: u64) -> Result<String, ProbeError> {
 /// later. Bits are only added: connections on a port the target stops listening on stay
 /// timed until they close.
 pub fn mark_listening_ports(ebpf: &mut Ebpf, pid: u32) -> Result<usize, ProbeError> {
-    let map = ebpf
-        .map_mut("TARGET_PORTS")
-        .ok_or_else(|| attach_err("TARGET_PORTS", "map missing"))?;
-    let mut bitmap: Array<_, u64> =
-        Array::try_from(map).map_err(|e| attach_err("TARGET_PORTS", e))?;
+    let mut bitmap: Array<_, u64> = kernel_map_mut(ebpf, "TARGET_PORTS")?;
     let ports = target::listening_ports(pid);
     for &port in &ports {
         let (word, bit) = port_bit(port);

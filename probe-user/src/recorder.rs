@@ -11,7 +11,10 @@ use aya::Ebpf;
 use probe_common::{Counter, RawEvent, ThreadState};
 use tokio::io::unix::AsyncFd;
 
-use crate::attach::{attach, mark_listening_ports, AttachReport, AttachedProbes, ProbeSettings};
+use crate::attach::{
+    attach, attach_err, kernel_map, kernel_map_mut, mark_listening_ports, AttachReport,
+    AttachedProbes, ProbeSettings,
+};
 use crate::error::ProbeError;
 use crate::events::{decode_ring_record, Event};
 use crate::output::check_writable;
@@ -59,33 +62,6 @@ fn drain(ring: &mut RingBuf<MapData>, events: &mut Vec<RawEvent>) {
     while let Some(item) = ring.next() {
         decode_ring_record(&item, events);
     }
-}
-
-fn map_err(what: &str, err: impl std::fmt::Display) -> ProbeError {
-    ProbeError::Attach {
-        program: what.into(),
-        reason: err.to_string(),
-    }
-}
-
-/// One of the probe object's maps, viewed as `T`.
-fn kernel_map<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<T, ProbeError>
-where
-    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.map(name).ok_or_else(|| map_err(name, "map missing"))?;
-    T::try_from(map).map_err(|e| map_err(name, e))
-}
-
-/// [`kernel_map`] for changing the map.
-fn kernel_map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T, ProbeError>
-where
-    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .map_mut(name)
-        .ok_or_else(|| map_err(name, "map missing"))?;
-    T::try_from(map).map_err(|e| map_err(name, e))
 }
 
 fn read_counters(ebpf: &Ebpf) -> Result<KernelCounters, ProbeError> {
@@ -171,13 +147,13 @@ impl LiveSession {
             attached
                 .ebpf
                 .take_map("EVENTS")
-                .ok_or_else(|| map_err("EVENTS", "map missing"))?,
+                .ok_or_else(|| attach_err("EVENTS", "map missing"))?,
         )
-        .map_err(|e| map_err("EVENTS", e))?;
+        .map_err(|e| attach_err("EVENTS", e))?;
         // SAFETY: the RingBuf owns its map fd and keeps it open until the AsyncFd (which owns
         // the RingBuf) is dropped.
         let ring =
-            unsafe { AsyncFd::register(ring) }.map_err(|e| map_err("EVENTS", e.to_string()))?;
+            unsafe { AsyncFd::register(ring) }.map_err(|e| attach_err("EVENTS", e.to_string()))?;
         Ok(LiveSession {
             attached,
             ring,
@@ -211,7 +187,7 @@ impl LiveSession {
     pub async fn next_events(&mut self, out: &mut Vec<RawEvent>) -> Result<(), ProbeError> {
         match tokio::time::timeout(DRAIN_INTERVAL, self.ring.readable_mut()).await {
             Ok(guard) => {
-                let mut guard = guard.map_err(|e| map_err("EVENTS", e))?;
+                let mut guard = guard.map_err(|e| attach_err("EVENTS", e))?;
                 drain(guard.get_inner_mut(), out);
                 guard.clear_ready();
             }
