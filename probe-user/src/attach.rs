@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::btf::KernelBtf;
 use crate::error::ProbeError;
+use crate::listeners::Listeners;
 use crate::target;
 
 /// The compiled kernel programs, built by `build.rs` from `probe-ebpf`.
@@ -139,11 +140,17 @@ pub struct AttachedProbes {
     pub report: AttachReport,
     /// Online CPUs: each holds a batch of request latencies in the kernel.
     cpus: Vec<u32>,
+    listeners: Listeners,
 }
 
 const FLUSH_PROGRAM: &str = "flush_requests";
 
 impl AttachedProbes {
+    /// Marks listeners the target opened since the last look.
+    pub fn mark_listening_ports(&mut self) -> Result<usize, ProbeError> {
+        mark_listening_ports(&mut self.ebpf, &mut self.listeners)
+    }
+
     /// Has the CPUs whose batch of request latencies holds a request that ended before
     /// `older_than_ns` (CLOCK_MONOTONIC; `u64::MAX` for all) send it to the ring buffer.
     ///
@@ -442,9 +449,9 @@ fn attach_sampling(ebpf: &mut Ebpf, hz: u64) -> Result<String, ProbeError> {
 /// many ports it listens on. Called at attach and again while attached, for listeners opened
 /// later. Bits are only added: connections on a port the target stops listening on stay
 /// timed until they close.
-pub fn mark_listening_ports(ebpf: &mut Ebpf, pid: u32) -> Result<usize, ProbeError> {
+fn mark_listening_ports(ebpf: &mut Ebpf, listeners: &mut Listeners) -> Result<usize, ProbeError> {
     let mut bitmap: Array<_, u64> = kernel_map_mut(ebpf, "TARGET_PORTS")?;
-    let ports = target::listening_ports(pid);
+    let ports = listeners.ports()?;
     for &port in &ports {
         let (word, bit) = port_bit(port);
         let bits = bitmap
@@ -462,11 +469,11 @@ pub fn mark_listening_ports(ebpf: &mut Ebpf, pid: u32) -> Result<usize, ProbeErr
 fn attach_tcp(
     ebpf: &mut Ebpf,
     btf: &Btf,
-    pid: u32,
+    listeners: &mut Listeners,
     track_delivery: bool,
 ) -> Result<Vec<String>, ProbeError> {
     // Ports first: the socket hooks know the target's connections by them.
-    mark_listening_ports(ebpf, pid)?;
+    mark_listening_ports(ebpf, listeners)?;
     let mut hooks = vec![
         "inet_sock_set_state",
         "sock_send_length",
@@ -567,7 +574,8 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     } else {
         "off".into()
     };
-    let tcp = attach_tcp(&mut ebpf, &btf, settings.pid, settings.track_delivery)?;
+    let mut listeners = Listeners::open(settings.pid)?;
+    let tcp = attach_tcp(&mut ebpf, &btf, &mut listeners, settings.track_delivery)?;
     let go = attach_go(&mut ebpf, settings.pid);
     let cpus = load_flush_program(&mut ebpf)?;
     let synthetic = if settings.synthetic_syscall_events {
@@ -583,6 +591,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     Ok(AttachedProbes {
         ebpf,
         cpus,
+        listeners,
         report: AttachReport {
             scheduler: chosen.to_string(),
             scheduler_attempts: attempts,

@@ -28,6 +28,9 @@ pub enum ProbeError {
     #[error("no scheduler hook could be attached: {0}")]
     NoSchedulerHook(String),
 
+    #[error("cannot list the target's TCP listeners: {0}")]
+    Listeners(String),
+
     #[error("attaching {program} failed: {reason}")]
     Attach { program: String, reason: String },
 

@@ -12,8 +12,7 @@ use probe_common::{Counter, RawEvent, ThreadState};
 use tokio::io::unix::AsyncFd;
 
 use crate::attach::{
-    attach, attach_err, kernel_map, kernel_map_mut, mark_listening_ports, AttachReport,
-    AttachedProbes, ProbeSettings,
+    attach, attach_err, kernel_map, kernel_map_mut, AttachReport, AttachedProbes, ProbeSettings,
 };
 use crate::error::ProbeError;
 use crate::events::{decode_ring_record, Event};
@@ -136,7 +135,7 @@ pub struct LiveSession {
 }
 
 /// How often the target's listening ports are re-read while attached: a listener opened after
-/// attach has its connections timed from then on. Reading them walks the target's open files.
+/// attach has its connections timed from then on.
 const PORTS_REREAD_NS: u64 = 2_000_000_000;
 
 impl LiveSession {
@@ -259,7 +258,7 @@ impl LiveSession {
         let now = monotonic_ns();
         if now.saturating_sub(self.ports_read_ns) >= PORTS_REREAD_NS {
             self.ports_read_ns = now;
-            if let Err(e) = mark_listening_ports(&mut self.attached.ebpf, self.pid) {
+            if let Err(e) = self.attached.mark_listening_ports() {
                 log::warn!("listening ports not re-read: {e}");
             }
         }

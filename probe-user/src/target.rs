@@ -1,6 +1,6 @@
 //! What /proc says about the target process: identity, threads, memory maps, listening ports.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
 
@@ -111,58 +111,6 @@ pub fn parse_maps(text: &str) -> Vec<MemoryMap> {
         .collect()
 }
 
-/// Local ports of TCP sockets the target holds in LISTEN state.
-pub fn listening_ports(pid: u32) -> Vec<u16> {
-    let inodes = socket_inodes(pid);
-    let mut ports = HashSet::new();
-    for table in ["tcp", "tcp6"] {
-        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
-            ports.extend(parse_listening(&text, &inodes));
-        }
-    }
-    let mut ports: Vec<u16> = ports.into_iter().collect();
-    ports.sort_unstable();
-    ports
-}
-
-fn socket_inodes(pid: u32) -> HashSet<u64> {
-    let mut inodes = HashSet::new();
-    if let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) {
-        for entry in dir.flatten() {
-            if let Ok(link) = fs::read_link(entry.path()) {
-                let link = link.to_string_lossy();
-                if let Some(inode) = link
-                    .strip_prefix("socket:[")
-                    .and_then(|s| s.strip_suffix(']'))
-                    .and_then(|s| s.parse().ok())
-                {
-                    inodes.insert(inode);
-                }
-            }
-        }
-    }
-    inodes
-}
-
-/// Ports from a /proc/net/tcp table whose row is LISTEN (state 0A) and whose inode is ours.
-pub fn parse_listening(table: &str, inodes: &HashSet<u64>) -> Vec<u16> {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let local = fields.get(1)?;
-            let state = fields.get(3)?;
-            let inode: u64 = fields.get(9)?.parse().ok()?;
-            if *state != "0A" || !inodes.contains(&inode) {
-                return None;
-            }
-            let (_, port) = local.rsplit_once(':')?;
-            u16::from_str_radix(port, 16).ok()
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,16 +131,6 @@ mod tests {
         assert_eq!(maps[1].path, "[vdso]");
         assert_eq!(maps[2].path, "/opt/my lib/libx.so");
         assert!(maps[0].contains(0x55d0a0001000) && !maps[0].contains(0x55d0a0005000));
-    }
-
-    #[test]
-    fn listening_ports_are_matched_by_inode() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0
-   1: 0100007F:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 222 1 0
-   2: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 111 1 0";
-        let ours: HashSet<u64> = [111].into_iter().collect();
-        assert_eq!(parse_listening(table, &ours), vec![8080]);
     }
 
     #[test]

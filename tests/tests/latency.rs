@@ -7,18 +7,18 @@ use std::time::Duration;
 use integration_tests::*;
 use p99probe::events::Event;
 
-/// Runs wrk for `seconds` while recording the server; returns (wrk's request count, the
-/// recording's served requests, their latencies).
-fn measure(extra_wrk_args: &[&str]) -> (u64, u64, Vec<u64>) {
-    let server = go_server_on_cpu0(&[]);
+/// Runs wrk (in the server's network namespace) for 2 s while recording the server; returns
+/// (wrk's request count, the recording's served requests, their latencies).
+fn measure(server: Spawned, extra_wrk_args: &[&str]) -> (u64, u64, Vec<u64>) {
     let port = server.port.unwrap();
     let recorder = std::thread::spawn({
         let pid = server.pid();
         move || record_for(settings(pid), Duration::from_secs(6))
     });
     std::thread::sleep(Duration::from_secs(2));
-    let wrk = Command::new("taskset")
-        .args(["-c", "1", "wrk", "-t1", "-c4", "-d2s"])
+    let wrk = Command::new("nsenter")
+        .arg(format!("--net=/proc/{}/ns/net", server.pid()))
+        .args(["taskset", "-c", "1", "wrk", "-t1", "-c4", "-d2s"])
         .args(extra_wrk_args)
         .arg(format!("http://127.0.0.1:{port}/"))
         .output()
@@ -70,14 +70,31 @@ fn check(sent: u64, served: u64, mut latencies: Vec<u64>) {
 #[test]
 fn keep_alive_requests_are_all_counted() {
     let _serial = serial();
-    let (sent, served, latencies) = measure(&[]);
+    let (sent, served, latencies) = measure(go_server_on_cpu0(&[]), &[]);
+    check(sent, served, latencies);
+}
+
+/// A containerised server listens in its own network namespace: its listeners must be found
+/// there, or none of its connections is known as the target's.
+#[test]
+fn requests_to_a_server_in_its_own_network_namespace_are_counted() {
+    let _serial = serial();
+    let script = format!(
+        "ip link set lo up && exec taskset -c 0 {}",
+        go_server_binary().display()
+    );
+    let server = spawn_ready(
+        std::path::Path::new("unshare"),
+        &["--net", "--", "sh", "-c", &script],
+    );
+    let (sent, served, latencies) = measure(server, &[]);
     check(sent, served, latencies);
 }
 
 #[test]
 fn connection_close_requests_are_all_counted_including_the_first_on_each_connection() {
     let _serial = serial();
-    let (sent, served, latencies) = measure(&["-H", "Connection: close"]);
+    let (sent, served, latencies) = measure(go_server_on_cpu0(&[]), &["-H", "Connection: close"]);
     check(sent, served, latencies);
 }
 
