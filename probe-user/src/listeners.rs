@@ -173,7 +173,8 @@ fn read_dump(diag: &Socket, listeners: &mut Vec<Listener>) -> std::io::Result<()
             if length == 0 || length > rest.len() {
                 return Err(malformed(format!("message length {length}")));
             }
-            rest = &rest[length..];
+            // Messages in a datagram start on 4-byte boundaries (NLMSG_ALIGN).
+            rest = &rest[length.next_multiple_of(4).min(rest.len())..];
         }
     }
 }
