@@ -613,11 +613,10 @@ fn on_data_ready(sk: impl KernelPtr) {
     if !on_target_port(sk) {
         return;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
     let Some(socket) = SOCKETS.get_ptr_mut(&sk.addr()) else {
         // First arrival since attach, on a new connection or one accepted before.
         let waiting = SocketState {
-            arrived_ns: now,
+            arrived_ns: unsafe { bpf_ktime_get_ns() },
             stage: WAITING,
             response_end_seq: 0,
         };
@@ -627,7 +626,7 @@ fn on_data_ready(sk: impl KernelPtr) {
     let socket = unsafe { &mut *socket };
     // More bytes of a request not yet answered: it started at its first bytes.
     if socket.stage != WAITING {
-        socket.arrived_ns = now;
+        socket.arrived_ns = unsafe { bpf_ktime_get_ns() };
         socket.stage = WAITING;
     }
 }
