@@ -53,7 +53,8 @@ pub struct RequestRecord {
 }
 
 /// Request latencies observed on one CPU, sent together. The kernel fills one per CPU and sends
-/// it when it is full; the agent has the kernel send partly filled ones every drain interval.
+/// it when it is full; the agent has the kernel send a partly filled one once its oldest
+/// request has waited too long.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct RequestBatch {

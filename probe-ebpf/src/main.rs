@@ -71,11 +71,11 @@ static PENDING_REQUESTS: PerCpuArray<PendingRequests> = PerCpuArray::with_max_en
 #[map]
 static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(65536, 0);
 
-/// Local ports the target listens on, one bit per port, set by the agent from /proc at attach
-/// and re-read while attached. Arrivals, ACKs and retransmits run in softirq or timer context,
-/// where the current task says nothing about who owns the socket; the local port does. A
-/// bitmap rather than a hash: every arrival on the machine is checked against it, and an
-/// array lookup is one indexed load where a hash lookup of a socket pointer is a cache miss.
+/// Local ports the target listens on, one bit per port, set by the agent (from sock_diag) at
+/// attach and re-read while attached. Arrivals, ACKs and retransmits run in softirq or timer
+/// context, where the current task says nothing about who owns the socket; the local port
+/// does. A bitmap rather than a hash: every arrival on the machine is checked against it, and
+/// an array lookup is one indexed load where a hash lookup of a socket pointer is a cache miss.
 #[map]
 static TARGET_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
 
