@@ -89,7 +89,7 @@ fn outbound_calls_are_not_requests_but_their_retransmits_are_the_targets() {
     ]);
     let port = server.port.unwrap();
 
-    let recording = {
+    let (recording, sent) = {
         let _loss = PacketLoss::on_destination_ports(&[backend_port], 10);
         let recorder = std::thread::spawn({
             let pid = server.pid();
@@ -111,7 +111,6 @@ fn outbound_calls_are_not_requests_but_their_retransmits_are_the_targets() {
             .unwrap();
         (recorder.join().unwrap(), sent)
     };
-    let (recording, sent) = recording;
 
     let served = recording
         .events()
