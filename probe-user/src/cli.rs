@@ -243,9 +243,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// One thread drives the agent's loop, its timers and its I/O: with a worker thread, every
+/// drain woke two threads (the worker to poll, then the loop), and the agent shares a CPU with
+/// the load generator or the target. Captures are written on the blocking pool.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")
