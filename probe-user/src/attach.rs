@@ -86,6 +86,9 @@ pub struct AttachReport {
     /// Present when benchmark events were asked for.
     #[serde(default)]
     pub synthetic: Option<String>,
+    /// How the agent's own threads are scheduled (set once they are).
+    #[serde(default)]
+    pub agent: Option<String>,
 }
 
 impl fmt::Display for AttachReport {
@@ -108,6 +111,9 @@ impl fmt::Display for AttachReport {
         )?;
         if let Some(synthetic) = &self.synthetic {
             write!(f, "; benchmark events: {synthetic}")?;
+        }
+        if let Some(agent) = &self.agent {
+            write!(f, "; agent: {agent}")?;
         }
         if let Some(go) = &self.go {
             write!(f, "; Go {}: {}", go.version, go.probes.join(", "))?;
@@ -600,6 +606,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
             tcp,
             go,
             synthetic,
+            agent: None,
         },
     })
 }

@@ -23,6 +23,7 @@ pub mod pprof;
 pub mod recorder;
 pub mod recording;
 pub mod report;
+pub mod scheduling;
 pub mod svg;
 pub mod symbolize;
 pub mod target;

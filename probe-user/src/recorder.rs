@@ -57,6 +57,15 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Makes the agent (this thread and those it starts later) give way to the target and its
+/// load; says how it runs. It still works as an ordinary task when the kernel refuses.
+fn give_way_to_target() -> String {
+    match crate::scheduling::yield_to_target() {
+        Ok(scheduling) => scheduling.to_string(),
+        Err(e) => format!("ordinary task (sched_setattr: {e})"),
+    }
+}
+
 fn drain(ring: &mut RingBuf<MapData>, events: &mut Vec<RawEvent>) {
     while let Some(item) = ring.next() {
         decode_ring_record(&item, events);
@@ -142,6 +151,7 @@ impl LiveSession {
     pub fn start(probe: &ProbeSettings) -> Result<LiveSession, ProbeError> {
         let pid = probe.pid;
         let mut attached = attach(probe)?;
+        attached.report.agent = Some(give_way_to_target());
         let ring = RingBuf::try_from(
             attached
                 .ebpf

@@ -176,6 +176,10 @@ fn analysis_commands_write_their_files() {
         )),
         "hooks not announced: {stderr}"
     );
+    assert!(
+        stderr.contains("; agent: SCHED_BATCH, 0.1 ms slices"),
+        "the agent's own scheduling not announced: {stderr}"
+    );
 
     let svg = dir.path().join("off.svg");
     let folded = dir.path().join("off.folded");
