@@ -30,16 +30,21 @@ pub enum SchedHook {
     Fentry,
     /// kprobe on finish_task_switch (its kallsyms name, often a .isra clone).
     Kprobe,
-    /// BTF-typed sched_switch tracepoint.
+    /// BTF-typed sched_switch for the switch-out and sched_exit_tp (the end of __schedule,
+    /// Linux 6.16+) for the switch-in, where the thread is current again: as with
+    /// finish_task_switch, stacks are walked only for intervals long enough to report.
+    TpBtfExit,
+    /// BTF-typed sched_switch alone: stacks are walked at every switch-out of the target.
     TpBtf,
     /// Raw sched_switch tracepoint: works wherever BPF raw tracepoints do.
     RawTp,
 }
 
 impl SchedHook {
-    pub const CHAIN: [SchedHook; 4] = [
+    pub const CHAIN: [SchedHook; 5] = [
         SchedHook::Fentry,
         SchedHook::Kprobe,
+        SchedHook::TpBtfExit,
         SchedHook::TpBtf,
         SchedHook::RawTp,
     ];
@@ -48,6 +53,7 @@ impl SchedHook {
         match self {
             SchedHook::Fentry => "sched_switch_fentry",
             SchedHook::Kprobe => "sched_switch_kprobe",
+            SchedHook::TpBtfExit => "sched_switch_out_btf",
             SchedHook::TpBtf => "sched_switch_btf",
             SchedHook::RawTp => "sched_switch_raw",
         }
@@ -59,6 +65,7 @@ impl fmt::Display for SchedHook {
         f.write_str(match self {
             SchedHook::Fentry => "fentry/finish_task_switch",
             SchedHook::Kprobe => "kprobe/finish_task_switch",
+            SchedHook::TpBtfExit => "tp_btf/sched_switch+sched_exit_tp",
             SchedHook::TpBtf => "tp_btf/sched_switch",
             SchedHook::RawTp => "raw_tp/sched_switch",
         })
@@ -365,6 +372,9 @@ fn chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// The switch-in half of [`SchedHook::TpBtfExit`].
+const SCHED_EXIT_PROGRAM: &str = "sched_exit_btf";
+
 fn try_sched_hook(ebpf: &mut Ebpf, hook: SchedHook, btf: &Btf) -> Result<(), String> {
     let name = hook.program();
     let fail = |e: &dyn std::error::Error| chain(e);
@@ -379,6 +389,28 @@ fn try_sched_hook(ebpf: &mut Ebpf, hook: SchedHook, btf: &Btf) -> Result<(), Str
             let p: &mut KProbe = program_mut(ebpf, name).map_err(|e| e.to_string())?;
             p.load().map_err(|e| fail(&e))?;
             p.attach(&symbol, 0).map(drop).map_err(|e| fail(&e))
+        }
+        SchedHook::TpBtfExit => {
+            // Both load before either attaches, and the switch-out half is detached again if
+            // the other does not attach: neither half is any use alone.
+            for (program, tracepoint) in [
+                (name, "sched_switch"),
+                (SCHED_EXIT_PROGRAM, "sched_exit_tp"),
+            ] {
+                let p: &mut BtfTracePoint =
+                    program_mut(ebpf, program).map_err(|e| e.to_string())?;
+                p.load(tracepoint, btf).map_err(|e| fail(&e))?;
+            }
+            let out: &mut BtfTracePoint = program_mut(ebpf, name).map_err(|e| e.to_string())?;
+            let out_link = out.attach().map_err(|e| fail(&e))?;
+            let exit: &mut BtfTracePoint =
+                program_mut(ebpf, SCHED_EXIT_PROGRAM).map_err(|e| e.to_string())?;
+            if let Err(e) = exit.attach() {
+                let out: &mut BtfTracePoint = program_mut(ebpf, name).map_err(|e| e.to_string())?;
+                let _ = out.detach(out_link);
+                return Err(fail(&e));
+            }
+            Ok(())
         }
         SchedHook::TpBtf => {
             let p: &mut BtfTracePoint = program_mut(ebpf, name).map_err(|e| e.to_string())?;

@@ -113,6 +113,12 @@ fn fallback_chain_is_walked_in_order_and_reported() {
         );
         assert!(before[1].error.is_some());
     }
+    // Where the kernel has sched_exit_tp, the chain stops there, before the flavour that walks
+    // stacks at every switch-out.
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap();
+    if kallsyms.contains(" __traceiter_sched_exit_tp\n") && tried.len() >= 3 {
+        assert_eq!(hooks.scheduler, "tp_btf/sched_switch+sched_exit_tp");
+    }
 }
 
 #[test]
@@ -124,6 +130,19 @@ fn forced_raw_tracepoint_hook_measures_the_same() {
     let recording = record_for(probe, Duration::from_secs(2));
     assert_eq!(recording.meta.hooks.scheduler, "raw_tp/sched_switch");
     assert_eq!(recording.meta.hooks.scheduler_attempts.len(), 1);
+    assert_sleeps_in_stall_here(&recording);
+}
+
+#[test]
+fn forced_sched_switch_only_hook_measures_the_same() {
+    // The flavour that walks stacks at every switch-out, kept for kernels without
+    // sched_exit_tp; the default chain no longer reaches it here.
+    let _serial = serial();
+    let sleeper = target(&["sleeper", "--stall-ms", "20", "--duration", "20"]);
+    let mut probe = settings(sleeper.pid());
+    probe.sched_hook = Some(SchedHook::TpBtf);
+    let recording = record_for(probe, Duration::from_secs(2));
+    assert_eq!(recording.meta.hooks.scheduler, "tp_btf/sched_switch");
     assert_sleeps_in_stall_here(&recording);
 }
 
