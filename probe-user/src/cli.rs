@@ -144,7 +144,8 @@ pub struct ProbeArgs {
     /// Report off-CPU intervals at least this long (0 = all; short ones flood busy servers).
     #[arg(long, value_parser = parse_duration, default_value = "1ms")]
     pub min_offcpu: Duration,
-    /// Use only this scheduler hook instead of the fallback chain fentry → kprobe → tp_btf → raw_tp.
+    /// Use only this scheduler hook instead of the fallback chain
+    /// fentry → kprobe → tp_btf sched_switch+sched_exit_tp → tp_btf sched_switch → raw_tp.
     #[arg(long, value_enum)]
     pub sched_hook: Option<SchedHook>,
     /// Print the kernel programs' diagnostics (aya-log).
