@@ -12,7 +12,9 @@ fn usage() -> ! {
     eprintln!(
         "usage: p99probe-target MODE [--duration SECS] [options]
 modes:
-  sleeper   [--stall-ms 20]          a thread that sleeps in stall_here() in a loop
+  sleeper   [--stall-ms 20] [--linger SECS]
+                                     a thread that sleeps in stall_here() in a loop; with
+                                     --linger, the process stays that long after it ends
   spinner                            a thread that burns CPU in spin_here()
   worker    [--cpu N]                bursts of CPU work (work_burst) with 1 ms sleeps, pinned
   hog       [--cpu N]                pure CPU hog, pinned
@@ -119,6 +121,7 @@ fn sleeper(opts: &Opts, until: Instant) {
         .unwrap();
     ready("");
     handle.join().unwrap();
+    std::thread::sleep(Duration::from_secs_f64(opts.get("--linger", 0.0f64)));
 }
 
 fn spinner(until: Instant) {
