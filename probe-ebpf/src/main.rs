@@ -14,7 +14,10 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{
+        bpf_perf_event_data, BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP,
+    },
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
@@ -516,13 +519,27 @@ pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Whether the sample interrupted kernel code. Code running in user mode has no kernel stack:
+/// asking for one fails, and counting that as a missing stack made most samples of a
+/// CPU-bound thread look lost.
+#[inline(always)]
+fn interrupted_kernel(ctx: &PerfEventContext) -> bool {
+    let data = ctx.as_ptr() as *const bpf_perf_event_data;
+    // The low two bits of CS are the privilege level the CPU ran at; user mode is 3.
+    unsafe { (*data).regs.cs & 3 == 0 }
+}
+
 #[perf_event]
 pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     let cfg = config();
     let Some(tid) = current_target_tid(&cfg) else {
         return 0;
     };
-    let kernel_stack_id = stack_id(&ctx, 0);
+    let kernel_stack_id = if interrupted_kernel(&ctx) {
+        stack_id(&ctx, 0)
+    } else {
+        NO_STACK
+    };
     let user_stack_id = stack_id(&ctx, BPF_F_USER_STACK as u64);
     emit(|event| {
         event.kind = EventKind::OnCpuSample as u32;

@@ -23,4 +23,11 @@ fn busy_loop_dominates_the_oncpu_flame_graph() {
     );
     let svg = String::from_utf8(render_svg(&folded, FlameKind::Oncpu, "spinner").unwrap()).unwrap();
     assert!(svg.contains("spin_here"));
+    // A thread spinning in user code has no kernel stack in its samples; that is not a lost
+    // stack, and the count users read as data loss must not say so.
+    let missing = recording.meta.counters.stacks_missing;
+    assert!(
+        missing * 20 <= total,
+        "{missing} stacks reported missing for {total} samples"
+    );
 }
