@@ -15,7 +15,8 @@ modes:
   sleeper   [--stall-ms 20] [--linger SECS]
                                      a thread that sleeps in stall_here() in a loop; with
                                      --linger, the process stays that long after it ends
-  spinner                            a thread that burns CPU in spin_here()
+  spinner   [--start-after SECS]     a thread that burns CPU in spin_here(); with --start-after
+                                     it is created that long after the ready line
   worker    [--cpu N]                bursts of CPU work (work_burst) with 1 ms sleeps, pinned
   hog       [--cpu N]                pure CPU hog, pinned
   server    [--port 0] [--response-bytes 4096] [--stall-every N --stall-ms M]
@@ -124,7 +125,14 @@ fn sleeper(opts: &Opts, until: Instant) {
     std::thread::sleep(Duration::from_secs_f64(opts.get("--linger", 0.0f64)));
 }
 
-fn spinner(until: Instant) {
+fn spinner(opts: &Opts, until: Instant) {
+    // With --start-after the thread is created that long after "ready": a probe attached at
+    // "ready" must see threads that did not exist when it attached.
+    let start_after = Duration::from_secs_f64(opts.get("--start-after", 0.0f64));
+    if !start_after.is_zero() {
+        ready("");
+        std::thread::sleep(start_after);
+    }
     let handle = std::thread::Builder::new()
         .name("spin-loop".into())
         .spawn(move || {
@@ -133,7 +141,9 @@ fn spinner(until: Instant) {
             }
         })
         .unwrap();
-    ready("");
+    if start_after.is_zero() {
+        ready("");
+    }
     handle.join().unwrap();
 }
 
@@ -360,7 +370,7 @@ fn main() {
     let until = Instant::now() + Duration::from_secs_f64(opts.get("--duration", 60.0f64));
     match mode.as_str() {
         "sleeper" => sleeper(&opts, until),
-        "spinner" => spinner(until),
+        "spinner" => spinner(&opts, until),
         "worker" => worker(&opts, until),
         "hog" => hog(&opts, until),
         "server" => server(&opts, until),

@@ -31,3 +31,20 @@ fn busy_loop_dominates_the_oncpu_flame_graph() {
         "{missing} stacks reported missing for {total} samples"
     );
 }
+
+#[test]
+fn threads_started_after_attaching_are_sampled() {
+    // Servers start threads while attached (thread pools growing, Go's Ms): their CPU time
+    // must show up like that of the threads already there.
+    let _serial = serial();
+    let spinner = target(&["spinner", "--start-after", "1", "--duration", "20"]);
+    let recording = record_for(settings(spinner.pid()), Duration::from_secs(3));
+    let window = Window::new(recording.meta.start_ns, recording.meta.end_ns);
+    let folded = fold(&recording, FlameKind::Oncpu, window, false);
+    let spinning = weight_containing(&folded, "spin_here");
+    // Spinning for the last ~2 s at 499 Hz: ~1000 samples.
+    assert!(
+        spinning >= 500,
+        "only {spinning} samples in spin_here from a thread started after attaching"
+    );
+}
