@@ -169,11 +169,13 @@ fn cpu_hog_on_the_same_cpu_raises_run_queue_delay() {
         "p99 run-queue delay with a hog is only {} ns",
         contended.p99_ns
     );
+    // Compared at p90: the idle p99 is the 4th-longest of ~340 waits, and a few waits behind
+    // whatever else the host runs on CPU 0 moved it from ~10 us to 0.8 ms in one run of the suite.
     assert!(
-        contended.p99_ns >= 10 * baseline.p99_ns.max(1),
-        "hog p99 {} ns vs idle p99 {} ns",
-        contended.p99_ns,
-        baseline.p99_ns
+        contended.p90_ns >= 10 * baseline.p90_ns.max(1),
+        "hog p90 {} ns vs idle p90 {} ns",
+        contended.p90_ns,
+        baseline.p90_ns
     );
     // Every run-queue event of a thread pinned to CPU 0 happened on CPU 0.
     assert!(busy
