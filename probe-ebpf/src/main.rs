@@ -286,16 +286,18 @@ fn mark_runnable(tid: u32, now: u64) {
     }
 }
 
-/// A target thread leaves the CPU. `ctx` is only used for stacks when the thread is current.
+/// A target thread leaves the CPU, `preempted` or in `state`; it stays runnable when preempted
+/// or still `TASK_RUNNING`. `ctx` is only used for stacks when the thread is current.
 #[inline(always)]
 fn switched_out<C: EbpfContext>(
     ctx: &C,
     tid: u32,
     now: u64,
-    runnable: bool,
+    preempted: bool,
     state: u32,
     thread_is_current: bool,
 ) {
+    let runnable = preempted || state == TASK_RUNNING;
     if state & TASK_DEAD != 0 {
         let _ = THREADS.remove(&tid);
         return;
@@ -391,8 +393,7 @@ fn on_sched_switch<C: EbpfContext>(ctx: &C, preempt: bool, next: impl KernelPtr,
     }
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(tid) = prev_tid {
-        let runnable = preempt || prev_state == TASK_RUNNING;
-        switched_out(ctx, tid, now, runnable, prev_state, true);
+        switched_out(ctx, tid, now, preempt, prev_state, true);
     }
     if let Some(tid) = next_tid {
         switched_in(ctx, &cfg, tid, cfg.target_tgid, now, false);
@@ -410,8 +411,9 @@ fn on_finish_task_switch<C: EbpfContext>(ctx: &C, prev: impl KernelPtr) {
     }
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(prev_tid) = prev_tid {
+        // No preempt flag here: a preempted thread shows as still TASK_RUNNING.
         let state = prev.read::<u32>(cfg.offsets.task_state);
-        switched_out(ctx, prev_tid, now, state == TASK_RUNNING, state, false);
+        switched_out(ctx, prev_tid, now, false, state, false);
     }
     if let Some(tid) = next_tid {
         switched_in(ctx, &cfg, tid, cfg.target_tgid, now, true);
@@ -458,8 +460,7 @@ pub fn sched_switch_out_btf(ctx: BtfTracePointContext) -> i32 {
     let cfg = config();
     if let Some(tid) = current_target_tid(&cfg) {
         let now = unsafe { bpf_ktime_get_ns() };
-        let runnable = preempt != 0 || prev_state == TASK_RUNNING;
-        switched_out(&ctx, tid, now, runnable, prev_state, false);
+        switched_out(&ctx, tid, now, preempt != 0, prev_state, false);
     }
     0
 }
