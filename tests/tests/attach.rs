@@ -7,7 +7,7 @@ use std::time::Duration;
 use integration_tests::*;
 use p99probe::attach::ProbeSettings;
 use p99probe::latency::LatencyKind;
-use p99probe::monitor::{attach_and_watch, AttachOptions};
+use p99probe::monitor::{attach_and_watch, AttachOptions, AttachSummary};
 use p99probe::trigger::Threshold;
 use serde_json::Value;
 
@@ -41,15 +41,20 @@ fn options(pid: u32, out: &Path, p99_ms: u64, latency: LatencyKind, seconds: u64
     }
 }
 
-fn run(options: &AttachOptions) -> Vec<PathBuf> {
+/// Attaches with `options` until their duration ends.
+fn watch(options: &AttachOptions) -> AttachSummary {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let summary = runtime
+    runtime
         .block_on(attach_and_watch(options, std::future::pending()))
-        .expect("attach failed");
+        .expect("attach failed")
+}
+
+fn run(options: &AttachOptions) -> Vec<PathBuf> {
+    let summary = watch(options);
     // The per-segment ACK hook costs on every packet; it runs only for delivery latency.
     let tcp_probe_attached = summary.hooks.tcp.iter().any(|h| h.ends_with("/tcp_probe"));
     assert_eq!(
@@ -304,13 +309,7 @@ fn stacks_of_events_that_left_the_flight_recorder_are_freed() {
     options.pre = Duration::from_secs(1);
     options.baseline = Duration::from_secs(1);
     options.window = Duration::from_secs(1);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let summary = runtime
-        .block_on(attach_and_watch(&options, std::future::pending()))
-        .expect("attach failed");
+    let summary = watch(&options);
     assert!(summary.captures.is_empty());
     assert!(!summary.target_exited);
     assert!(

@@ -121,29 +121,29 @@ fn fallback_chain_is_walked_in_order_and_reported() {
     }
 }
 
-#[test]
-fn forced_raw_tracepoint_hook_measures_the_same() {
+/// With only `hook` asked for, that hook alone is tried and attached, and the sleeper's 20 ms
+/// intervals in stall_here come out as with the default chain.
+fn forced_hook_measures_the_same(hook: SchedHook, reported_as: &str) {
     let _serial = serial();
     let sleeper = target(&["sleeper", "--stall-ms", "20", "--duration", "20"]);
     let mut probe = settings(sleeper.pid());
-    probe.sched_hook = Some(SchedHook::RawTp);
+    probe.sched_hook = Some(hook);
     let recording = record_for(probe, Duration::from_secs(2));
-    assert_eq!(recording.meta.hooks.scheduler, "raw_tp/sched_switch");
+    assert_eq!(recording.meta.hooks.scheduler, reported_as);
     assert_eq!(recording.meta.hooks.scheduler_attempts.len(), 1);
     assert_sleeps_in_stall_here(&recording);
+}
+
+#[test]
+fn forced_raw_tracepoint_hook_measures_the_same() {
+    forced_hook_measures_the_same(SchedHook::RawTp, "raw_tp/sched_switch");
 }
 
 #[test]
 fn forced_sched_switch_only_hook_measures_the_same() {
     // The flavour that walks stacks at every switch-out, kept for kernels without
     // sched_exit_tp; the default chain no longer reaches it here.
-    let _serial = serial();
-    let sleeper = target(&["sleeper", "--stall-ms", "20", "--duration", "20"]);
-    let mut probe = settings(sleeper.pid());
-    probe.sched_hook = Some(SchedHook::TpBtf);
-    let recording = record_for(probe, Duration::from_secs(2));
-    assert_eq!(recording.meta.hooks.scheduler, "tp_btf/sched_switch");
-    assert_sleeps_in_stall_here(&recording);
+    forced_hook_measures_the_same(SchedHook::TpBtf, "tp_btf/sched_switch");
 }
 
 #[test]
