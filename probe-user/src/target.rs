@@ -1,4 +1,5 @@
-//! What /proc says about the target process: identity, threads, memory maps, listening ports.
+//! What /proc says about the target process: identity, threads, memory maps. (Its listening
+//! ports come from sock_diag: see [`crate::listeners`].)
 
 use std::collections::BTreeMap;
 use std::fs;
