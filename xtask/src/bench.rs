@@ -22,15 +22,17 @@ enum Tool {
     P99probeDelivery,
     Bpftrace,
     Bcc,
+    BccLibbpf,
 }
 
 impl Tool {
-    const ALL: [Tool; 5] = [
+    const ALL: [Tool; 6] = [
         Tool::Nothing,
         Tool::P99probe,
         Tool::P99probeDelivery,
         Tool::Bpftrace,
         Tool::Bcc,
+        Tool::BccLibbpf,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -39,6 +41,7 @@ impl Tool {
             Tool::P99probeDelivery => "p99probe attach --latency delivery",
             Tool::Bpftrace => "bpftrace (equivalent script)",
             Tool::Bcc => "BCC runqlat+offcputime+tcpretrans",
+            Tool::BccLibbpf => "BCC libbpf-tools runqlat+offcputime (tcpretrans not packaged)",
         }
     }
 }
@@ -265,16 +268,35 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
         ]
         .into_iter()
         .collect::<Result<_, _>>()?,
+        // BCC's own CO-RE rewrites of the same tools: they need BTF, not kernel headers.
+        // Pinned like p99probe and bpftrace.
+        Tool::BccLibbpf => vec![
+            spawn(
+                Command::new("taskset")
+                    .args(["-c", "1", "runqlat", "-p"])
+                    .arg(pid.to_string()),
+            ),
+            spawn(
+                Command::new("taskset")
+                    .args(["-c", "1", "offcputime", "-p"])
+                    .arg(pid.to_string()),
+            ),
+        ]
+        .into_iter()
+        .collect::<Result<_, _>>()?,
     };
-    // What each tool prints once its probes are in: p99probe its hook report, bpftrace
-    // "Attaching N probes...", BCC "Tracing ...".
-    let ready_marker = match tool {
+    // How each process shows its probes are in: p99probe prints its hook report, bpftrace
+    // "Attaching N probes...", BCC "Tracing ...". libbpf-tools' C stdio holds its lines in a
+    // buffer while stdout is a pipe (offcputime prints none until it exits anyway), so for
+    // them the sign is a BPF link among their open files.
+    let ready: Vec<Ready> = match tool {
         Tool::Nothing => unreachable!(),
-        Tool::P99probe | Tool::P99probeDelivery => "p99probe: tracing pid",
-        Tool::Bpftrace => "Attaching",
-        Tool::Bcc => "Tracing",
+        Tool::P99probe | Tool::P99probeDelivery => vec![Ready::Line("p99probe: tracing pid")],
+        Tool::Bpftrace => vec![Ready::Line("Attaching")],
+        Tool::Bcc => vec![Ready::Line("Tracing"); 3],
+        Tool::BccLibbpf => vec![Ready::BpfLink; 2],
     };
-    for killed in &mut running {
+    for (killed, ready) in running.iter_mut().zip(ready) {
         // Both streams are read to the end: a tool blocked on a full pipe would stall. The
         // markers go to stdout or stderr depending on the tool.
         let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -302,8 +324,17 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
         // bpftrace compiles its script first; allow for a slow machine.
         let deadline = Instant::now() + Duration::from_secs(60);
         let failure = loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) if line.contains(ready_marker) => break None,
+            if ready == Ready::BpfLink && holds_bpf_link(killed.0.id()) {
+                break None;
+            }
+            let wait = match ready {
+                Ready::Line(_) => deadline.saturating_duration_since(Instant::now()),
+                Ready::BpfLink => Duration::from_millis(50),
+            };
+            match rx.recv_timeout(wait) {
+                Ok(line) if matches!(ready, Ready::Line(marker) if line.contains(marker)) => {
+                    break None
+                }
                 Ok(line) => {
                     if !line.trim().is_empty() {
                         last_line = line;
@@ -314,9 +345,10 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
                     let status = killed.0.wait().map(|s| s.to_string()).unwrap_or_default();
                     break Some(format!("exited with {status}: {last_line}"));
                 }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     break Some(format!(
-                        "did not report tracing within 60 s (waiting for {ready_marker:?}); last output: {last_line}"
+                        "did not report tracing within 60 s (waiting for {ready:?}); last output: {last_line}"
                     ))
                 }
             }
@@ -332,6 +364,22 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
 }
 
 const SETTLE: Duration = Duration::from_millis(700);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ready {
+    /// It prints a line containing this.
+    Line(&'static str),
+    /// It holds a BPF link: a program is attached.
+    BpfLink,
+}
+
+fn holds_bpf_link(pid: u32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::read_to_string(fd.path()).is_ok_and(|info| info.contains("link_type:")))
+}
 
 fn stats(values: &[f64]) -> (f64, f64, f64) {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
@@ -956,7 +1004,7 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
     ] {
         let _ = writeln!(md, "- {label}: {value}");
     }
-    let _ = writeln!(md, "\nServer pinned to CPU 0, load generator and tracing tools to CPU 1; {LOAD_SECONDS} s of load per run; p99probe runs `attach` with a threshold (`--p99 1h`) never reached and every hook its latency mode uses: scheduler, wakeups, 499 Hz sampling (the bpftrace script samples at 99 Hz), arrival/write/state/retransmit socket hooks, Go runtime uprobes; `--latency delivery` adds the per-segment ACK hook.\n");
+    let _ = writeln!(md, "\nServer pinned to CPU 0, load generator and tracing tools to CPU 1; {LOAD_SECONDS} s of load per run; p99probe runs `attach` with a threshold (`--p99 1h`) never reached and every hook its latency mode uses: scheduler, wakeups, 499 Hz sampling (the bpftrace script samples at 99 Hz), arrival/write/state/retransmit socket hooks, Go runtime uprobes; `--latency delivery` adds the per-segment ACK hook. BCC's Python tools need kernel headers to compile their programs; its libbpf-tools (CO-RE, BTF only) are the BCC equivalent that runs where there are none: `runqlat -p PID` and `offcputime -p PID` (Debian's libbpf-tools has no tcpretrans).\n");
     for p in [&go_paired, &redis_paired] {
         p.write_table(&mut md);
     }
@@ -1031,7 +1079,6 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
     let _ = writeln!(md, "## Goals\n");
     for p in [&go_paired, &redis_paired] {
         let (mean, ci) = mean_ci95(p.ratios(Tool::P99probe));
-        let (bpftrace_mean, bpftrace_ci) = mean_ci95(p.ratios(Tool::Bpftrace));
         let verdict = if mean - ci >= 0.98 {
             "met"
         } else if mean >= 0.98 {
@@ -1041,21 +1088,38 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
         } else {
             "missed"
         };
-        let _ = writeln!(
-            md,
-            "- {}: throughput with p99probe ≥ 98% of nothing attached: {:.1}% ± {:.1} — {verdict}; bpftrace equivalent: {:.1}% ± {:.1} — p99probe costs {} (interleaved phases)",
-            p.server,
-            mean * 100.0,
-            ci * 100.0,
-            bpftrace_mean * 100.0,
-            bpftrace_ci * 100.0,
-            if mean - ci > bpftrace_mean + bpftrace_ci {
+        let peers: Vec<String> = [
+            (Tool::Bpftrace, "bpftrace equivalent"),
+            (Tool::BccLibbpf, "BCC libbpf-tools"),
+        ]
+        .into_iter()
+        .map(|(tool, label)| {
+            let ratios = p.ratios(tool);
+            if ratios.is_empty() {
+                return format!("{label}: did not run");
+            }
+            let (peer_mean, peer_ci) = mean_ci95(ratios);
+            let cost = if mean - ci > peer_mean + peer_ci {
                 "less"
-            } else if mean + ci < bpftrace_mean - bpftrace_ci {
+            } else if mean + ci < peer_mean - peer_ci {
                 "more"
             } else {
                 "about the same (intervals overlap)"
-            }
+            };
+            format!(
+                "{label}: {:.1}% ± {:.1}, p99probe costs {cost}",
+                peer_mean * 100.0,
+                peer_ci * 100.0
+            )
+        })
+        .collect();
+        let _ = writeln!(
+            md,
+            "- {}: throughput with p99probe ≥ 98% of nothing attached: {:.1}% ± {:.1} — {verdict}; {} (interleaved phases)",
+            p.server,
+            mean * 100.0,
+            ci * 100.0,
+            peers.join("; ")
         );
     }
     for o in [&go, &redis] {

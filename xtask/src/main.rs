@@ -33,7 +33,7 @@ enum Task {
     /// Setup, then formatting, lints, unit and integration tests (needs root).
     Test,
     /// Measure overhead against bpftrace and BCC, pipeline limits and time to verdict, and
-    /// write BENCHMARKS.md (needs root; takes about 15 minutes; not part of `test`).
+    /// write BENCHMARKS.md (needs root; takes about 35 minutes; not part of `test`).
     Bench,
 }
 
@@ -89,6 +89,7 @@ const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("redis-benchmark", "redis-tools"),
     ("bpftrace", "bpftrace"),
     ("runqlat-bpfcc", "bpfcc-tools"),
+    ("offcputime", "libbpf-tools"),
 ];
 
 fn install_packages(packages: &[(&str, &str)]) -> Result<()> {
