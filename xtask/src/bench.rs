@@ -1001,6 +1001,10 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
         ("redis", version("redis-server", &["--version"])),
         ("wrk", version("wrk", &["--version"])),
         ("bpftrace", version("bpftrace", &["--version"])),
+        (
+            "libbpf-tools",
+            version("dpkg-query", &["-W", "-f", "${Version}", "libbpf-tools"]),
+        ),
     ] {
         let _ = writeln!(md, "- {label}: {value}");
     }
