@@ -416,18 +416,13 @@ impl Overhead {
     /// ran a minute or less before it: slow drift of the machine cancels, as it does not in a
     /// ratio of medians over all rounds.
     fn p99_ratios_by_round(&self, tool: Tool) -> Vec<f64> {
-        ratios_by_round(
-            &self.column(tool, |s| s.p99_ms),
-            &self.column(Tool::Nothing, |s| s.p99_ms),
-        )
+        let baseline = self.column(Tool::Nothing, |s| s.p99_ms);
+        self.column(tool, |s| s.p99_ms)
+            .iter()
+            .zip(&baseline)
+            .map(|(run, base)| run / base)
+            .collect()
     }
-}
-
-fn ratios_by_round(runs: &[f64], baseline: &[f64]) -> Vec<f64> {
-    runs.iter()
-        .zip(baseline)
-        .map(|(run, base)| run / base)
-        .collect()
 }
 
 fn overhead(
