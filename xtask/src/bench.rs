@@ -270,20 +270,16 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
         .collect::<Result<_, _>>()?,
         // BCC's own CO-RE rewrites of the same tools: they need BTF, not kernel headers.
         // Pinned like p99probe and bpftrace.
-        Tool::BccLibbpf => vec![
-            spawn(
-                Command::new("taskset")
-                    .args(["-c", "1", "runqlat", "-p"])
-                    .arg(pid.to_string()),
-            ),
-            spawn(
-                Command::new("taskset")
-                    .args(["-c", "1", "offcputime", "-p"])
-                    .arg(pid.to_string()),
-            ),
-        ]
-        .into_iter()
-        .collect::<Result<_, _>>()?,
+        Tool::BccLibbpf => ["runqlat", "offcputime"]
+            .into_iter()
+            .map(|program| {
+                spawn(
+                    Command::new("taskset")
+                        .args(["-c", "1", program, "-p"])
+                        .arg(pid.to_string()),
+                )
+            })
+            .collect::<Result<_, _>>()?,
     };
     // How each process shows its probes are in: p99probe prints its hook report, bpftrace
     // "Attaching N probes...", BCC "Tracing ...". libbpf-tools' C stdio holds its lines in a
