@@ -1174,28 +1174,20 @@ mod tests {
 
     #[test]
     fn p99_ratios_pair_each_run_with_its_own_round() {
+        let runs = |p99s: [f64; 3]| {
+            Ok(p99s
+                .map(|p99_ms| Sample {
+                    p99_ms,
+                    ..Sample::default()
+                })
+                .to_vec())
+        };
         let overhead = Overhead {
             server: "s",
             load: "l",
             results: vec![
-                (
-                    Tool::Nothing,
-                    Ok([1.0, 2.0, 4.0]
-                        .map(|p99_ms| Sample {
-                            p99_ms,
-                            ..Sample::default()
-                        })
-                        .to_vec()),
-                ),
-                (
-                    Tool::P99probe,
-                    Ok([1.1, 2.0, 5.0]
-                        .map(|p99_ms| Sample {
-                            p99_ms,
-                            ..Sample::default()
-                        })
-                        .to_vec()),
-                ),
+                (Tool::Nothing, runs([1.0, 2.0, 4.0])),
+                (Tool::P99probe, runs([1.1, 2.0, 5.0])),
                 (Tool::Bcc, Err("does not run".into())),
             ],
         };
