@@ -376,11 +376,10 @@ fn post_mortem_report_finds_the_spike_in_a_plain_recording() {
     // The worst window lies inside the injection (5 s to 7 s after the server started), which
     // ends at most 7 s into the recording and begins at least at `5 - recording_started_by`.
     let start = report["spike_window"]["start_s"].as_f64().unwrap();
-    let earliest = 5.0 - recording_started_by - 0.5;
+    let injection_began_by = 5.0 - recording_started_by;
     assert!(
-        (earliest..7.0).contains(&start),
-        "worst window starts at {start} s; the injection began between {:.1} s and 5 s",
-        5.0 - recording_started_by
+        (injection_began_by - 0.5..7.0).contains(&start),
+        "worst window starts at {start} s; the injection began between {injection_began_by:.1} s and 5 s"
     );
 }
 
