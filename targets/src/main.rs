@@ -15,6 +15,9 @@ modes:
   sleeper   [--stall-ms 20] [--linger SECS]
                                      a thread that sleeps in stall_here() in a loop; with
                                      --linger, the process stays that long after it ends
+  stacks    [--paths 20000] [--nap-us 200]
+                                     a thread that naps once under each of PATHS distinct user
+                                     stacks (call paths through path_zero/path_one), in turn
   spinner   [--start-after SECS]     a thread that burns CPU in spin_here(); with --start-after
                                      it is created that long after the ready line
   worker    [--cpu N]                bursts of CPU work (work_burst) with 1 ms sleeps, pinned
@@ -71,9 +74,15 @@ fn pin_to_cpu(cpu: usize) {
 #[inline(never)]
 #[no_mangle]
 pub extern "C" fn stall_here(millis: u64) {
+    nanosleep_in_caller(millis * 1_000_000);
+}
+
+/// nanosleep by a `syscall` instruction in the (inlining) caller's own frame.
+#[inline(always)]
+fn nanosleep_in_caller(nanos: u64) {
     let ts = libc::timespec {
-        tv_sec: (millis / 1000) as libc::time_t,
-        tv_nsec: ((millis % 1000) * 1_000_000) as libc::c_long,
+        tv_sec: (nanos / 1_000_000_000) as libc::time_t,
+        tv_nsec: (nanos % 1_000_000_000) as libc::c_long,
     };
     unsafe {
         let _ret: i64;
@@ -87,6 +96,34 @@ pub extern "C" fn stall_here(millis: u64) {
             options(nostack),
         );
     }
+}
+
+/// One step of a call path spelled by `bits` (low bit first): descends through `path_zero` or
+/// `path_one` for each of `depth` bits and naps at the bottom, so every value of `bits` blocks
+/// under a user stack of its own.
+#[inline(always)]
+fn descend(bits: u32, depth: u32, nap_ns: u64) {
+    if depth == 0 {
+        nanosleep_in_caller(nap_ns);
+    } else if bits & 1 == 0 {
+        path_zero(bits >> 1, depth - 1, nap_ns);
+    } else {
+        path_one(bits >> 1, depth - 1, nap_ns);
+    }
+    // Keeps each call a real call: a tail call would reuse the frame and merge the paths.
+    std::hint::black_box(depth);
+}
+
+#[inline(never)]
+#[no_mangle]
+pub extern "C" fn path_zero(bits: u32, depth: u32, nap_ns: u64) {
+    descend(bits, depth, nap_ns);
+}
+
+#[inline(never)]
+#[no_mangle]
+pub extern "C" fn path_one(bits: u32, depth: u32, nap_ns: u64) {
+    descend(bits, depth, nap_ns);
 }
 
 #[inline(never)]
@@ -123,6 +160,25 @@ fn sleeper(opts: &Opts, until: Instant) {
     ready("");
     handle.join().unwrap();
     std::thread::sleep(Duration::from_secs_f64(opts.get("--linger", 0.0f64)));
+}
+
+fn distinct_stacks(opts: &Opts, until: Instant) {
+    let paths = opts.get("--paths", 20_000u32);
+    let nap_ns = opts.get("--nap-us", 200u64) * 1000;
+    let depth = u32::BITS - paths.saturating_sub(1).leading_zeros();
+    let handle = std::thread::Builder::new()
+        .name("path-walker".into())
+        .spawn(move || {
+            for bits in 0..paths {
+                if Instant::now() >= until {
+                    break;
+                }
+                descend(bits, depth, nap_ns);
+            }
+        })
+        .unwrap();
+    ready("");
+    handle.join().unwrap();
 }
 
 fn spinner(opts: &Opts, until: Instant) {
@@ -371,6 +427,7 @@ fn main() {
     match mode.as_str() {
         "sleeper" => sleeper(&opts, until),
         "spinner" => spinner(&opts, until),
+        "stacks" => distinct_stacks(&opts, until),
         "worker" => worker(&opts, until),
         "hog" => hog(&opts, until),
         "server" => server(&opts, until),
