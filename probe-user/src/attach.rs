@@ -58,6 +58,12 @@ impl SchedHook {
             SchedHook::RawTp => "sched_switch_raw",
         }
     }
+
+    /// Whether the thread's stacks are walked as it leaves the CPU and kept in its kernel state
+    /// until it returns (the other hooks walk them on its return, into the event itself).
+    pub fn holds_stacks_while_off_cpu(self) -> bool {
+        matches!(self, SchedHook::TpBtf | SchedHook::RawTp)
+    }
 }
 
 impl fmt::Display for SchedHook {
@@ -151,6 +157,7 @@ pub struct ProbeSettings {
 pub struct AttachedProbes {
     pub ebpf: Ebpf,
     pub report: AttachReport,
+    pub sched_hook: SchedHook,
     /// Online CPUs: each holds a batch of request latencies in the kernel.
     cpus: Vec<u32>,
     listeners: Listeners,
@@ -628,6 +635,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     };
     Ok(AttachedProbes {
         ebpf,
+        sched_hook: chosen,
         cpus,
         listeners,
         report: AttachReport {

@@ -299,7 +299,7 @@ fn run_attach(args: AttachArgs) -> anyhow::Result<()> {
         out_dir: args.out,
         progress: true,
         max_buffered_events: 4_000_000,
-        stack_sweep_every: Duration::from_secs(5),
+        stack_prune_every: Duration::from_secs(5),
     };
     let summary = runtime()?.block_on(async {
         let ctrl_c = async {
@@ -311,11 +311,11 @@ fn run_attach(args: AttachArgs) -> anyhow::Result<()> {
         eprintln!("target {} exited", args.pid);
     }
     println!(
-        "{} capture(s); {} events sent, {} dropped in the kernel; {} unused stacks freed",
+        "{} capture(s); {} events sent, {} dropped in the kernel, {} stacks missing",
         summary.captures.len(),
         summary.counters.events_sent,
         summary.counters.ring_buffer_full,
-        summary.stacks_freed
+        summary.counters.stacks_missing
     );
     for capture in &summary.captures {
         println!("{}", capture.dir.display());

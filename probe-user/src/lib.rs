@@ -24,6 +24,7 @@ pub mod recorder;
 pub mod recording;
 pub mod report;
 pub mod scheduling;
+pub mod stacks;
 pub mod svg;
 pub mod symbolize;
 pub mod target;

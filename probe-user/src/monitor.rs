@@ -62,8 +62,8 @@ pub struct AttachOptions {
     pub progress: bool,
     /// Flight-recorder bound; the oldest events go first beyond it.
     pub max_buffered_events: usize,
-    /// How often stack-map entries no held event refers to are freed.
-    pub stack_sweep_every: Duration,
+    /// How often the agent forgets the stacks that no held event refers to.
+    pub stack_prune_every: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -80,7 +80,7 @@ pub struct AttachSummary {
     pub counters: KernelCounters,
     pub target_exited: bool,
     pub evicted_for_memory: u64,
-    /// Kernel stack-map entries freed once no held event referred to them.
+    /// Kernel stack-map entries freed: copied out and not recurring, or named by no event.
     pub stacks_freed: u64,
 }
 
@@ -246,7 +246,6 @@ pub async fn attach_and_watch(
     let mut rate_mark = (monotonic_ns(), 0u64);
     let mut events_per_s = 0.0;
     let mut last_sweep = monotonic_ns();
-    let mut stacks_freed = 0u64;
     loop {
         tokio::select! {
             result = session.next_events(&mut batch) => {
@@ -310,12 +309,9 @@ pub async fn attach_and_watch(
                         break;
                     }
                 }
-                if now.saturating_sub(last_sweep) >= ns(opts.stack_sweep_every) {
+                if now.saturating_sub(last_sweep) >= ns(opts.stack_prune_every) {
                     last_sweep = now;
-                    // Undrained events hold stack ids too; they join the flight recorder on
-                    // the next turn of the loop.
-                    session.drain_now(&mut batch);
-                    stacks_freed += session.sweep_stacks(flight.iter().chain(batch.iter()))? as u64;
+                    session.prune_stacks(flight.iter().chain(batch.iter()));
                 }
                 let drops = session.counters().map(|c| c.ring_buffer_full).unwrap_or(0);
                 let threshold = match trigger.threshold_ns() {
@@ -348,6 +344,7 @@ pub async fn attach_and_watch(
     progress.finish_and_clear();
     let hooks = session.hooks().clone();
     let counters = session.counters()?;
+    let stacks_freed = session.stacks_freed;
     drop(session);
     let captures = capturer.finish().await?;
     Ok(AttachSummary {

@@ -15,9 +15,10 @@ use crate::attach::{
     attach, attach_err, kernel_map, kernel_map_mut, AttachReport, AttachedProbes, ProbeSettings,
 };
 use crate::error::ProbeError;
-use crate::events::{decode_ring_record, Event};
+use crate::events::decode_ring_record;
 use crate::output::check_writable;
 use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
+use crate::stacks::StackStore;
 use crate::symbolize::{symbolize_stacks, trim_tracing_frames};
 use crate::target::{self, MemoryMap};
 
@@ -88,32 +89,14 @@ fn read_counters(ebpf: &Ebpf) -> Result<KernelCounters, ProbeError> {
     })
 }
 
-fn read_stacks(ebpf: &Ebpf, events: &[RawEvent]) -> Result<BTreeMap<u32, Vec<u64>>, ProbeError> {
-    let map: StackTraceMap<_> = kernel_map(ebpf, "STACKS")?;
-    let mut ids = BTreeSet::new();
-    for event in events.iter().filter_map(Event::from_raw) {
-        if let Event::OffCpu {
-            kernel_stack,
-            user_stack,
-            ..
-        }
-        | Event::OnCpuSample {
-            kernel_stack,
-            user_stack,
-            ..
-        } = event
-        {
-            ids.extend(kernel_stack);
-            ids.extend(user_stack);
-        }
-    }
-    let mut stacks = BTreeMap::new();
-    for id in ids {
-        if let Ok(trace) = map.get(&id, 0) {
-            stacks.insert(id, trace.frames().iter().map(|f| f.ip).collect());
-        }
-    }
-    Ok(stacks)
+/// The frames of every stack `events` name, from the agent's store.
+fn stacks_named_by(store: &StackStore, events: &[RawEvent]) -> BTreeMap<u32, Vec<u64>> {
+    events
+        .iter()
+        .flat_map(|e| [e.kernel_stack_id, e.user_stack_id])
+        .filter_map(|id| u32::try_from(id).ok())
+        .filter_map(|id| Some((id, store.frames(id)?.to_vec())))
+        .collect()
 }
 
 fn merge_maps(known: &mut Vec<MemoryMap>, current: Vec<MemoryMap>) {
@@ -138,10 +121,24 @@ pub struct LiveSession {
     threads: BTreeMap<u32, String>,
     maps: Vec<MemoryMap>,
     settings: RecordSettings,
-    /// Stack ids nothing referred to at the last [`LiveSession::sweep_stacks`].
-    unreferenced_stacks: BTreeSet<u32>,
+    /// Every stack the drained events name, under the store's ids.
+    stacks: StackStore,
+    /// Kernel stack ids that no drained event had named at the last full sweep.
+    unnamed_at_last_sweep: BTreeSet<u32>,
+    stacks_released_ns: u64,
+    stacks_swept_ns: u64,
+    /// Entries freed from the kernel's stack map.
+    pub stacks_freed: u64,
     ports_read_ns: u64,
 }
+
+/// How often copied stacks that did not recur are freed from the kernel's map. What the map
+/// holds, and so how likely a new stack is to collide, is the stacks of about twice this long.
+const STACK_RELEASE_NS: u64 = 20_000_000;
+
+/// How often the kernel's whole stack map is checked for entries no event ever named (their
+/// event was lost, or the interval was too short to report).
+const STACK_SWEEP_NS: u64 = 1_000_000_000;
 
 /// How often the target's listening ports are re-read while attached: a listener opened after
 /// attach has its connections timed from then on.
@@ -181,7 +178,11 @@ impl LiveSession {
                 sample_hz: probe.sample_hz,
                 min_offcpu_ns: probe.min_offcpu_ns,
             },
-            unreferenced_stacks: BTreeSet::new(),
+            stacks: StackStore::default(),
+            unnamed_at_last_sweep: BTreeSet::new(),
+            stacks_released_ns: monotonic_ns(),
+            stacks_swept_ns: monotonic_ns(),
+            stacks_freed: 0,
             ports_read_ns: monotonic_ns(),
         })
     }
@@ -194,6 +195,7 @@ impl LiveSession {
     /// then drains every event into `out`. The kernel does not wake the agent per event: at
     /// hundreds of thousands of events a second those wakeups would cost more than the events.
     pub async fn next_events(&mut self, out: &mut Vec<RawEvent>) -> Result<(), ProbeError> {
+        let first_new = out.len();
         match tokio::time::timeout(DRAIN_INTERVAL, self.ring.readable_mut()).await {
             Ok(guard) => {
                 let mut guard = guard.map_err(|e| attach_err("EVENTS", e))?;
@@ -206,56 +208,90 @@ impl LiveSession {
                 drain(self.ring.get_mut(), out);
             }
         }
-        Ok(())
+        self.adopt_stacks(&mut out[first_new..])?;
+        self.free_kernel_stacks()
     }
 
-    /// Frees the kernel stack map's entries that nothing refers to any more, and returns how
-    /// many. The kernel never empties that map and it has a fixed size: in a long attach it
-    /// fills, and from then on new stacks are lost. An entry stays while `live` (the events
-    /// still held for captures) or a thread's unfinished off-CPU interval refers to it. It is
-    /// removed only when it was unreferenced at the previous sweep as well, because the kernel
-    /// may have just stored its id in an event the agent has not drained yet.
-    pub fn sweep_stacks<'a>(
-        &mut self,
-        live: impl Iterator<Item = &'a RawEvent>,
-    ) -> Result<usize, ProbeError> {
-        let mut referenced = BTreeSet::new();
-        let mut hold = |ids: [i32; 2]| {
-            for id in ids {
-                if let Ok(id) = u32::try_from(id) {
-                    referenced.insert(id);
-                }
-            }
-        };
-        for event in live {
-            hold([event.kernel_stack_id, event.user_stack_id]);
-        }
-        let threads: aya::maps::HashMap<_, u32, ThreadState> =
-            kernel_map(&self.attached.ebpf, "THREADS")?;
-        for (_, thread) in threads.iter().flatten() {
-            hold([thread.kernel_stack_id, thread.user_stack_id]);
-        }
-        let mut stacks: StackTraceMap<_> = kernel_map_mut(&mut self.attached.ebpf, "STACKS")?;
-        let present: Vec<u32> = stacks.stack_ids().flatten().collect();
-        let mut unreferenced = BTreeSet::new();
-        let mut freed = 0;
-        for id in present.into_iter().filter(|id| !referenced.contains(id)) {
-            if !self.unreferenced_stacks.contains(&id) {
-                unreferenced.insert(id);
-            } else if stacks.remove(&id).is_ok() {
-                freed += 1;
-            }
-        }
-        self.unreferenced_stacks = unreferenced;
-        Ok(freed)
-    }
-
-    /// Drains everything the kernel holds, including partly filled request batches.
+    /// Drains everything the kernel holds, including partly filled request batches. Used on
+    /// the way out too, so a failure is a warning: the events are kept either way.
     pub fn drain_now(&mut self, out: &mut Vec<RawEvent>) {
         if let Err(e) = self.attached.flush_request_batches(u64::MAX) {
             log::warn!("request batches not flushed: {e}");
         }
+        let first_new = out.len();
         drain(self.ring.get_mut(), out);
+        if let Err(e) = self.adopt_stacks(&mut out[first_new..]) {
+            log::warn!("stacks not copied: {e}");
+        }
+    }
+
+    /// Copies the stacks that newly drained `events` name out of the kernel and renames them.
+    fn adopt_stacks(&mut self, events: &mut [RawEvent]) -> Result<(), ProbeError> {
+        let kernel: StackTraceMap<_> = kernel_map(&self.attached.ebpf, "STACKS")?;
+        let read = |id: u32| {
+            let trace = kernel.get(&id, 0).ok()?;
+            Some(trace.frames().iter().map(|f| f.ip).collect())
+        };
+        for event in events {
+            self.stacks.adopt(event, read);
+        }
+        Ok(())
+    }
+
+    /// Frees the kernel's stack entries that are copied out and did not recur, and (less
+    /// often) those no event named. Called right after a drain: an event naming a freed id
+    /// could otherwise still be in the ring buffer. An entry a thread holds for an interval
+    /// that has not ended stays.
+    fn free_kernel_stacks(&mut self) -> Result<(), ProbeError> {
+        let now = monotonic_ns();
+        let release = now.saturating_sub(self.stacks_released_ns) >= STACK_RELEASE_NS;
+        let sweep = now.saturating_sub(self.stacks_swept_ns) >= STACK_SWEEP_NS;
+        if !release && !sweep {
+            return Ok(());
+        }
+        let held = if self.attached.sched_hook.holds_stacks_while_off_cpu() {
+            self.stacks_held_by_threads()?
+        } else {
+            BTreeSet::new()
+        };
+        let mut free = Vec::new();
+        if release {
+            self.stacks_released_ns = now;
+            free = self.stacks.release(&held);
+        }
+        let mut kernel: StackTraceMap<_> = kernel_map_mut(&mut self.attached.ebpf, "STACKS")?;
+        if sweep {
+            self.stacks_swept_ns = now;
+            let unnamed: BTreeSet<u32> = kernel
+                .stack_ids()
+                .flatten()
+                .filter(|id| !self.stacks.is_copied(*id) && !held.contains(id))
+                .collect();
+            free.extend(unnamed.intersection(&self.unnamed_at_last_sweep));
+            self.unnamed_at_last_sweep = unnamed;
+        }
+        for id in free {
+            if kernel.remove(&id).is_ok() {
+                self.stacks_freed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn stacks_held_by_threads(&self) -> Result<BTreeSet<u32>, ProbeError> {
+        let threads: aya::maps::HashMap<_, u32, ThreadState> =
+            kernel_map(&self.attached.ebpf, "THREADS")?;
+        Ok(threads
+            .iter()
+            .flatten()
+            .flat_map(|(_, thread)| [thread.kernel_stack_id, thread.user_stack_id])
+            .filter_map(|id| u32::try_from(id).ok())
+            .collect())
+    }
+
+    /// Forgets the stacks that no `live` event refers to any more; returns how many.
+    pub fn prune_stacks<'a>(&mut self, live: impl Iterator<Item = &'a RawEvent>) -> usize {
+        self.stacks.prune(live)
     }
 
     /// Re-reads threads and maps; false once the target has exited.
@@ -275,8 +311,11 @@ impl LiveSession {
         true
     }
 
+    /// The kernel's counters, with the stacks the agent found gone counted as missing.
     pub fn counters(&self) -> Result<KernelCounters, ProbeError> {
-        read_counters(&self.attached.ebpf)
+        let mut counters = read_counters(&self.attached.ebpf)?;
+        counters.stacks_missing += self.stacks.unreadable;
+        Ok(counters)
     }
 
     /// Everything a recording of `events` needs from the live kernel; symbolizing it (slow,
@@ -288,7 +327,7 @@ impl LiveSession {
         end_ns: u64,
         target_exited: bool,
     ) -> Result<PendingRecording, ProbeError> {
-        let stacks = read_stacks(&self.attached.ebpf, &events)?;
+        let stacks = stacks_named_by(&self.stacks, &events);
         let mut events = events;
         // Kernel timestamps are taken before the ring-buffer reservation, so CPUs interleave.
         events.sort_by_key(|e| e.ts_ns);
@@ -335,9 +374,6 @@ impl PendingRecording {
     }
 }
 
-/// Records the target until `duration` passes, `stop` resolves (Ctrl-C), or the target exits;
-/// whatever was captured is written in every one of those cases.
-/// A spinner status line, or a hidden one that ignores updates.
 /// The live status line, after announcing which hooks are in. The announcement is printed
 /// even without a terminal (where the status line is hidden): a script or a user piping the
 /// output must be able to tell when tracing has started.
@@ -358,6 +394,8 @@ pub async fn after(duration: Option<Duration>) {
     }
 }
 
+/// Records the target until `duration` passes, `stop` resolves (Ctrl-C), or the target exits;
+/// whatever was captured is written in every one of those cases.
 pub async fn record(
     opts: &RecordOptions,
     stop: impl Future<Output = ()>,

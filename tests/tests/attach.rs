@@ -36,8 +36,8 @@ fn options(pid: u32, out: &Path, p99_ms: u64, latency: LatencyKind, seconds: u64
         out_dir: out.to_path_buf(),
         progress: false,
         max_buffered_events: 4_000_000,
-        // Often, so that sweeps run while captures are taken and must not cost them stacks.
-        stack_sweep_every: Duration::from_secs(1),
+        // Often, so that stacks are pruned while captures are taken and must not cost them any.
+        stack_prune_every: Duration::from_secs(1),
     }
 }
 
@@ -289,11 +289,11 @@ fn quiet_run_under_load_captures_nothing() {
 }
 
 #[test]
-fn stacks_of_events_that_left_the_flight_recorder_are_freed() {
+fn stacks_that_stop_recurring_leave_the_kernel_map_while_their_events_are_held() {
     // stall_here's stacks appear only in the first 2 s; then the process lingers, blocked in
-    // one long interval. With 4 s of retention those events are gone by ~6 s, and their
-    // stacks must leave the kernel's fixed-size map, which would otherwise fill in a long
-    // attach and lose every new stack.
+    // one long interval. The flight recorder still holds those events when the attach ends
+    // (7 s of retention, 4 s attached), but their stacks are copied out, and the kernel's
+    // fixed-size map must not keep them: the more it holds, the more new stacks collide.
     let _serial = serial();
     let sleeper = target(&[
         "sleeper",
@@ -305,11 +305,13 @@ fn stacks_of_events_that_left_the_flight_recorder_are_freed() {
         "30",
     ]);
     let out = tempfile::tempdir().unwrap();
-    let mut options = options(sleeper.pid(), out.path(), 100, LatencyKind::Server, 10);
-    options.pre = Duration::from_secs(1);
-    options.baseline = Duration::from_secs(1);
-    options.window = Duration::from_secs(1);
-    let summary = watch(&options);
+    let summary = watch(&options(
+        sleeper.pid(),
+        out.path(),
+        100,
+        LatencyKind::Server,
+        4,
+    ));
     assert!(summary.captures.is_empty());
     assert!(!summary.target_exited);
     assert!(

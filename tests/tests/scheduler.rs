@@ -182,3 +182,63 @@ fn cpu_hog_on_the_same_cpu_raises_run_queue_delay() {
         .events()
         .all(|e| !matches!(e, Event::RunQueue { cpu, .. } if cpu != 0)));
 }
+
+#[test]
+fn more_distinct_stacks_than_the_kernel_map_holds_are_all_kept() {
+    // Each nap blocks under a user stack of its own, and there are more of them than the
+    // kernel's stack map (16384 entries) could hold at once. A few collide with the stacks of
+    // the last few tens of milliseconds, which the map holds: ~2% at this rate of new stacks.
+    let _serial = serial();
+    let walker = target(&[
+        "stacks",
+        "--paths",
+        "40000",
+        "--nap-us",
+        "100",
+        "--duration",
+        "30",
+    ]);
+    let mut probe = settings(walker.pid());
+    probe.min_offcpu_ns = 50_000;
+    let recording = record_for(probe, Duration::from_secs(10));
+    let naps: Vec<Option<u32>> = recording
+        .events()
+        .filter_map(|event| match event {
+            Event::OffCpu {
+                user_stack,
+                preempted: false,
+                duration_ns,
+                ..
+            } if duration_ns < 10_000_000 => Some(user_stack),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        naps.len() > 20_000,
+        "only {} naps recorded: too few to outgrow the kernel's stack map",
+        naps.len()
+    );
+    let missing = naps.iter().filter(|s| s.is_none()).count();
+    let distinct_paths: std::collections::BTreeSet<Vec<String>> = naps
+        .iter()
+        .map(|&stack| recording.stack_names(stack))
+        .filter(|names| names.iter().any(|f| f == "path_zero" || f == "path_one"))
+        .collect();
+    eprintln!(
+        "{} naps, {missing} without a user stack, {} distinct paths; {} stacks missing in the kernel",
+        naps.len(),
+        distinct_paths.len(),
+        recording.meta.counters.stacks_missing
+    );
+    assert!(
+        missing * 20 < naps.len(),
+        "{missing} of {} naps lost their user stack",
+        naps.len()
+    );
+    assert!(
+        distinct_paths.len() * 100 > naps.len() * 95,
+        "{} distinct call paths among {} naps",
+        distinct_paths.len(),
+        naps.len()
+    );
+}

@@ -1,0 +1,288 @@
+//! Stacks held by the agent rather than the kernel.
+//!
+//! The kernel's stack map is a fixed-size table with one stack per bucket and no chaining: a
+//! stack whose hash lands in a bucket another stack holds is lost (`bpf_get_stackid` fails with
+//! EEXIST), and overwriting (`BPF_F_REUSE_STACKID`) would silently change what ids already in
+//! flight mean. The more stacks the table holds, the more new ones collide. So the agent copies
+//! each stack out the first time it drains an event naming it, renames the event's stack ids to
+//! ids of its own, and frees the kernel's entry once the stack has not recurred for a short
+//! while. Only the stacks of the last fraction of a second occupy the table, however long the
+//! flight recorder or recording keeps their events.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use probe_common::{RawEvent, NO_STACK};
+
+/// Largest id the store hands out: events carry stack ids as `i32`, negative meaning none.
+const MAX_ID: u32 = i32::MAX as u32;
+
+#[derive(Default)]
+pub struct StackStore {
+    frames: HashMap<u32, Arc<[u64]>>,
+    ids: HashMap<Arc<[u64]>, u32>,
+    next_id: u32,
+    /// Kernel stack ids copied out and still in the kernel's map.
+    copied: HashMap<u32, Copied>,
+    /// Kernel ids freed by the latest release, with the stack they held. An event can name one
+    /// after all: it was written between the drain before the release and the kernel's delete.
+    /// If the kernel's entry is still empty when that event is drained, nothing has been
+    /// stored under the id since, so this is its stack.
+    just_released: HashMap<u32, u32>,
+    /// Releases done so far; stamps when a kernel id was last named.
+    releases: u64,
+    /// Stack ids an event named that the kernel no longer held: those stacks are lost.
+    pub unreadable: u64,
+}
+
+struct Copied {
+    id: u32,
+    last_named: u64,
+}
+
+impl StackStore {
+    /// Replaces the kernel's stack ids in `event` by the store's. A kernel id not copied yet is
+    /// read with `read_kernel` (its frames, or `None` when the kernel no longer has it).
+    pub fn adopt(
+        &mut self,
+        event: &mut RawEvent,
+        mut read_kernel: impl FnMut(u32) -> Option<Vec<u64>>,
+    ) {
+        event.kernel_stack_id = self.adopt_id(event.kernel_stack_id, &mut read_kernel);
+        event.user_stack_id = self.adopt_id(event.user_stack_id, &mut read_kernel);
+    }
+
+    fn adopt_id(
+        &mut self,
+        kernel_id: i32,
+        read_kernel: &mut impl FnMut(u32) -> Option<Vec<u64>>,
+    ) -> i32 {
+        let Ok(kernel_id) = u32::try_from(kernel_id) else {
+            return NO_STACK;
+        };
+        if let Some(copied) = self.copied.get_mut(&kernel_id) {
+            copied.last_named = self.releases;
+            return copied.id as i32;
+        }
+        let Some(frames) = read_kernel(kernel_id) else {
+            if let Some(&id) = self.just_released.get(&kernel_id) {
+                return id as i32;
+            }
+            self.unreadable += 1;
+            return NO_STACK;
+        };
+        let id = self.intern(frames);
+        self.copied.insert(
+            kernel_id,
+            Copied {
+                id,
+                last_named: self.releases,
+            },
+        );
+        id as i32
+    }
+
+    fn intern(&mut self, frames: Vec<u64>) -> u32 {
+        let frames: Arc<[u64]> = frames.into();
+        if let Some(&id) = self.ids.get(&frames) {
+            return id;
+        }
+        // Ids are reused only after 2^31 new stacks, and never while in use.
+        while self.frames.contains_key(&self.next_id) {
+            self.next_id = (self.next_id + 1) % (MAX_ID + 1);
+        }
+        let id = self.next_id;
+        self.next_id = (self.next_id + 1) % (MAX_ID + 1);
+        self.frames.insert(id, frames.clone());
+        self.ids.insert(frames, id);
+        id
+    }
+
+    /// The kernel ids to free now, forgotten here: copied, not named since the previous
+    /// release, and not `held` (by a thread whose interval has not ended, whose event will name
+    /// it later). The caller must have drained the kernel's events just before, so that no
+    /// event naming a returned id is still on its way.
+    pub fn release(&mut self, held: &BTreeSet<u32>) -> Vec<u32> {
+        let since = self.releases;
+        self.releases += 1;
+        let free: Vec<u32> = self
+            .copied
+            .iter()
+            .filter(|(kernel_id, copied)| copied.last_named < since && !held.contains(kernel_id))
+            .map(|(&kernel_id, _)| kernel_id)
+            .collect();
+        self.just_released = free
+            .iter()
+            .filter_map(|kernel_id| Some((*kernel_id, self.copied.remove(kernel_id)?.id)))
+            .collect();
+        free
+    }
+
+    /// Whether the kernel id's stack has been copied and its entry not released.
+    pub fn is_copied(&self, kernel_id: u32) -> bool {
+        self.copied.contains_key(&kernel_id)
+    }
+
+    /// Forgets the stacks that neither `live` events nor a kernel id (copied or just released)
+    /// refer to; returns how many.
+    pub fn prune<'a>(&mut self, live: impl Iterator<Item = &'a RawEvent>) -> usize {
+        let mut referenced: BTreeSet<u32> = self.copied.values().map(|c| c.id).collect();
+        referenced.extend(self.just_released.values());
+        for event in live {
+            for id in [event.kernel_stack_id, event.user_stack_id] {
+                if let Ok(id) = u32::try_from(id) {
+                    referenced.insert(id);
+                }
+            }
+        }
+        let before = self.frames.len();
+        self.frames.retain(|id, _| referenced.contains(id));
+        self.ids.retain(|_, id| referenced.contains(id));
+        before - self.frames.len()
+    }
+
+    /// The frames (innermost first) of a stack id the store handed out.
+    pub fn frames(&self, id: u32) -> Option<&[u64]> {
+        self.frames.get(&id).map(|f| &f[..])
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kernel: i32, user: i32) -> RawEvent {
+        let mut e = RawEvent::zeroed();
+        e.kernel_stack_id = kernel;
+        e.user_stack_id = user;
+        e
+    }
+
+    /// A kernel map in miniature: id → frames, as the kernel holds it now.
+    fn kernel(entries: &[(u32, &[u64])]) -> HashMap<u32, Vec<u64>> {
+        entries.iter().map(|(id, f)| (*id, f.to_vec())).collect()
+    }
+
+    #[test]
+    fn events_are_renamed_to_store_ids_whose_frames_outlive_the_kernel_entry() {
+        let mut store = StackStore::default();
+        let mut map = kernel(&[(7, &[1, 2, 3]), (9, &[4, 5])]);
+        let mut e = event(7, 9);
+        store.adopt(&mut e, |id| map.get(&id).cloned());
+        let (k, u) = (e.kernel_stack_id as u32, e.user_stack_id as u32);
+        assert_eq!(store.frames(k), Some(&[1, 2, 3][..]));
+        assert_eq!(store.frames(u), Some(&[4, 5][..]));
+        // Neither is named again: both are released, and the kernel may reuse id 7 for another
+        // stack without changing what the adopted event means.
+        assert!(store.release(&BTreeSet::new()).is_empty());
+        let mut freed = store.release(&BTreeSet::new());
+        freed.sort();
+        assert_eq!(freed, vec![7, 9]);
+        map.insert(7, vec![8, 8, 8]);
+        let mut later = event(7, NO_STACK);
+        store.adopt(&mut later, |id| map.get(&id).cloned());
+        assert_eq!(
+            store.frames(later.kernel_stack_id as u32),
+            Some(&[8, 8, 8][..])
+        );
+        assert_eq!(store.frames(k), Some(&[1, 2, 3][..]));
+        assert_eq!(later.user_stack_id, NO_STACK);
+    }
+
+    #[test]
+    fn a_copied_id_is_read_from_the_kernel_once() {
+        let mut store = StackStore::default();
+        let mut reads = 0;
+        for _ in 0..3 {
+            let mut e = event(3, NO_STACK);
+            store.adopt(&mut e, |_| {
+                reads += 1;
+                Some(vec![1])
+            });
+        }
+        assert_eq!(reads, 1);
+    }
+
+    #[test]
+    fn stacks_named_since_the_last_release_or_held_stay_in_the_kernel() {
+        let mut store = StackStore::default();
+        let read = |id: u32| Some(vec![id as u64]);
+        store.adopt(&mut event(1, 2), read);
+        store.release(&BTreeSet::new());
+        // 1 recurs; 2 is held by a thread still off the CPU.
+        store.adopt(&mut event(1, NO_STACK), read);
+        assert!(store.release(&BTreeSet::from([2])).is_empty());
+        store.adopt(&mut event(1, NO_STACK), read);
+        assert_eq!(store.release(&BTreeSet::new()), vec![2]);
+        assert!(store.is_copied(1));
+        assert_eq!(store.release(&BTreeSet::new()), vec![1]);
+        assert!(!store.is_copied(1));
+    }
+
+    #[test]
+    fn identical_stacks_under_different_kernel_ids_share_one_store_id() {
+        let mut store = StackStore::default();
+        let (mut a, mut b) = (event(1, NO_STACK), event(2, NO_STACK));
+        store.adopt(&mut a, |_| Some(vec![5, 6]));
+        store.adopt(&mut b, |_| Some(vec![5, 6]));
+        assert_eq!(a.kernel_stack_id, b.kernel_stack_id);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn an_event_written_just_before_its_stack_was_freed_keeps_it() {
+        let mut store = StackStore::default();
+        let mut first = event(6, NO_STACK);
+        store.adopt(&mut first, |_| Some(vec![1, 2]));
+        store.release(&BTreeSet::new());
+        assert_eq!(store.release(&BTreeSet::new()), vec![6]);
+        // The kernel's entry is gone; a straggler names it.
+        let mut straggler = event(6, NO_STACK);
+        store.adopt(&mut straggler, |_| None);
+        assert_eq!(straggler.kernel_stack_id, first.kernel_stack_id);
+        assert_eq!(store.unreadable, 0);
+        // Not after the next release: by then every event written before the delete is drained.
+        store.release(&BTreeSet::new());
+        let mut late = event(6, NO_STACK);
+        store.adopt(&mut late, |_| None);
+        assert_eq!(late.kernel_stack_id, NO_STACK);
+    }
+
+    #[test]
+    fn a_vanished_kernel_entry_is_a_missing_stack() {
+        let mut store = StackStore::default();
+        let mut e = event(4, 5);
+        store.adopt(&mut e, |_| None);
+        assert_eq!((e.kernel_stack_id, e.user_stack_id), (NO_STACK, NO_STACK));
+        assert_eq!(store.unreadable, 2);
+    }
+
+    #[test]
+    fn pruning_keeps_stacks_of_live_events_and_kernel_ids() {
+        let mut store = StackStore::default();
+        let (mut old, mut live) = (event(1, NO_STACK), event(2, NO_STACK));
+        store.adopt(&mut old, |_| Some(vec![1]));
+        store.adopt(&mut live, |_| Some(vec![2]));
+        // Copied, released, then no longer a possible straggler's.
+        for _ in 0..3 {
+            store.release(&BTreeSet::new());
+        }
+        assert!(!store.is_empty());
+        assert_eq!(store.prune([live].iter()), 1);
+        assert_eq!(store.frames(old.kernel_stack_id as u32), None);
+        assert_eq!(store.frames(live.kernel_stack_id as u32), Some(&[2][..]));
+
+        let mut copied = event(3, NO_STACK);
+        store.adopt(&mut copied, |_| Some(vec![3]));
+        assert_eq!(store.prune(std::iter::empty()), 1);
+        assert_eq!(store.frames(copied.kernel_stack_id as u32), Some(&[3][..]));
+    }
+}
