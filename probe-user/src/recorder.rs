@@ -11,9 +11,7 @@ use aya::Ebpf;
 use probe_common::{Counter, RawEvent, ThreadState};
 use tokio::io::unix::AsyncFd;
 
-use crate::attach::{
-    attach, attach_err, kernel_map, kernel_map_mut, AttachReport, AttachedProbes, ProbeSettings,
-};
+use crate::attach::{attach, attach_err, kernel_map, AttachReport, AttachedProbes, ProbeSettings};
 use crate::error::ProbeError;
 use crate::events::decode_ring_record;
 use crate::output::check_writable;
@@ -112,6 +110,8 @@ fn merge_maps(known: &mut Vec<MemoryMap>, current: Vec<MemoryMap>) {
 pub struct LiveSession {
     attached: AttachedProbes,
     ring: AsyncFd<RingBuf<MapData>>,
+    /// Kept open: making one reads a sysctl, and stacks are read at every drain.
+    kernel_stacks: StackTraceMap<MapData>,
     pub pid: u32,
     pub start_ns: u64,
     pub start_unix_ms: u64,
@@ -160,9 +160,17 @@ impl LiveSession {
         // the RingBuf) is dropped.
         let ring =
             unsafe { AsyncFd::register(ring) }.map_err(|e| attach_err("EVENTS", e.to_string()))?;
+        let kernel_stacks = StackTraceMap::try_from(
+            attached
+                .ebpf
+                .take_map("STACKS")
+                .ok_or_else(|| attach_err("STACKS", "map missing"))?,
+        )
+        .map_err(|e| attach_err("STACKS", e))?;
         Ok(LiveSession {
             attached,
             ring,
+            kernel_stacks,
             pid,
             start_ns: monotonic_ns(),
             start_unix_ms: SystemTime::now()
@@ -208,26 +216,23 @@ impl LiveSession {
                 drain(self.ring.get_mut(), out);
             }
         }
-        self.adopt_stacks(&mut out[first_new..])?;
+        self.adopt_stacks(&mut out[first_new..]);
         self.free_kernel_stacks()
     }
 
-    /// Drains everything the kernel holds, including partly filled request batches. Used on
-    /// the way out too, so a failure is a warning: the events are kept either way.
+    /// Drains everything the kernel holds, including partly filled request batches.
     pub fn drain_now(&mut self, out: &mut Vec<RawEvent>) {
         if let Err(e) = self.attached.flush_request_batches(u64::MAX) {
             log::warn!("request batches not flushed: {e}");
         }
         let first_new = out.len();
         drain(self.ring.get_mut(), out);
-        if let Err(e) = self.adopt_stacks(&mut out[first_new..]) {
-            log::warn!("stacks not copied: {e}");
-        }
+        self.adopt_stacks(&mut out[first_new..]);
     }
 
     /// Copies the stacks that newly drained `events` name out of the kernel and renames them.
-    fn adopt_stacks(&mut self, events: &mut [RawEvent]) -> Result<(), ProbeError> {
-        let kernel: StackTraceMap<_> = kernel_map(&self.attached.ebpf, "STACKS")?;
+    fn adopt_stacks(&mut self, events: &mut [RawEvent]) {
+        let kernel = &self.kernel_stacks;
         let read = |id: u32| {
             let trace = kernel.get(&id, 0).ok()?;
             Some(trace.frames().iter().map(|f| f.ip).collect())
@@ -235,7 +240,6 @@ impl LiveSession {
         for event in events {
             self.stacks.adopt(event, read);
         }
-        Ok(())
     }
 
     /// Frees the kernel's stack entries that are copied out and did not recur, and (less
@@ -259,7 +263,7 @@ impl LiveSession {
             self.stacks_released_ns = now;
             free = self.stacks.release(&held);
         }
-        let mut kernel: StackTraceMap<_> = kernel_map_mut(&mut self.attached.ebpf, "STACKS")?;
+        let kernel = &mut self.kernel_stacks;
         if sweep {
             self.stacks_swept_ns = now;
             let unnamed: BTreeSet<u32> = kernel
