@@ -185,9 +185,12 @@ pub enum Counter {
     StateMapFull = 2,
     /// Events written to the ring buffer.
     EventsSent = 3,
+    /// A request's state was displaced by another connection sharing its socket slot: that
+    /// request was not timed.
+    RequestsUntimed = 4,
 }
 
-pub const COUNTER_SLOTS: u32 = 4;
+pub const COUNTER_SLOTS: u32 = 5;
 
 /// Words of the kernel's bitmap of the target's listening ports: one bit per TCP port.
 pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
@@ -223,6 +226,9 @@ pub struct KernelOffsets {
     pub sk_daddr: u32,
     pub sk_v6_rcv_saddr: u32,
     pub sk_v6_daddr: u32,
+    /// The connection's hash in the kernel's established table (a mix of its addresses and
+    /// ports).
+    pub sk_hash: u32,
 }
 
 /// Run-time settings the agent writes into the programs' globals before loading.

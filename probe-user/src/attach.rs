@@ -310,6 +310,7 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets, ProbeError> {
         sk_daddr: sock("skc_daddr")?,
         sk_v6_rcv_saddr: sock("skc_v6_rcv_saddr")?,
         sk_v6_daddr: sock("skc_v6_daddr")?,
+        sk_hash: sock("skc_hash")?,
     })
 }
 

@@ -84,6 +84,7 @@ fn read_counters(ebpf: &Ebpf) -> Result<KernelCounters, ProbeError> {
         ring_buffer_full: sum(Counter::RingBufferFull),
         stacks_missing: sum(Counter::StackMissing),
         state_map_full: sum(Counter::StateMapFull),
+        requests_untimed: sum(Counter::RequestsUntimed),
     })
 }
 

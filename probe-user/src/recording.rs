@@ -26,6 +26,9 @@ pub struct KernelCounters {
     pub ring_buffer_full: u64,
     pub stacks_missing: u64,
     pub state_map_full: u64,
+    /// Requests not timed because another connection took their socket's slot.
+    #[serde(default)]
+    pub requests_untimed: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

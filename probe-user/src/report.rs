@@ -299,8 +299,8 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "\n## Data quality\n\n{} events lost in the kernel (ring buffer full), {} stacks missing.",
-            self.drops.ring_buffer_full, self.drops.stacks_missing
+            "\n## Data quality\n\n{} events lost in the kernel (ring buffer full), {} stacks missing, {} requests untimed (their connection's slot was taken by another).",
+            self.drops.ring_buffer_full, self.drops.stacks_missing, self.drops.requests_untimed
         );
         md
     }
