@@ -347,6 +347,17 @@ where
     T::try_from(map).map_err(|e| attach_err(name, e))
 }
 
+/// Takes the map out of `ebpf`, for a user that keeps it open for the whole attach.
+pub(crate) fn take_kernel_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, ProbeError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| attach_err(name, "map missing"))?;
+    T::try_from(map).map_err(|e| attach_err(name, e))
+}
+
 /// [`kernel_map`] for changing the map.
 pub(crate) fn kernel_map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T, ProbeError>
 where

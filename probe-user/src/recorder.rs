@@ -11,7 +11,9 @@ use aya::Ebpf;
 use probe_common::{Counter, RawEvent, ThreadState};
 use tokio::io::unix::AsyncFd;
 
-use crate::attach::{attach, attach_err, kernel_map, AttachReport, AttachedProbes, ProbeSettings};
+use crate::attach::{
+    attach, attach_err, kernel_map, take_kernel_map, AttachReport, AttachedProbes, ProbeSettings,
+};
 use crate::error::ProbeError;
 use crate::events::decode_ring_record;
 use crate::output::check_writable;
@@ -150,24 +152,12 @@ impl LiveSession {
         let pid = probe.pid;
         let mut attached = attach(probe)?;
         attached.report.agent = Some(give_way_to_target());
-        let ring = RingBuf::try_from(
-            attached
-                .ebpf
-                .take_map("EVENTS")
-                .ok_or_else(|| attach_err("EVENTS", "map missing"))?,
-        )
-        .map_err(|e| attach_err("EVENTS", e))?;
+        let ring: RingBuf<MapData> = take_kernel_map(&mut attached.ebpf, "EVENTS")?;
         // SAFETY: the RingBuf owns its map fd and keeps it open until the AsyncFd (which owns
         // the RingBuf) is dropped.
         let ring =
             unsafe { AsyncFd::register(ring) }.map_err(|e| attach_err("EVENTS", e.to_string()))?;
-        let kernel_stacks = StackTraceMap::try_from(
-            attached
-                .ebpf
-                .take_map("STACKS")
-                .ok_or_else(|| attach_err("STACKS", "map missing"))?,
-        )
-        .map_err(|e| attach_err("STACKS", e))?;
+        let kernel_stacks = take_kernel_map(&mut attached.ebpf, "STACKS")?;
         Ok(LiveSession {
             attached,
             ring,
