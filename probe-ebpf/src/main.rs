@@ -697,12 +697,15 @@ fn on_data_ready(sk: impl KernelPtr) {
         if socket.sk != 0 && socket.stage != IDLE {
             count(Counter::RequestsUntimed);
         }
-        socket.sk = sk.addr();
+        // The tag before the arrival time (both volatile, so they stay in that order): a send on
+        // another CPU that read the old tag re-reads it after the arrival time and sees that
+        // the slot was taken.
+        unsafe { core::ptr::write_volatile(&mut socket.sk, sk.addr()) };
         socket.stage = IDLE;
     }
     // More bytes of a request not yet answered: it started at its first bytes.
     if socket.stage != WAITING {
-        socket.arrived_ns = unsafe { bpf_ktime_get_ns() };
+        unsafe { core::ptr::write_volatile(&mut socket.arrived_ns, bpf_ktime_get_ns()) };
         socket.stage = WAITING;
     }
 }
@@ -727,7 +730,7 @@ fn on_send(sk: impl KernelPtr, sent: i32) {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let arrived_ns = socket.arrived_ns;
+    let arrived_ns = unsafe { core::ptr::read_volatile(&socket.arrived_ns) };
     // Another connection's arrival may have taken the slot meanwhile (on another CPU).
     if unsafe { core::ptr::read_volatile(&socket.sk) } != sk.addr() {
         return;
