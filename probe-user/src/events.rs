@@ -10,7 +10,8 @@ use serde::Serialize;
 /// Stack-map id as written by the kernel; `None` when no stack was captured.
 pub type StackId = Option<u32>;
 
-fn stack(id: i32) -> StackId {
+/// A raw event's (or thread state's) stack id field as a [`StackId`].
+pub(crate) fn stack_id(id: i32) -> StackId {
     (id != NO_STACK && id >= 0).then_some(id as u32)
 }
 
@@ -102,8 +103,8 @@ impl Event {
     }
 
     pub fn from_raw(raw: &RawEvent) -> Option<Event> {
-        let kernel_stack = stack(raw.kernel_stack_id);
-        let user_stack = stack(raw.user_stack_id);
+        let kernel_stack = stack_id(raw.kernel_stack_id);
+        let user_stack = stack_id(raw.user_stack_id);
         Some(match EventKind::from_u32(raw.kind)? {
             EventKind::RunQueue => Event::RunQueue {
                 ts_ns: raw.ts_ns,

@@ -245,7 +245,7 @@ pub async fn attach_and_watch(
     let mut events_seen = 0u64;
     let mut rate_mark = (monotonic_ns(), 0u64);
     let mut events_per_s = 0.0;
-    let mut last_sweep = monotonic_ns();
+    let mut last_prune = monotonic_ns();
     loop {
         tokio::select! {
             result = session.next_events(&mut batch) => {
@@ -309,8 +309,8 @@ pub async fn attach_and_watch(
                         break;
                     }
                 }
-                if now.saturating_sub(last_sweep) >= ns(opts.stack_prune_every) {
-                    last_sweep = now;
+                if now.saturating_sub(last_prune) >= ns(opts.stack_prune_every) {
+                    last_prune = now;
                     session.prune_stacks(flight.iter().chain(batch.iter()));
                 }
                 let drops = session.counters().map(|c| c.ring_buffer_full).unwrap_or(0);

@@ -15,7 +15,7 @@ use crate::attach::{
     attach, attach_err, kernel_map, take_kernel_map, AttachReport, AttachedProbes, ProbeSettings,
 };
 use crate::error::ProbeError;
-use crate::events::decode_ring_record;
+use crate::events::{decode_ring_record, stack_id};
 use crate::output::check_writable;
 use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
 use crate::stacks::StackStore;
@@ -95,7 +95,7 @@ fn stacks_named_by(store: &StackStore, events: &[RawEvent]) -> BTreeMap<u32, Vec
     events
         .iter()
         .flat_map(|e| [e.kernel_stack_id, e.user_stack_id])
-        .filter_map(|id| u32::try_from(id).ok())
+        .filter_map(stack_id)
         .filter_map(|id| Some((id, store.frames(id)?.to_vec())))
         .collect()
 }
@@ -280,7 +280,7 @@ impl LiveSession {
             .iter()
             .flatten()
             .flat_map(|(_, thread)| [thread.kernel_stack_id, thread.user_stack_id])
-            .filter_map(|id| u32::try_from(id).ok())
+            .filter_map(stack_id)
             .collect())
     }
 

@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use probe_common::{RawEvent, NO_STACK};
 
+use crate::events::stack_id;
+
 /// Largest id the store hands out: events carry stack ids as `i32`, negative meaning none.
 const MAX_ID: u32 = i32::MAX as u32;
 
@@ -57,7 +59,7 @@ impl StackStore {
         kernel_id: i32,
         read_kernel: &mut impl FnMut(u32) -> Option<Vec<u64>>,
     ) -> i32 {
-        let Ok(kernel_id) = u32::try_from(kernel_id) else {
+        let Some(kernel_id) = stack_id(kernel_id) else {
             return NO_STACK;
         };
         if let Some(copied) = self.copied.get_mut(&kernel_id) {
@@ -128,13 +130,10 @@ impl StackStore {
     pub fn prune<'a>(&mut self, live: impl Iterator<Item = &'a RawEvent>) -> usize {
         let mut referenced: BTreeSet<u32> = self.copied.values().map(|c| c.id).collect();
         referenced.extend(self.just_released.values());
-        for event in live {
-            for id in [event.kernel_stack_id, event.user_stack_id] {
-                if let Ok(id) = u32::try_from(id) {
-                    referenced.insert(id);
-                }
-            }
-        }
+        referenced.extend(
+            live.flat_map(|e| [e.kernel_stack_id, e.user_stack_id])
+                .filter_map(stack_id),
+        );
         let before = self.frames.len();
         self.frames.retain(|id, _| referenced.contains(id));
         self.ids.retain(|_, id| referenced.contains(id));
