@@ -140,9 +140,12 @@ const TCP_CLOSE: i32 = 7;
 const AF_INET: u16 = 2;
 
 #[inline(always)]
-fn config() -> ProbeConfig {
-    // Volatile: the loader rewrites this global; the compiler must not fold the zeroes.
-    unsafe { core::ptr::read_volatile(&CONFIG) }
+fn config() -> &'static ProbeConfig {
+    // The loader rewrites this global, so the compiler must not fold its zero initializer into
+    // the programs. Hiding its address (a volatile read of a pointer) does that; a volatile
+    // read of the whole struct did too, but loaded all 22 fields in every hook, used or not.
+    let address: *const ProbeConfig = &CONFIG;
+    unsafe { &*core::ptr::read_volatile(&address) }
 }
 
 #[inline(always)]
@@ -395,8 +398,8 @@ fn switched_in<C: EbpfContext>(
 #[inline(always)]
 fn on_sched_switch<C: EbpfContext>(ctx: &C, preempt: bool, next: impl KernelPtr, prev_state: u32) {
     let cfg = config();
-    let prev_tid = current_target_tid(&cfg);
-    let next_tid = target_tid(next, &cfg);
+    let prev_tid = current_target_tid(cfg);
+    let next_tid = target_tid(next, cfg);
     if prev_tid.is_none() && next_tid.is_none() {
         return;
     }
@@ -405,7 +408,7 @@ fn on_sched_switch<C: EbpfContext>(ctx: &C, preempt: bool, next: impl KernelPtr,
         switched_out(ctx, tid, now, preempt, prev_state, true);
     }
     if let Some(tid) = next_tid {
-        switched_in(ctx, &cfg, tid, cfg.target_tgid, now, false);
+        switched_in(ctx, cfg, tid, cfg.target_tgid, now, false);
     }
 }
 
@@ -413,8 +416,8 @@ fn on_sched_switch<C: EbpfContext>(ctx: &C, preempt: bool, next: impl KernelPtr,
 #[inline(always)]
 fn on_finish_task_switch<C: EbpfContext>(ctx: &C, prev: impl KernelPtr) {
     let cfg = config();
-    let prev_tid = target_tid(prev, &cfg);
-    let next_tid = current_target_tid(&cfg);
+    let prev_tid = target_tid(prev, cfg);
+    let next_tid = current_target_tid(cfg);
     if prev_tid.is_none() && next_tid.is_none() {
         return;
     }
@@ -425,14 +428,14 @@ fn on_finish_task_switch<C: EbpfContext>(ctx: &C, prev: impl KernelPtr) {
         switched_out(ctx, prev_tid, now, false, state, false);
     }
     if let Some(tid) = next_tid {
-        switched_in(ctx, &cfg, tid, cfg.target_tgid, now, true);
+        switched_in(ctx, cfg, tid, cfg.target_tgid, now, true);
     }
 }
 
 #[inline(always)]
 fn on_wakeup(task: impl KernelPtr) {
     let cfg = config();
-    if let Some(tid) = target_tid(task, &cfg) {
+    if let Some(tid) = target_tid(task, cfg) {
         mark_runnable(tid, unsafe { bpf_ktime_get_ns() });
     }
 }
@@ -467,7 +470,7 @@ pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
 pub fn sched_switch_out_btf(ctx: BtfTracePointContext) -> i32 {
     let (preempt, prev_state): (u8, u32) = unsafe { (ctx.arg(0), ctx.arg(3)) };
     let cfg = config();
-    if let Some(tid) = current_target_tid(&cfg) {
+    if let Some(tid) = current_target_tid(cfg) {
         let now = unsafe { bpf_ktime_get_ns() };
         switched_out(&ctx, tid, now, preempt != 0, prev_state, false);
     }
@@ -482,9 +485,9 @@ pub fn sched_exit_btf(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let cfg = config();
-    if let Some(tid) = current_target_tid(&cfg) {
+    if let Some(tid) = current_target_tid(cfg) {
         let now = unsafe { bpf_ktime_get_ns() };
-        switched_in(&ctx, &cfg, tid, cfg.target_tgid, now, true);
+        switched_in(&ctx, cfg, tid, cfg.target_tgid, now, true);
     }
     0
 }
@@ -542,7 +545,7 @@ fn interrupted_kernel(ctx: &PerfEventContext) -> bool {
 #[perf_event]
 pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     let cfg = config();
-    let Some(tid) = current_target_tid(&cfg) else {
+    let Some(tid) = current_target_tid(cfg) else {
         return 0;
     };
     let kernel_stack_id = if interrupted_kernel(&ctx) {
