@@ -70,9 +70,10 @@ impl RequestBatch {
     pub const SIZE: usize = core::mem::size_of::<RequestBatch>();
 }
 
-/// A CPU's request latencies not yet sent (the value of the kernel's per-CPU
-/// `PENDING_REQUESTS`). The agent reads it only to decide which CPUs to flush.
-#[repr(C)]
+/// A CPU's request latencies not yet sent (its entry in the kernel's `PENDING_REQUESTS`). The
+/// agent reads it only to decide which CPUs to flush. Cache-line aligned: the entries of
+/// neighbouring CPUs lie next to each other and must not share a line.
+#[repr(C, align(64))]
 #[derive(Clone, Copy, Debug)]
 pub struct PendingRequests {
     /// Set while a program on this CPU fills or sends `batch`. Programs on one CPU do not
@@ -271,7 +272,6 @@ mod pod {
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::RawEvent {}
     unsafe impl aya::Pod for super::ThreadState {}
-    unsafe impl aya::Pod for super::PendingRequests {}
 }
 
 #[cfg(test)]

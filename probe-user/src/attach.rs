@@ -4,7 +4,7 @@
 use std::fmt;
 
 use aya::{
-    maps::{Array, PerCpuArray},
+    maps::Array,
     programs::{
         perf_event::{PerfEventScope, PerfTypeId, SamplePolicy},
         BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, UProbe,
@@ -160,6 +160,7 @@ pub struct AttachedProbes {
     pub sched_hook: SchedHook,
     /// Online CPUs: each holds a batch of request latencies in the kernel.
     cpus: Vec<u32>,
+    pending: PendingBatches,
     listeners: Listeners,
 }
 
@@ -182,18 +183,14 @@ impl AttachedProbes {
     /// load batches fill long before they are stale and no CPU is interrupted.
     pub fn flush_request_batches(&self, older_than_ns: u64) -> Result<(), ProbeError> {
         use std::os::fd::{AsFd, AsRawFd};
-        let pending: PerCpuArray<_, PendingRequests> = kernel_map(&self.ebpf, "PENDING_REQUESTS")?;
-        let per_cpu = pending
-            .get(&0, 0)
-            .map_err(|e| attach_err("PENDING_REQUESTS", e))?;
         let stale: Vec<u32> = self
             .cpus
             .iter()
             .copied()
             .filter(|&cpu| {
-                per_cpu
-                    .get(cpu as usize)
-                    .is_some_and(|p| p.batch.len > 0 && p.batch.records[0].ts_ns < older_than_ns)
+                self.pending
+                    .oldest_ns(cpu)
+                    .is_some_and(|oldest| oldest < older_than_ns)
             })
             .collect();
         if stale.is_empty() {
@@ -211,6 +208,54 @@ impl AttachedProbes {
                 .map_err(|e| attach_err(FLUSH_PROGRAM, format!("run on CPU {cpu}: {e}")))?;
         }
         Ok(())
+    }
+}
+
+const PENDING_MAP: &str = "PENDING_REQUESTS";
+
+/// The kernel's batches of request latencies not yet sent, one per possible CPU, mapped
+/// read-only into the agent's memory: checking them at every drain costs no system call.
+struct PendingBatches {
+    memory: memmap2::Mmap,
+    cpus: usize,
+}
+
+impl PendingBatches {
+    fn map(ebpf: &Ebpf, possible_cpus: usize) -> Result<Self, ProbeError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let Some(aya::maps::Map::Array(data)) = ebpf.map(PENDING_MAP) else {
+            return Err(attach_err(PENDING_MAP, "array map missing"));
+        };
+        let len = possible_cpus * std::mem::size_of::<PendingRequests>();
+        // SAFETY: the kernel keeps the pages for as long as the mapping lives, and they are
+        // only ever read here through volatile loads of plain integers.
+        let memory = unsafe {
+            memmap2::MmapOptions::new()
+                .len(len)
+                .map(data.fd().as_fd().as_raw_fd())
+        }
+        .map_err(|e| attach_err(PENDING_MAP, format!("mmap: {e}")))?;
+        Ok(PendingBatches {
+            memory,
+            cpus: possible_cpus,
+        })
+    }
+
+    /// When the oldest request in `cpu`'s batch ended, if the batch holds any. Read while the
+    /// kernel may be writing it: a torn read only moves a flush by one drain.
+    fn oldest_ns(&self, cpu: u32) -> Option<u64> {
+        if cpu as usize >= self.cpus {
+            return None;
+        }
+        let entries = self.memory.as_ptr() as *const PendingRequests;
+        // SAFETY: in bounds (checked above); the mapping is page-aligned, so every entry is
+        // aligned too.
+        unsafe {
+            let batch = std::ptr::addr_of!((*entries.add(cpu as usize)).batch);
+            let len = std::ptr::read_volatile(std::ptr::addr_of!((*batch).len));
+            (len > 0)
+                .then(|| std::ptr::read_volatile(std::ptr::addr_of!((*batch).records[0].ts_ns)))
+        }
     }
 }
 
@@ -589,9 +634,12 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         track_delivery: settings.track_delivery as u32,
         _reserved: 0,
     };
+    let possible_cpus = aya::util::nr_cpus()
+        .map_err(|(what, e)| attach_err(PENDING_MAP, format!("{what}: {e}")))?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .set_global("CONFIG", &config, true)
+        .set_max_entries(PENDING_MAP, possible_cpus as u32)
         .load(PROBE_OBJECT)
         .map_err(|e| attach_err("probe object", chain(&e)))?;
     if settings.debug_ebpf {
@@ -635,6 +683,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     let tcp = attach_tcp(&mut ebpf, &btf, &mut listeners, settings.track_delivery)?;
     let go = attach_go(&mut ebpf, settings.pid);
     let cpus = load_flush_program(&mut ebpf)?;
+    let pending = PendingBatches::map(&ebpf, possible_cpus)?;
     let synthetic = if settings.synthetic_syscall_events {
         let name = "synthetic_sys_enter";
         let p: &mut BtfTracePoint = program_mut(&mut ebpf, name)?;
@@ -649,6 +698,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         ebpf,
         sched_hook: chosen,
         cpus,
+        pending,
         listeners,
         report: AttachReport {
             scheduler: chosen.to_string(),
