@@ -194,6 +194,9 @@ impl Capturer<'_> {
     }
 }
 
+/// How often the live P99 is compared with the threshold (and a due capture started).
+const CHECK_EVERY_NS: u64 = 100_000_000;
+
 pub async fn attach_and_watch(
     opts: &AttachOptions,
     stop: impl Future<Output = ()>,
@@ -238,7 +241,6 @@ pub async fn attach_and_watch(
     let progress = status_line(opts.progress, probe.pid, session.hooks());
     let deadline = after(opts.duration);
     tokio::pin!(deadline, stop);
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut batch: Vec<RawEvent> = Vec::new();
     let mut pending: Option<Fire> = None;
     let mut target_exited = false;
@@ -246,6 +248,8 @@ pub async fn attach_and_watch(
     let mut rate_mark = (monotonic_ns(), 0u64);
     let mut events_per_s = 0.0;
     let mut last_prune = monotonic_ns();
+    let mut last_check = 0u64;
+    let mut drops = 0u64;
     loop {
         tokio::select! {
             result = session.next_events(&mut batch) => {
@@ -259,21 +263,13 @@ pub async fn attach_and_watch(
                     flight.push(raw);
                     events_seen += 1;
                 }
-            }
-            Some(latency) = async {
-                match feed.as_mut() {
-                    Some(rx) => rx.recv().await,
-                    None => std::future::pending().await,
+                // Checked after a drain rather than on a timer of its own: each wakeup of
+                // the agent costs more than the check, and drains come at least this often.
+                let now = monotonic_ns();
+                if now.saturating_sub(last_check) < CHECK_EVERY_NS {
+                    continue;
                 }
-            } => {
-                let now = monotonic_ns();
-                sliding.record(now, latency);
-                flight.push(external_latency(now, latency));
-            }
-            _ = &mut deadline => break,
-            _ = &mut stop => break,
-            _ = tick.tick() => {
-                let now = monotonic_ns();
+                last_check = now;
                 if let Some(fire) = pending {
                     if now >= fire.at_ns + ns(opts.post) {
                         capturer.start(&session, &flight, fire, now, false)?;
@@ -304,6 +300,7 @@ pub async fn attach_and_watch(
                 if now.saturating_sub(rate_mark.0) >= 1_000_000_000 {
                     events_per_s = (events_seen - rate_mark.1) as f64 * 1e9 / (now - rate_mark.0) as f64;
                     rate_mark = (now, events_seen);
+                    drops = session.counters().map(|c| c.ring_buffer_full).unwrap_or(drops);
                     if !session.refresh_target() {
                         target_exited = true;
                         break;
@@ -311,9 +308,11 @@ pub async fn attach_and_watch(
                 }
                 if now.saturating_sub(last_prune) >= ns(opts.stack_prune_every) {
                     last_prune = now;
-                    session.prune_stacks(flight.iter().chain(batch.iter()));
+                    session.prune_stacks(flight.iter());
                 }
-                let drops = session.counters().map(|c| c.ring_buffer_full).unwrap_or(0);
+                if progress.is_hidden() {
+                    continue;
+                }
                 let threshold = match trigger.threshold_ns() {
                     Some(t) if trigger.armed(now) => human_ns(t),
                     Some(t) => format!("{} (arming: collecting a baseline)", human_ns(t)),
@@ -331,6 +330,18 @@ pub async fn attach_and_watch(
                 ));
                 progress.tick();
             }
+            Some(latency) = async {
+                match feed.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let now = monotonic_ns();
+                sliding.record(now, latency);
+                flight.push(external_latency(now, latency));
+            }
+            _ = &mut deadline => break,
+            _ = &mut stop => break,
         }
     }
     session.drain_now(&mut batch);

@@ -120,6 +120,11 @@ impl StackStore {
         free
     }
 
+    /// How many kernel stack entries are copied and not released yet.
+    pub fn in_kernel(&self) -> usize {
+        self.copied.len()
+    }
+
     /// Whether the kernel id's stack has been copied and its entry not released.
     pub fn is_copied(&self, kernel_id: u32) -> bool {
         self.copied.contains_key(&kernel_id)
