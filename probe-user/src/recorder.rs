@@ -47,9 +47,9 @@ pub struct RecordSummary {
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The drain interval while stacks churn: kernel stack entries are freed only after a drain,
-/// and with more than `CHURN_STACK_ENTRIES` of them held a new stack's chance of colliding with
-/// one (and being lost) passes ~1%. A target blocking under 4,000 new stacks a second lost 4%
-/// of them at 50 ms.
+/// and with more than `CHURN_STACK_ENTRIES` of the map's 16,384 held, a new stack's chance of
+/// colliding with one (and being lost) nears 1%. A target blocking under 4,000 new stacks a
+/// second lost 4% of them at 50 ms.
 const CHURN_DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 const CHURN_STACK_ENTRIES: usize = 128;
 
