@@ -15,6 +15,13 @@ pub(crate) fn stack_id(id: i32) -> StackId {
     (id != NO_STACK && id >= 0).then_some(id as u32)
 }
 
+/// The stack ids a raw event names, kernel then user.
+pub(crate) fn stacks_named(event: &RawEvent) -> impl Iterator<Item = u32> {
+    [event.kernel_stack_id, event.user_stack_id]
+        .into_iter()
+        .filter_map(stack_id)
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {

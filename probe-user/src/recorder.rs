@@ -15,7 +15,7 @@ use crate::attach::{
     attach, attach_err, kernel_map, take_kernel_map, AttachReport, AttachedProbes, ProbeSettings,
 };
 use crate::error::ProbeError;
-use crate::events::{decode_ring_record, stack_id};
+use crate::events::{decode_ring_record, stack_id, stacks_named};
 use crate::output::check_writable;
 use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
 use crate::stacks::StackStore;
@@ -103,8 +103,7 @@ fn read_counters(ebpf: &Ebpf) -> Result<KernelCounters, ProbeError> {
 fn stacks_named_by(store: &StackStore, events: &[RawEvent]) -> BTreeMap<u32, Vec<u64>> {
     events
         .iter()
-        .flat_map(|e| [e.kernel_stack_id, e.user_stack_id])
-        .filter_map(stack_id)
+        .flat_map(stacks_named)
         .filter_map(|id| Some((id, store.frames(id)?.to_vec())))
         .collect()
 }

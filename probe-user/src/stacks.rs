@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use probe_common::{RawEvent, NO_STACK};
 
-use crate::events::stack_id;
+use crate::events::{stack_id, stacks_named};
 
 /// Largest id the store hands out: events carry stack ids as `i32`, negative meaning none.
 const MAX_ID: u32 = i32::MAX as u32;
@@ -135,10 +135,7 @@ impl StackStore {
     pub fn prune<'a>(&mut self, live: impl Iterator<Item = &'a RawEvent>) -> usize {
         let mut referenced: BTreeSet<u32> = self.copied.values().map(|c| c.id).collect();
         referenced.extend(self.just_released.values());
-        referenced.extend(
-            live.flat_map(|e| [e.kernel_stack_id, e.user_stack_id])
-                .filter_map(stack_id),
-        );
+        referenced.extend(live.flat_map(stacks_named));
         let before = self.frames.len();
         self.frames.retain(|id, _| referenced.contains(id));
         self.ids.retain(|_, id| referenced.contains(id));
