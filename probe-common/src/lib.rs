@@ -14,7 +14,8 @@ pub enum EventKind {
     RunQueue = 1,
     /// A thread of the target was off-CPU for `duration_ns`; stacks are where it blocked.
     OffCpu = 2,
-    /// A periodic on-CPU sample of a target thread.
+    /// A periodic on-CPU sample of a target thread: `duration_ns` is the sampling period, the
+    /// CPU time the sample stands for (0 in recordings older than calm-rate sampling).
     OnCpuSample = 3,
     /// A TCP segment of a socket owned by the target was retransmitted.
     TcpRetransmit = 4,

@@ -546,6 +546,14 @@ fn interrupted_kernel(ctx: &PerfEventContext) -> bool {
     unsafe { (*data).regs.cs & 3 == 0 }
 }
 
+/// The CPU time (ns of `cpu-clock`) this sample stands for. The agent lowers the sampling rate
+/// while the target is calm, so samples do not all weigh the same.
+#[inline(always)]
+fn sample_period_ns(ctx: &PerfEventContext) -> u64 {
+    let data = ctx.as_ptr() as *const bpf_perf_event_data;
+    unsafe { (*data).sample_period }
+}
+
 #[perf_event]
 pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     let cfg = config();
@@ -562,6 +570,7 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
         event.kind = EventKind::OnCpuSample as u32;
         event.cpu = unsafe { bpf_get_smp_processor_id() };
         event.ts_ns = unsafe { bpf_ktime_get_ns() };
+        event.duration_ns = sample_period_ns(&ctx);
         event.tid = tid;
         event.tgid = cfg.target_tgid;
         event.kernel_stack_id = kernel_stack_id;

@@ -6,7 +6,7 @@ use std::fmt;
 use aya::{
     maps::Array,
     programs::{
-        perf_event::{PerfEventScope, PerfTypeId, SamplePolicy},
+        perf_event::{PerfEventLinkId, PerfEventScope, PerfTypeId, SamplePolicy},
         BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::btf::KernelBtf;
 use crate::error::ProbeError;
 use crate::listeners::Listeners;
+use crate::sampling::full_period_ns;
 use crate::target;
 
 /// The compiled kernel programs, built by `build.rs` from `probe-ebpf`.
@@ -143,6 +144,9 @@ pub struct ProbeSettings {
     pub pid: u32,
     /// On-CPU sampling frequency per CPU.
     pub sample_hz: u64,
+    /// While calm (see `sampling`), sample every this many full-rate periods; 1 = always at
+    /// full rate. The probes attach at the calm rate when it is above 1.
+    pub calm_sample_divisor: u64,
     pub min_offcpu_ns: u64,
     /// Use only this scheduler hook instead of walking the chain.
     pub sched_hook: Option<SchedHook>,
@@ -162,11 +166,48 @@ pub struct AttachedProbes {
     cpus: Vec<u32>,
     pending: PendingBatches,
     listeners: Listeners,
+    sampling: Option<Sampling>,
 }
+
+/// The on-CPU sampling events, one per online CPU, and the rate they run at.
+struct Sampling {
+    sample_hz: u64,
+    calm_divisor: u64,
+    calm: bool,
+    cpus: Vec<u32>,
+    links: Vec<PerfEventLinkId>,
+}
+
+const SAMPLING_PROGRAM: &str = "on_cpu_sample";
 
 const FLUSH_PROGRAM: &str = "flush_requests";
 
 impl AttachedProbes {
+    /// Samples at the calm rate (`calm`) or at full rate. The events are replaced, not
+    /// retuned (aya keeps their perf file descriptors): for the ~100 µs that takes nothing is
+    /// sampled, which is better than counting twice. A no-op without a calm rate.
+    pub fn set_calm_sampling(&mut self, calm: bool) -> Result<(), ProbeError> {
+        let Some(sampling) = self.sampling.as_mut() else {
+            return Ok(());
+        };
+        if sampling.calm_divisor <= 1 || sampling.calm == calm {
+            return Ok(());
+        }
+        let p: &mut PerfEvent = program_mut(&mut self.ebpf, SAMPLING_PROGRAM)?;
+        for link in sampling.links.drain(..) {
+            p.detach(link)
+                .map_err(|e| attach_err(SAMPLING_PROGRAM, chain(&e)))?;
+        }
+        let divisor = if calm { sampling.calm_divisor } else { 1 };
+        sampling.links = attach_sampling_events(
+            p,
+            &sampling.cpus,
+            full_period_ns(sampling.sample_hz) * divisor,
+        )?;
+        sampling.calm = calm;
+        Ok(())
+    }
+
     /// Marks listeners the target opened since the last look.
     pub fn mark_listening_ports(&mut self) -> Result<usize, ProbeError> {
         mark_listening_ports(&mut self.ebpf, &mut self.listeners)
@@ -525,26 +566,58 @@ fn attach_wakeups(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, ProbeError> {
     .join(", "))
 }
 
-fn attach_sampling(ebpf: &mut Ebpf, hz: u64) -> Result<String, ProbeError> {
-    let program = "on_cpu_sample";
+/// Loads the sampling program and attaches it on every online CPU, at the calm rate when there
+/// is one.
+fn attach_sampling(
+    ebpf: &mut Ebpf,
+    hz: u64,
+    calm_divisor: u64,
+) -> Result<(String, Sampling), ProbeError> {
+    let program = SAMPLING_PROGRAM;
     let cpus = aya::util::online_cpus()
         .map_err(|(what, e)| attach_err(program, format!("{what}: {e}")))?;
     let p: &mut PerfEvent = program_mut(ebpf, program)?;
     p.load().map_err(|e| attach_err(program, chain(&e)))?;
-    for cpu in &cpus {
-        p.attach(
-            PerfTypeId::Software,
-            aya::programs::perf_event::perf_sw_ids::PERF_COUNT_SW_CPU_CLOCK as u64,
-            PerfEventScope::AllProcessesOneCpu { cpu: *cpu },
-            SamplePolicy::Frequency(hz),
-            false,
-        )
-        .map_err(|e| attach_err(program, chain(&e)))?;
+    let calm_divisor = calm_divisor.max(1);
+    // A period rather than a frequency: the calm period is then exactly a whole number of
+    // full-rate periods, and each sample's period says what it weighs.
+    let links = attach_sampling_events(p, &cpus, full_period_ns(hz) * calm_divisor)?;
+    let mut description = format!("perf_event cpu-clock {hz} Hz on {} CPUs", cpus.len());
+    if calm_divisor > 1 {
+        description += &format!(
+            ", {:.1} Hz while P99 is under half the threshold",
+            hz as f64 / calm_divisor as f64
+        );
     }
-    Ok(format!(
-        "perf_event cpu-clock {hz} Hz on {} CPUs",
-        cpus.len()
+    Ok((
+        description,
+        Sampling {
+            sample_hz: hz,
+            calm_divisor,
+            calm: calm_divisor > 1,
+            cpus,
+            links,
+        },
     ))
+}
+
+fn attach_sampling_events(
+    p: &mut PerfEvent,
+    cpus: &[u32],
+    period_ns: u64,
+) -> Result<Vec<PerfEventLinkId>, ProbeError> {
+    cpus.iter()
+        .map(|&cpu| {
+            p.attach(
+                PerfTypeId::Software,
+                aya::programs::perf_event::perf_sw_ids::PERF_COUNT_SW_CPU_CLOCK as u64,
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Period(period_ns),
+                false,
+            )
+            .map_err(|e| attach_err(SAMPLING_PROGRAM, chain(&e)))
+        })
+        .collect()
 }
 
 /// Sets the bits of the target's listening ports in the kernel's port bitmap and returns how
@@ -674,10 +747,12 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     };
 
     let wakeup = attach_wakeups(&mut ebpf, &btf)?;
-    let sampling = if settings.sample_hz > 0 {
-        attach_sampling(&mut ebpf, settings.sample_hz)?
+    let (sampling_report, sampling) = if settings.sample_hz > 0 {
+        let (report, sampling) =
+            attach_sampling(&mut ebpf, settings.sample_hz, settings.calm_sample_divisor)?;
+        (report, Some(sampling))
     } else {
-        "off".into()
+        ("off".into(), None)
     };
     let mut listeners = Listeners::open(settings.pid)?;
     let tcp = attach_tcp(&mut ebpf, &btf, &mut listeners, settings.track_delivery)?;
@@ -700,11 +775,12 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         cpus,
         pending,
         listeners,
+        sampling,
         report: AttachReport {
             scheduler: chosen.to_string(),
             scheduler_attempts: attempts,
             wakeup,
-            sampling,
+            sampling: sampling_report,
             tcp,
             go,
             synthetic,

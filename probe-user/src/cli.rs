@@ -116,6 +116,11 @@ pub struct AttachArgs {
     /// Parent directory of the capture directories.
     #[arg(long, short, default_value = "p99probe-captures")]
     pub out: PathBuf,
+    /// On-CPU sampling rate while P99 stays under half the threshold (rounded to a whole
+    /// fraction of `--sample-hz`); full rate from half the threshold and during captures.
+    /// Equal to `--sample-hz` to always sample at full rate.
+    #[arg(long, default_value_t = 99)]
+    pub calm_sample_hz: u64,
     #[command(flatten)]
     pub probe: ProbeArgs,
 }
@@ -161,6 +166,7 @@ impl ProbeArgs {
         ProbeSettings {
             pid,
             sample_hz: self.sample_hz,
+            calm_sample_divisor: 1,
             min_offcpu_ns: self.min_offcpu.as_nanos() as u64,
             sched_hook: self.sched_hook,
             debug_ebpf: self.debug_ebpf,
@@ -284,7 +290,13 @@ fn run_attach(args: AttachArgs) -> anyhow::Result<()> {
     };
     let options = crate::monitor::AttachOptions {
         // attach_and_watch turns delivery tracking on when `--latency delivery` asks for it.
-        probe: args.probe.settings(args.pid, false),
+        probe: ProbeSettings {
+            calm_sample_divisor: crate::sampling::calm_divisor(
+                args.probe.sample_hz,
+                args.calm_sample_hz,
+            ),
+            ..args.probe.settings(args.pid, false)
+        },
         latency: args.latency,
         feed: args.latency_feed,
         threshold,
@@ -556,6 +568,10 @@ mod tests {
         assert_eq!(settings.min_offcpu_ns, 0);
         assert_eq!(settings.sample_hz, 499);
         assert_eq!(settings.sched_hook, Some(SchedHook::RawTp));
+        assert_eq!(
+            settings.calm_sample_divisor, 1,
+            "a recording samples at full rate"
+        );
         assert_eq!(args.duration, Some(Duration::from_secs(3)));
     }
 }

@@ -49,6 +49,8 @@ pub enum Event {
         ts_ns: u64,
         tid: u32,
         cpu: u32,
+        /// The CPU time the sample stands for (`sampling::sample_weight`); 0 when not recorded.
+        period_ns: u64,
         kernel_stack: StackId,
         user_stack: StackId,
     },
@@ -134,6 +136,7 @@ impl Event {
                 ts_ns: raw.ts_ns,
                 tid: raw.tid,
                 cpu: raw.cpu,
+                period_ns: raw.duration_ns,
                 kernel_stack,
                 user_stack,
             },
@@ -409,6 +412,7 @@ mod tests {
             ts_ns: 5,
             tid: 1,
             cpu: 0,
+            period_ns: 0,
             kernel_stack: None,
             user_stack: None,
         };
@@ -422,14 +426,17 @@ mod tests {
         assert!(Event::from_raw(&raw).is_none());
         raw.kind = EventKind::OnCpuSample as u32;
         raw.user_stack_id = 3;
+        raw.duration_ns = 2_004_008;
         match Event::from_raw(&raw).unwrap() {
             Event::OnCpuSample {
                 kernel_stack,
                 user_stack,
+                period_ns,
                 ..
             } => {
                 assert_eq!(kernel_stack, None);
                 assert_eq!(user_stack, Some(3));
+                assert_eq!(period_ns, 2_004_008);
             }
             other => panic!("unexpected {other:?}"),
         }

@@ -1,5 +1,6 @@
-//! Folded stacks and flame graphs (inferno) from a recording: on-CPU weighted by samples,
-//! off-CPU weighted by microseconds blocked.
+//! Folded stacks and flame graphs (inferno) from a recording: on-CPU weighted by samples (at
+//! the full sampling rate: a sample taken at the calm rate counts as the samples it stands
+//! for), off-CPU weighted by microseconds blocked.
 
 use std::collections::BTreeMap;
 
@@ -8,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::Event;
 use crate::recording::Recording;
+use crate::sampling::sample_weight;
 use crate::window::Window;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -61,6 +63,7 @@ pub fn fold(
                 FlameKind::Oncpu,
                 Event::OnCpuSample {
                     ts_ns,
+                    period_ns,
                     kernel_stack,
                     user_stack,
                     ..
@@ -68,7 +71,7 @@ pub fn fold(
             ) if window.contains(ts_ns) => {
                 *folded
                     .entry(stack_line(recording, kernel_stack, user_stack))
-                    .or_default() += 1;
+                    .or_default() += sample_weight(period_ns, recording.meta.settings.sample_hz);
             }
             (
                 FlameKind::Offcpu,
@@ -228,6 +231,32 @@ mod tests {
         assert_eq!(folded.values().sum::<u64>(), 55_000);
 
         assert!(fold(&recording, FlameKind::Oncpu, all, false).is_empty());
+    }
+
+    #[test]
+    fn oncpu_samples_weigh_what_their_period_stands_for() {
+        use probe_common::{EventKind, RawEvent};
+        let mut recording = sample_recording();
+        let full = crate::sampling::full_period_ns(499);
+        // Three full-rate samples, two at a fifth of the rate, one from an old recording.
+        for (i, period) in [full, full, full, 5 * full, 5 * full, 0]
+            .into_iter()
+            .enumerate()
+        {
+            let mut raw = RawEvent::zeroed();
+            raw.kind = EventKind::OnCpuSample as u32;
+            raw.ts_ns = 1_500_000_000 + i as u64;
+            raw.duration_ns = period;
+            raw.user_stack_id = 1;
+            recording.raw_events.push(raw);
+        }
+        let folded = fold(
+            &recording,
+            FlameKind::Oncpu,
+            Window::new(0, u64::MAX),
+            false,
+        );
+        assert_eq!(folded.get("server;main;stall_here"), Some(&(3 + 10 + 1)));
     }
 
     #[test]

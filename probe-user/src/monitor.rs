@@ -18,6 +18,7 @@ use crate::histogram::human_ns;
 use crate::latency::{parse_feed_line, request_latency, LatencyKind, SlidingLatency};
 use crate::recorder::{after, monotonic_ns, status_line, LiveSession};
 use crate::recording::KernelCounters;
+use crate::sampling::SamplingGovernor;
 use crate::trigger::{Fire, Threshold, Trigger, TriggerConfig};
 use crate::verdict::Cause;
 use crate::window::Window;
@@ -82,6 +83,8 @@ pub struct AttachSummary {
     pub evicted_for_memory: u64,
     /// Kernel stack-map entries freed: copied out and not recurring, or named by no event.
     pub stacks_freed: u64,
+    /// When on-CPU sampling changed rate (CLOCK_MONOTONIC ns) and to what: `true` for calm.
+    pub sampling_changes: Vec<(u64, bool)>,
 }
 
 fn spawn_feed(feed: &LatencyFeed) -> Result<mpsc::Receiver<u64>, ProbeError> {
@@ -233,6 +236,8 @@ pub async fn attach_and_watch(
         max_captures: opts.max_captures,
         arm_after_ns: ns(opts.pre) + ns(opts.baseline),
     });
+    let mut sampling = SamplingGovernor::new(probe.calm_sample_divisor);
+    let mut sampling_changes = Vec::new();
     let mut capturer = Capturer {
         opts,
         latency_kind,
@@ -297,6 +302,13 @@ pub async fn attach_and_watch(
                         pending = Some(fire);
                     }
                 }
+                let p99 = (current.count > 0).then_some(current.p99_ns);
+                if let Some(calm) =
+                    sampling.observe(now, p99, trigger.threshold_ns(), pending.is_some())
+                {
+                    session.set_calm_sampling(calm)?;
+                    sampling_changes.push((now, calm));
+                }
                 if now.saturating_sub(rate_mark.0) >= 1_000_000_000 {
                     events_per_s = (events_seen - rate_mark.1) as f64 * 1e9 / (now - rate_mark.0) as f64;
                     rate_mark = (now, events_seen);
@@ -319,12 +331,13 @@ pub async fn attach_and_watch(
                     None => "learning baseline".into(),
                 };
                 progress.set_message(format!(
-                    "pid {} {:?} P99 {} (n={}) vs {threshold} | {:.0} events/s | {drops} dropped | {} captures{}",
+                    "pid {} {:?} P99 {} (n={}) vs {threshold} | {:.0} events/s | {drops} dropped | sampling {} | {} captures{}",
                     session.pid,
                     latency_kind,
                     human_ns(current.p99_ns),
                     current.count,
                     events_per_s,
+                    if sampling.is_calm() { "calm" } else { "full rate" },
                     capturer.running.len(),
                     if pending.is_some() { " | capturing…" } else { "" }
                 ));
@@ -365,5 +378,6 @@ pub async fn attach_and_watch(
         target_exited,
         evicted_for_memory: flight.evicted_for_memory,
         stacks_freed,
+        sampling_changes,
     })
 }

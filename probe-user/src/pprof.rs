@@ -10,6 +10,7 @@ use std::io::Write;
 
 use crate::events::Event;
 use crate::recording::Recording;
+use crate::sampling::{full_period_ns, sample_weight};
 use crate::window::Window;
 
 fn varint(out: &mut Vec<u8>, mut value: u64) {
@@ -72,7 +73,7 @@ impl Strings {
 /// Encodes the uncompressed profile.proto `Profile`.
 pub fn encode(recording: &Recording, windows: &[Window]) -> Vec<u8> {
     let hz = recording.meta.settings.sample_hz.max(1);
-    let period_ns = 1_000_000_000 / hz;
+    let period_ns = full_period_ns(hz);
     let mut strings = Strings::new();
     let mut functions: HashMap<String, u64> = HashMap::new();
     // Each function name is one location (no addresses: the names are already resolved).
@@ -88,10 +89,15 @@ pub fn encode(recording: &Recording, windows: &[Window]) -> Vec<u8> {
         let (kernel, user, values) = match event {
             Event::OnCpuSample {
                 ts_ns,
+                period_ns: sample_period_ns,
                 kernel_stack,
                 user_stack,
                 ..
-            } if inside(ts_ns) => (kernel_stack, user_stack, [1, period_ns, 0]),
+            } if inside(ts_ns) => {
+                // In full-rate samples, as the flame graphs count them.
+                let weight = sample_weight(sample_period_ns, hz);
+                (kernel_stack, user_stack, [weight, weight * period_ns, 0])
+            }
             event @ Event::OffCpu {
                 kernel_stack,
                 user_stack,

@@ -303,6 +303,11 @@ impl LiveSession {
         self.stacks.prune(live)
     }
 
+    /// Samples on-CPU at the calm rate, or at full rate (`sampling`).
+    pub fn set_calm_sampling(&mut self, calm: bool) -> Result<(), ProbeError> {
+        self.attached.set_calm_sampling(calm)
+    }
+
     /// Re-reads threads and maps; false once the target has exited.
     pub fn refresh_target(&mut self) -> bool {
         if !target::is_alive(self.pid) {

@@ -139,6 +139,7 @@ pub fn settings(pid: u32) -> ProbeSettings {
     ProbeSettings {
         pid,
         sample_hz: 499,
+        calm_sample_divisor: 1,
         min_offcpu_ns: 1_000_000,
         sched_hook: None,
         debug_ebpf: false,

@@ -8,6 +8,7 @@ use integration_tests::*;
 use p99probe::attach::ProbeSettings;
 use p99probe::latency::LatencyKind;
 use p99probe::monitor::{attach_and_watch, AttachOptions, AttachSummary};
+use p99probe::recording::Recording;
 use p99probe::trigger::Threshold;
 use serde_json::Value;
 
@@ -18,6 +19,8 @@ fn options(pid: u32, out: &Path, p99_ms: u64, latency: LatencyKind, seconds: u64
         // As the CLI does: attach_and_watch itself turns delivery tracking on when asked for.
         probe: ProbeSettings {
             track_delivery: false,
+            // As the CLI's default `--calm-sample-hz 99` does.
+            calm_sample_divisor: 5,
             ..settings(pid)
         },
         latency,
@@ -53,7 +56,8 @@ fn watch(options: &AttachOptions) -> AttachSummary {
         .expect("attach failed")
 }
 
-fn run(options: &AttachOptions) -> Vec<PathBuf> {
+/// Attaches with `options` and checks the hooks every latency mode must (not) have.
+fn run(options: &AttachOptions) -> AttachSummary {
     let summary = watch(options);
     // The per-segment ACK hook costs on every packet; it runs only for delivery latency.
     let tcp_probe_attached = summary.hooks.tcp.iter().any(|h| h.ends_with("/tcp_probe"));
@@ -63,7 +67,11 @@ fn run(options: &AttachOptions) -> Vec<PathBuf> {
         "hooks: {:?}",
         summary.hooks.tcp
     );
-    summary.captures.into_iter().map(|c| c.dir).collect()
+    summary
+}
+
+fn capture_dirs(summary: &AttachSummary) -> Vec<PathBuf> {
+    summary.captures.iter().map(|c| c.dir.clone()).collect()
 }
 
 fn report(dir: &Path) -> Value {
@@ -108,16 +116,27 @@ fn single_capture(captures: &[PathBuf]) -> Value {
     report
 }
 
+/// One capture of a Go server spike.
+struct Spike {
+    /// The capture's report.json.
+    report: Value,
+    /// The server's port.
+    port: u16,
+    summary: AttachSummary,
+    /// The capture's recording.p99.
+    recording: Recording,
+}
+
 /// The Go server on CPU 0 (with `env` variables and flags) under wrk on CPU 1; `during(port)`
 /// runs alongside (to inject a cause from outside); p99probe attaches with `--p99 p99_ms` on
-/// `latency` and must capture exactly once. Returns that capture's report.json and the port.
+/// `latency` and must capture exactly once.
 fn capture_go_spike(
     env: &[&str],
     server_args: &[&str],
     p99_ms: u64,
     latency: LatencyKind,
     during: impl FnOnce(u16) + Send + 'static,
-) -> (Value, u16) {
+) -> Spike {
     let binary = go_server_binary();
     let mut args = vec!["-c", "0", "env"];
     args.extend_from_slice(env);
@@ -128,9 +147,17 @@ fn capture_go_spike(
     let _load = wrk_on_cpu1(port, 4, 15);
     let injector = std::thread::spawn(move || during(port));
     let out = tempfile::tempdir().unwrap();
-    let captures = run(&options(server.pid(), out.path(), p99_ms, latency, 13));
+    let summary = run(&options(server.pid(), out.path(), p99_ms, latency, 13));
     injector.join().unwrap();
-    (single_capture(&captures), port)
+    let captures = capture_dirs(&summary);
+    let report = single_capture(&captures);
+    let recording = Recording::load(&captures[0].join("recording.p99")).unwrap();
+    Spike {
+        report,
+        port,
+        summary,
+        recording,
+    }
 }
 
 /// Injected by the server itself from 7 s to 10 s after it starts (past the trigger's arming).
@@ -142,7 +169,8 @@ fn nothing_from_outside(_port: u16) {}
 fn blocking_sleep_on_some_requests_is_off_cpu_in_that_function() {
     let _serial = serial();
     let args = [&["-stall-every", "20", "-stall-ms", "20"][..], &INJECT].concat();
-    let (report, _) = capture_go_spike(&[], &args, 5, LatencyKind::Server, nothing_from_outside);
+    let Spike { report, .. } =
+        capture_go_spike(&[], &args, 5, LatencyKind::Server, nothing_from_outside);
     let top = &report["verdict"][0];
     assert_eq!(top["cause"], "off_cpu");
     assert!(
@@ -175,7 +203,7 @@ fn blocking_sleep_on_some_requests_is_off_cpu_in_that_function() {
 #[test]
 fn cpu_hog_on_the_servers_cpu_is_run_queue_delay() {
     let _serial = serial();
-    let (report, _) = capture_go_spike(&[], &[], 4, LatencyKind::Server, |_port| {
+    let Spike { report, .. } = capture_go_spike(&[], &[], 4, LatencyKind::Server, |_port| {
         std::thread::sleep(Duration::from_secs(7));
         let hogs: Vec<_> = (0..3)
             .map(|_| target(&["hog", "--cpu", "0", "--duration", "3"]))
@@ -202,24 +230,72 @@ fn cpu_hog_on_the_servers_cpu_is_run_queue_delay() {
 fn busy_loop_on_some_requests_is_on_cpu_in_that_function() {
     let _serial = serial();
     let args = [&["-spin-every", "20", "-spin-ms", "10"][..], &INJECT].concat();
-    let (report, _) = capture_go_spike(&[], &args, 5, LatencyKind::Server, nothing_from_outside);
-    let top = &report["verdict"][0];
+    let spike = capture_go_spike(&[], &args, 5, LatencyKind::Server, nothing_from_outside);
+    let top = &spike.report["verdict"][0];
     assert_eq!(top["cause"], "on_cpu");
     assert!(
         frames_contain(&top["evidence"]["top_growing_stack"], "main.spin"),
         "{top}"
     );
     assert!(top["summary"].as_str().unwrap().contains("main.spin"));
+    check_calm_then_full_rate_sampling(&spike);
+}
+
+/// Sampling starts calm (a fifth of 499 Hz), goes to full rate by the time the trigger fires,
+/// and every sample's period says which rate took it: the on-CPU verdict above compared a
+/// calm baseline with a full-rate spike by CPU time, not by sample counts.
+fn check_calm_then_full_rate_sampling(spike: &Spike) {
+    use p99probe::events::Event;
+    use p99probe::sampling::full_period_ns;
+    let changes = &spike.summary.sampling_changes;
+    let fire_ns = spike.summary.captures[0].fire.at_ns;
+    eprintln!("sampling changes (ns, calm): {changes:?}; trigger at {fire_ns}");
+    let calm_at = |ts: u64| {
+        changes
+            .iter()
+            .take_while(|(at, _)| *at <= ts)
+            .last()
+            .is_none_or(|(_, calm)| *calm)
+    };
+    assert!(
+        !calm_at(fire_ns),
+        "sampling was calm when the trigger fired"
+    );
+    // A switch takes effect when the old events are gone: skip samples close to one.
+    let near_a_switch = |ts: u64| changes.iter().any(|(at, _)| ts.abs_diff(*at) < 20 * MS);
+    let full = full_period_ns(499);
+    let (mut calm_samples, mut full_samples) = (0, 0);
+    for event in spike.recording.events() {
+        let Event::OnCpuSample {
+            ts_ns, period_ns, ..
+        } = event
+        else {
+            continue;
+        };
+        if near_a_switch(ts_ns) {
+            continue;
+        }
+        if calm_at(ts_ns) {
+            assert_eq!(period_ns, 5 * full, "calm sample at {ts_ns}");
+            calm_samples += 1;
+        } else {
+            assert_eq!(period_ns, full, "full-rate sample at {ts_ns}");
+            full_samples += 1;
+        }
+    }
+    eprintln!("{calm_samples} calm and {full_samples} full-rate samples in the capture");
+    assert!(calm_samples > 0 && full_samples > 0);
 }
 
 #[test]
 fn lost_responses_are_tcp_retransmits_by_delivery_latency() {
     let _serial = serial();
-    let (report, port) = capture_go_spike(&[], &[], 50, LatencyKind::Delivery, |port| {
-        std::thread::sleep(Duration::from_secs(7));
-        let _loss = PacketLoss::on_source_ports(&[port], 5);
-        std::thread::sleep(Duration::from_secs(3));
-    });
+    let Spike { report, port, .. } =
+        capture_go_spike(&[], &[], 50, LatencyKind::Delivery, |port| {
+            std::thread::sleep(Duration::from_secs(7));
+            let _loss = PacketLoss::on_source_ports(&[port], 5);
+            std::thread::sleep(Duration::from_secs(3));
+        });
     let top = &report["verdict"][0];
     assert_eq!(top["cause"], "tcp_retransmit");
     assert!(report["tcp_retransmits"]["spike_count"].as_u64().unwrap() > 0);
@@ -241,7 +317,7 @@ fn allocation_heavy_requests_with_low_gogc_are_gc() {
         &INJECT,
     ]
     .concat();
-    let (report, _) = capture_go_spike(
+    let Spike { report, .. } = capture_go_spike(
         &["GOGC=20"],
         &args,
         5,
@@ -272,14 +348,24 @@ fn quiet_run_under_load_captures_nothing() {
     let server = go_server_on_cpu0(&[]);
     let _load = wrk_on_cpu1(server.port.unwrap(), 4, 11);
     let out = tempfile::tempdir().unwrap();
-    let captures = run(&options(
+    let summary = run(&options(
         server.pid(),
         out.path(),
         100,
         LatencyKind::Server,
         10,
     ));
-    assert!(captures.is_empty(), "false positive: {captures:?}");
+    assert!(
+        summary.captures.is_empty(),
+        "false positive: {:?}",
+        capture_dirs(&summary)
+    );
+    // P99 stayed far under half the threshold: sampling never left the calm rate.
+    assert!(
+        summary.sampling_changes.is_empty(),
+        "sampling changed rate in a quiet run: {:?}",
+        summary.sampling_changes
+    );
     let left: Vec<_> = std::fs::read_dir(out.path())
         .unwrap()
         .flatten()

@@ -19,6 +19,7 @@ const LOAD_SECONDS: u32 = 8;
 enum Tool {
     Nothing,
     P99probe,
+    P99probeFullRate,
     P99probeDelivery,
     Bpftrace,
     Bcc,
@@ -26,9 +27,10 @@ enum Tool {
 }
 
 impl Tool {
-    const ALL: [Tool; 6] = [
+    const ALL: [Tool; 7] = [
         Tool::Nothing,
         Tool::P99probe,
+        Tool::P99probeFullRate,
         Tool::P99probeDelivery,
         Tool::Bpftrace,
         Tool::Bcc,
@@ -38,6 +40,9 @@ impl Tool {
         match self {
             Tool::Nothing => "nothing attached",
             Tool::P99probe => "p99probe attach",
+            Tool::P99probeFullRate => {
+                "p99probe attach --calm-sample-hz 499 (full-rate sampling, as around a spike)"
+            }
             Tool::P99probeDelivery => "p99probe attach --latency delivery",
             Tool::Bpftrace => "bpftrace (equivalent script)",
             Tool::Bcc => "BCC runqlat+offcputime+tcpretrans",
@@ -229,7 +234,7 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
     };
     let mut running = match tool {
         Tool::Nothing => return Ok(vec![]),
-        Tool::P99probe | Tool::P99probeDelivery => vec![spawn(
+        Tool::P99probe | Tool::P99probeFullRate | Tool::P99probeDelivery => vec![spawn(
             Command::new("taskset")
                 .args(["-c", "1"])
                 .arg(bin(root, "p99probe"))
@@ -242,10 +247,16 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
                     "--duration",
                     "600s",
                     "--latency",
-                    if tool == Tool::P99probe {
-                        "server"
-                    } else {
+                    if tool == Tool::P99probeDelivery {
                         "delivery"
+                    } else {
+                        "server"
+                    },
+                    "--calm-sample-hz",
+                    if tool == Tool::P99probeFullRate {
+                        "499"
+                    } else {
+                        "99"
                     },
                     "--out",
                 ])
@@ -287,7 +298,9 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
     // them the sign is a BPF link among their open files.
     let ready: Vec<Ready> = match tool {
         Tool::Nothing => unreachable!(),
-        Tool::P99probe | Tool::P99probeDelivery => vec![Ready::Line("p99probe: tracing pid")],
+        Tool::P99probe | Tool::P99probeFullRate | Tool::P99probeDelivery => {
+            vec![Ready::Line("p99probe: tracing pid")]
+        }
         Tool::Bpftrace => vec![Ready::Line("Attaching")],
         Tool::Bcc => vec![Ready::Line("Tracing"); 3],
         Tool::BccLibbpf => vec![Ready::BpfLink; 2],
@@ -1016,7 +1029,7 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
     ] {
         let _ = writeln!(md, "- {label}: {value}");
     }
-    let _ = writeln!(md, "\nServer pinned to CPU 0, load generator and tracing tools to CPU 1; {LOAD_SECONDS} s of load per run; p99probe runs `attach` with a threshold (`--p99 1h`) never reached and every hook its latency mode uses: scheduler, wakeups, 499 Hz sampling (the bpftrace script samples at 99 Hz), arrival/write/state/retransmit socket hooks, Go runtime uprobes; `--latency delivery` adds the per-segment ACK hook. BCC's Python tools need kernel headers to compile their programs; its libbpf-tools (CO-RE, BTF only) are the BCC equivalent that runs where there are none: `runqlat -p PID` and `offcputime -p PID` (Debian's libbpf-tools has no tcpretrans).\n");
+    let _ = writeln!(md, "\nServer pinned to CPU 0, load generator and tracing tools to CPU 1; {LOAD_SECONDS} s of load per run; p99probe runs `attach` with a threshold (`--p99 1h`) never reached and every hook its latency mode uses: scheduler, wakeups, sampling, arrival/write/state/retransmit socket hooks, Go runtime uprobes; `--latency delivery` adds the per-segment ACK hook. With the threshold never approached, `attach` samples at its calm rate throughout (99.8 Hz; the bpftrace script samples at 99 Hz); the full-rate row (`--calm-sample-hz 499`) shows what it costs while sampling at 499 Hz, as it does from half the threshold and during captures. BCC's Python tools need kernel headers to compile their programs; its libbpf-tools (CO-RE, BTF only) are the BCC equivalent that runs where there are none: `runqlat -p PID` and `offcputime -p PID` (Debian's libbpf-tools has no tcpretrans).\n");
     for p in [&go_paired, &redis_paired] {
         p.write_table(&mut md);
     }
