@@ -184,8 +184,9 @@ const FLUSH_PROGRAM: &str = "flush_requests";
 
 impl AttachedProbes {
     /// Samples at the calm rate (`calm`) or at full rate. The events are replaced, not
-    /// retuned (aya keeps their perf file descriptors): for the ~100 µs that takes nothing is
-    /// sampled, which is better than counting twice. A no-op without a calm rate.
+    /// retuned (aya keeps their perf file descriptors), old ones first: a CPU is unsampled
+    /// between its detach and its attach, which is better than sampled twice. A no-op without
+    /// a calm rate.
     pub fn set_calm_sampling(&mut self, calm: bool) -> Result<(), ProbeError> {
         let Some(sampling) = self.sampling.as_mut() else {
             return Ok(());
