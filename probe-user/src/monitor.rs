@@ -306,8 +306,16 @@ pub async fn attach_and_watch(
                 if let Some(calm) =
                     sampling.observe(now, p99, trigger.threshold_ns(), pending.is_some())
                 {
-                    session.set_calm_sampling(calm)?;
-                    sampling_changes.push((now, calm));
+                    match session.set_calm_sampling(calm) {
+                        Ok(()) => sampling_changes.push((now, calm)),
+                        Err(e) => {
+                            // Not worth ending the run (and the capture in progress) for.
+                            progress.suspend(|| {
+                                eprintln!("p99probe: sampling rate change failed, none again: {e}")
+                            });
+                            sampling = SamplingGovernor::new(1);
+                        }
+                    }
                 }
                 if now.saturating_sub(rate_mark.0) >= 1_000_000_000 {
                     events_per_s = (events_seen - rate_mark.1) as f64 * 1e9 / (now - rate_mark.0) as f64;
