@@ -268,7 +268,13 @@ fn on_cpu_cause(spike: &WindowStats, baseline: &WindowStats, sample_hz: u64) -> 
                     "{share:.0}% of on-CPU samples in {} ({:.0} ms/s of CPU, {})",
                     describe_stack(&frames, 3),
                     spike_rate * ms_per_sample,
-                    ratio(*spike_rate, *base_rate)
+                    // Samples, not time: a stack with a few ms/s of CPU can go unsampled,
+                    // the more so in a baseline sampled at attach's calm rate.
+                    if *base_rate > 0.0 {
+                        ratio(*spike_rate, *base_rate)
+                    } else {
+                        "not sampled in the baseline".into()
+                    }
                 ),
                 json!({"frames": frames, "samples": samples, "share": share / 100.0,
                        "spike_cpu_ms_per_s": spike_rate * ms_per_sample,
