@@ -2,6 +2,7 @@
 //! tools a user would reach for instead (bpftrace, BCC), alternating configurations round by
 //! round so drift cancels, and written to BENCHMARKS.md with medians and min–max.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -476,21 +477,23 @@ const PAIRED_ROUNDS: usize = 15;
 /// `redis-benchmark -n 200000`), so no cooperation from the server or the load generator is
 /// needed and the count can be read at any moment of a continuous load.
 fn served_per_second(pid: u32, span: Duration) -> Result<f64> {
-    let writes = || -> Result<u64> {
-        let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
-            .with_context(|| format!("reading /proc/{pid}/io"))?;
-        io.lines()
-            .find_map(|l| l.strip_prefix("syscw:"))
-            .and_then(|v| v.trim().parse().ok())
-            .context("no syscw in /proc/PID/io")
-    };
-    let (t0, w0) = (Instant::now(), writes()?);
+    let (t0, w0) = (Instant::now(), server_writes(pid)?);
     std::thread::sleep(span);
-    let (t1, w1) = (Instant::now(), writes()?);
+    let (t1, w1) = (Instant::now(), server_writes(pid)?);
     if w1 == w0 {
         bail!("the server (pid {pid}) answered nothing for {span:?}: it stopped or hung");
     }
     Ok((w1 - w0) as f64 / (t1 - t0).as_secs_f64())
+}
+
+/// The write() calls `pid` has made: one per response (see `served_per_second`).
+fn server_writes(pid: u32) -> Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .with_context(|| format!("reading /proc/{pid}/io"))?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no syscw in /proc/PID/io")
 }
 
 /// Throughput ratios from interleaved phases on one server under one continuous load.
@@ -1004,6 +1007,7 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
             cmd
         },
     )?;
+    let kernel = kernel_cost(root, go_binary, &scratch)?;
     let pipeline = pipeline(root, &scratch)?;
     let verdict = time_to_verdict(root, go_binary, &scratch)?;
 
@@ -1071,6 +1075,7 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
         }
         let _ = writeln!(md);
     }
+    md.push_str(&kernel.markdown());
     let _ = writeln!(md, "## Pipeline limits\n\nTarget: two threads handing a byte back and forth through pipes on CPU 0 (`p99probe-target pingpong`); `p99probe record --min-offcpu 0` on CPU 1, so every switch and wakeup is an event. The target, slowed by the tracing, is the limit here, not the agent.\n");
     pipeline
         .switches
@@ -1179,6 +1184,186 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
     std::fs::write(root.join("BENCHMARKS.md"), md)?;
     println!("wrote BENCHMARKS.md");
     Ok(())
+}
+
+/// `kernel.bpf_stats_enabled` for as long as this lives: the kernel then times every run of
+/// every BPF program (which costs a clock read per run, so it is off otherwise).
+struct BpfStats;
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<BpfStats> {
+        std::fs::write(BPF_STATS_SYSCTL, "1").context("enabling kernel.bpf_stats_enabled")?;
+        Ok(BpfStats)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS_SYSCTL, "0");
+    }
+}
+
+/// Every loaded BPF program: id → (name, run time in ns, runs), from `bpftool prog show`
+/// (which leaves the run figures out while they are zero).
+fn bpf_program_stats() -> Result<BTreeMap<u32, (String, u64, u64)>> {
+    let text = crate::output(Command::new("bpftool").args(["prog", "show"]))?;
+    let mut programs = BTreeMap::new();
+    for line in text.lines() {
+        let Some((id, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let Ok(id) = id.trim().parse::<u32>() else {
+            continue;
+        };
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let after = |key: &str| {
+            words
+                .iter()
+                .position(|w| *w == key)
+                .and_then(|i| words.get(i + 1))
+        };
+        let name = after("name").unwrap_or(&"?").to_string();
+        let number = |key: &str| after(key).and_then(|v| v.parse().ok()).unwrap_or(0);
+        programs.insert(id, (name, number("run_time_ns"), number("run_cnt")));
+    }
+    Ok(programs)
+}
+
+/// Per program name, `(runs per second, ns per run)` of each run.
+type ProgramRuns = BTreeMap<String, Vec<(f64, f64)>>;
+
+/// What p99probe's kernel programs cost under the Go load, by the kernel's own accounting:
+/// unlike throughput, a figure this host's noise barely moves, so small changes show.
+struct KernelCost {
+    /// Per configuration: responses per second of each run, and its programs' runs.
+    results: Vec<(Tool, Vec<f64>, ProgramRuns)>,
+}
+
+const KERNEL_COST_ROUNDS: usize = 3;
+const KERNEL_COST_SPAN: Duration = Duration::from_secs(8);
+
+fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCost> {
+    let (server, port) = go_server(go_binary, &[])?;
+    let pid = server.0.id();
+    let _load = Killed(
+        Command::new("taskset")
+            .args(["-c", "1", "wrk", "-t1", "-c8", "-d3600s"])
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting wrk")?,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let _stats = BpfStats::enable()?;
+    let tools = [Tool::P99probe, Tool::P99probeFullRate];
+    let mut results: Vec<(Tool, Vec<f64>, ProgramRuns)> = tools
+        .iter()
+        .map(|t| (*t, Vec::new(), BTreeMap::new()))
+        .collect();
+    for round in 0..KERNEL_COST_ROUNDS {
+        for (tool, served, programs) in &mut results {
+            eprintln!("bench: kernel cost round {} / {}", round + 1, tool.name());
+            let others = bpf_program_stats()?;
+            let running =
+                start_tool(*tool, pid, root, scratch).map_err(|e| anyhow::anyhow!("{e}"))?;
+            std::thread::sleep(Duration::from_secs(2));
+            let ours = |all: BTreeMap<u32, (String, u64, u64)>| {
+                all.into_iter()
+                    .filter(|(id, _)| !others.contains_key(id))
+                    .collect::<BTreeMap<_, _>>()
+            };
+            let (t0, w0, before) = (
+                Instant::now(),
+                server_writes(pid)?,
+                ours(bpf_program_stats()?),
+            );
+            std::thread::sleep(KERNEL_COST_SPAN);
+            let (t1, w1, after) = (
+                Instant::now(),
+                server_writes(pid)?,
+                ours(bpf_program_stats()?),
+            );
+            drop(running);
+            let seconds = (t1 - t0).as_secs_f64();
+            served.push((w1 - w0) as f64 / seconds);
+            for (id, (name, time1, runs1)) in after {
+                let (_, time0, runs0) = before.get(&id).cloned().unwrap_or_default();
+                let runs = runs1.saturating_sub(runs0);
+                let time = time1.saturating_sub(time0);
+                if runs == 0 {
+                    continue;
+                }
+                programs
+                    .entry(name)
+                    .or_default()
+                    .push((runs as f64 / seconds, time as f64 / runs as f64));
+            }
+        }
+    }
+    Ok(KernelCost { results })
+}
+
+/// `cargo xtask bench --kernel-cost-only`.
+pub fn print_kernel_cost(root: &Path, go_binary: &Path) -> Result<()> {
+    let scratch = root.join("target/bench");
+    std::fs::create_dir_all(&scratch)?;
+    mount_tracefs()?;
+    print!("{}", kernel_cost(root, go_binary, &scratch)?.markdown());
+    Ok(())
+}
+
+impl KernelCost {
+    fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "## Kernel-side cost, by program
+"
+        );
+        let _ = writeln!(md, "Go server under `wrk -t1 -c8` as above; `p99probe attach` ({KERNEL_COST_ROUNDS} runs of {} s per configuration, alternating) with `kernel.bpf_stats_enabled`, which times every run of every BPF program (adding a clock read to each). Each cell is the median over runs of runs per second and ns per run; ms/s is their product, the CPU the program takes (both CPUs together). The kernel's own dispatch and the sampling interrupts are not in these figures; they are what throughput shows.\n", KERNEL_COST_SPAN.as_secs());
+        let median = |v: Vec<f64>| stats(&v).0;
+        let _ = write!(md, "| program |");
+        for (tool, _, _) in &self.results {
+            let _ = write!(md, " {}: runs/s | ns/run | ms/s |", tool.name());
+        }
+        let _ = writeln!(md);
+        let _ = writeln!(md, "|---|{}", "---|---|---|".repeat(self.results.len()));
+        let names: std::collections::BTreeSet<&String> =
+            self.results.iter().flat_map(|(_, _, p)| p.keys()).collect();
+        let mut totals = vec![0.0; self.results.len()];
+        for name in names {
+            let _ = write!(md, "| `{name}` |");
+            for (i, (_, _, programs)) in self.results.iter().enumerate() {
+                match programs.get(name) {
+                    Some(runs) => {
+                        let per_s = median(runs.iter().map(|r| r.0).collect());
+                        let ns = median(runs.iter().map(|r| r.1).collect());
+                        totals[i] += per_s * ns / 1e6;
+                        let _ = write!(md, " {per_s:.0} | {ns:.0} | {:.2} |", per_s * ns / 1e6);
+                    }
+                    None => {
+                        let _ = write!(md, " – | – | – |");
+                    }
+                }
+            }
+            let _ = writeln!(md);
+        }
+        let _ = writeln!(md);
+        for (i, (tool, served, _)) in self.results.iter().enumerate() {
+            let per_s = median(served.clone());
+            let _ = writeln!(
+                md,
+                "- {}: all programs {:.2} ms/s; {:.0} ns per response at {per_s:.0} responses/s",
+                tool.name(),
+                totals[i],
+                totals[i] * 1e6 / per_s.max(1.0)
+            );
+        }
+        let _ = writeln!(md);
+        md
+    }
 }
 
 #[cfg(test)]

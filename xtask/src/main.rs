@@ -33,8 +33,13 @@ enum Task {
     /// Setup, then formatting, lints, unit and integration tests (needs root).
     Test,
     /// Measure overhead against bpftrace and BCC, pipeline limits and time to verdict, and
-    /// write BENCHMARKS.md (needs root; takes about 35 minutes; not part of `test`).
-    Bench,
+    /// write BENCHMARKS.md (needs root; takes about 40 minutes; not part of `test`).
+    Bench {
+        /// Only the kernel-side cost by program (about 2 minutes), printed instead of written
+        /// to BENCHMARKS.md: for comparing a change with the last full run.
+        #[arg(long)]
+        kernel_cost_only: bool,
+    },
 }
 
 fn root() -> PathBuf {
@@ -301,7 +306,7 @@ fn main() -> Result<()> {
                 .current_dir(root()))
         }
         Task::Test => test(),
-        Task::Bench => {
+        Task::Bench { kernel_cost_only } => {
             require_root("the benchmarks")?;
             setup()?;
             install_packages(BENCH_PACKAGES)?;
@@ -314,6 +319,9 @@ fn main() -> Result<()> {
                 .arg(root().join("tests/go/server.go"))
                 .env("GO111MODULE", "off")
                 .env("GOCACHE", root().join("target/bench/gocache")))?;
+            if kernel_cost_only {
+                return bench::print_kernel_cost(&root(), &go_binary);
+            }
             bench::run(&root(), &go_binary)
         }
     }
