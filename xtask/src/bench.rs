@@ -1235,7 +1235,8 @@ fn bpf_program_stats() -> Result<BTreeMap<u32, (String, u64, u64)>> {
 type ProgramRuns = BTreeMap<String, Vec<(f64, f64)>>;
 
 /// What p99probe's kernel programs cost under the Go load, by the kernel's own accounting:
-/// unlike throughput, a figure this host's noise barely moves, so small changes show.
+/// this host's noise moves it far less than throughput (per-run figures drift by up to ~30 ns
+/// between runs minutes apart), so changes larger than that show.
 struct KernelCost {
     /// Per configuration: responses per second of each run, and its programs' runs.
     results: Vec<(Tool, Vec<f64>, ProgramRuns)>,
