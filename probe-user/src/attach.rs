@@ -162,7 +162,7 @@ pub struct AttachedProbes {
     pub ebpf: Ebpf,
     pub report: AttachReport,
     pub sched_hook: SchedHook,
-    /// Online CPUs: each holds a batch of request latencies in the kernel.
+    /// Online CPUs: each holds a batch of request latencies in the kernel, and is sampled.
     cpus: Vec<u32>,
     pending: PendingBatches,
     listeners: Listeners,
@@ -174,7 +174,6 @@ struct Sampling {
     sample_hz: u64,
     calm_divisor: u64,
     calm: bool,
-    cpus: Vec<u32>,
     links: Vec<PerfEventLinkId>,
 }
 
@@ -200,11 +199,8 @@ impl AttachedProbes {
                 .map_err(|e| attach_err(SAMPLING_PROGRAM, chain(&e)))?;
         }
         let divisor = if calm { sampling.calm_divisor } else { 1 };
-        sampling.links = attach_sampling_events(
-            p,
-            &sampling.cpus,
-            full_period_ns(sampling.sample_hz) * divisor,
-        )?;
+        sampling.links =
+            attach_sampling_events(p, &self.cpus, full_period_ns(sampling.sample_hz) * divisor)?;
         sampling.calm = calm;
         Ok(())
     }
@@ -347,10 +343,9 @@ fn run_on_cpu(program_fd: i32, cpu: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn load_flush_program(ebpf: &mut Ebpf) -> Result<Vec<u32>, ProbeError> {
+fn load_flush_program(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     let p: &mut RawTracePoint = program_mut(ebpf, FLUSH_PROGRAM)?;
-    p.load().map_err(|e| attach_err(FLUSH_PROGRAM, chain(&e)))?;
-    aya::util::online_cpus().map_err(|(what, e)| attach_err(FLUSH_PROGRAM, format!("{what}: {e}")))
+    p.load().map_err(|e| attach_err(FLUSH_PROGRAM, chain(&e)))
 }
 
 const CAP_SYS_ADMIN: u32 = 21;
@@ -567,22 +562,21 @@ fn attach_wakeups(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, ProbeError> {
     .join(", "))
 }
 
-/// Loads the sampling program and attaches it on every online CPU, at the calm rate when there
-/// is one.
+/// Loads the sampling program and attaches it on every one of `cpus`, at the calm rate when
+/// there is one.
 fn attach_sampling(
     ebpf: &mut Ebpf,
+    cpus: &[u32],
     hz: u64,
     calm_divisor: u64,
 ) -> Result<(String, Sampling), ProbeError> {
     let program = SAMPLING_PROGRAM;
-    let cpus = aya::util::online_cpus()
-        .map_err(|(what, e)| attach_err(program, format!("{what}: {e}")))?;
     let p: &mut PerfEvent = program_mut(ebpf, program)?;
     p.load().map_err(|e| attach_err(program, chain(&e)))?;
     let calm_divisor = calm_divisor.max(1);
     // A period rather than a frequency: the calm period is then exactly a whole number of
     // full-rate periods, and each sample's period says what it weighs.
-    let links = attach_sampling_events(p, &cpus, full_period_ns(hz) * calm_divisor)?;
+    let links = attach_sampling_events(p, cpus, full_period_ns(hz) * calm_divisor)?;
     let mut description = format!("perf_event cpu-clock {hz} Hz on {} CPUs", cpus.len());
     if calm_divisor > 1 {
         description += &format!(
@@ -596,7 +590,6 @@ fn attach_sampling(
             sample_hz: hz,
             calm_divisor,
             calm: calm_divisor > 1,
-            cpus,
             links,
         },
     ))
@@ -748,9 +741,15 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     };
 
     let wakeup = attach_wakeups(&mut ebpf, &btf)?;
+    let cpus = aya::util::online_cpus()
+        .map_err(|(what, e)| attach_err("online CPUs", format!("{what}: {e}")))?;
     let (sampling_report, sampling) = if settings.sample_hz > 0 {
-        let (report, sampling) =
-            attach_sampling(&mut ebpf, settings.sample_hz, settings.calm_sample_divisor)?;
+        let (report, sampling) = attach_sampling(
+            &mut ebpf,
+            &cpus,
+            settings.sample_hz,
+            settings.calm_sample_divisor,
+        )?;
         (report, Some(sampling))
     } else {
         ("off".into(), None)
@@ -758,7 +757,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     let mut listeners = Listeners::open(settings.pid)?;
     let tcp = attach_tcp(&mut ebpf, &btf, &mut listeners, settings.track_delivery)?;
     let go = attach_go(&mut ebpf, settings.pid);
-    let cpus = load_flush_program(&mut ebpf)?;
+    load_flush_program(&mut ebpf)?;
     let pending = PendingBatches::map(&ebpf, possible_cpus)?;
     let synthetic = if settings.synthetic_syscall_events {
         let name = "synthetic_sys_enter";
