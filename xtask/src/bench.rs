@@ -100,6 +100,14 @@ fn start_ready(mut cmd: Command) -> Result<(Killed, u16)> {
     Ok((Killed(child), port))
 }
 
+/// wrk on CPU 1 against the Go server on `port`, for as long as it is left running.
+fn endless_wrk(port: u16) -> Command {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1", "wrk", "-t1", "-c8", "-d3600s"])
+        .arg(format!("http://127.0.0.1:{port}/"));
+    cmd
+}
+
 fn go_server(go_binary: &Path, args: &[&str]) -> Result<(Killed, u16)> {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", "0"])
@@ -986,12 +994,7 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
         root,
         &scratch,
         &|| go_server(go_binary, &[]),
-        &|port| {
-            let mut cmd = Command::new("taskset");
-            cmd.args(["-c", "1", "wrk", "-t1", "-c8", "-d3600s"])
-                .arg(format!("http://127.0.0.1:{port}/"));
-            cmd
-        },
+        &endless_wrk,
     )?;
     let redis_paired = paired(
         "redis-server",
@@ -1249,9 +1252,7 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
     let (server, port) = go_server(go_binary, &[])?;
     let pid = server.0.id();
     let _load = Killed(
-        Command::new("taskset")
-            .args(["-c", "1", "wrk", "-t1", "-c8", "-d3600s"])
-            .arg(format!("http://127.0.0.1:{port}/"))
+        endless_wrk(port)
             .stdout(Stdio::null())
             .spawn()
             .context("starting wrk")?,
