@@ -215,6 +215,11 @@ pub struct KernelOffsets {
     pub tcp_write_seq: u32,
     /// `struct tcp_sock.snd_una`: first byte the peer has not acknowledged.
     pub tcp_snd_una: u32,
+    /// `struct tcp_sock.snd_nxt`: next sequence number to send.
+    pub tcp_snd_nxt: u32,
+    /// `struct tcp_sock.rack.mstamp`: when (µs, monotonic clock) the most recently sent of the
+    /// segments the peer has acknowledged was sent.
+    pub tcp_rack_mstamp: u32,
     /// `struct sk_buff.data`: on TCP receive, points at the TCP header.
     pub skb_data: u32,
     /// `struct sock_common` members (at the start of every `struct sock`).

@@ -46,6 +46,8 @@ static CONFIG: ProbeConfig = ProbeConfig {
         task_state: 0,
         tcp_write_seq: 0,
         tcp_snd_una: 0,
+        tcp_snd_nxt: 0,
+        tcp_rack_mstamp: 0,
         skb_data: 0,
         sk_family: 0,
         sk_state: 0,
@@ -103,9 +105,9 @@ static SOCKETS: Array<SocketState> = Array::with_max_entries(SOCKET_SLOTS, 0);
 const SOCKET_SLOT_BITS: u32 = 16;
 const SOCKET_SLOTS: u32 = 1 << SOCKET_SLOT_BITS;
 
-/// Sockets the target sent on that are not on its listening ports: its own outbound
-/// connections (databases, upstream services). Kept only so that their retransmits are
-/// attributed; their traffic is not request latency.
+/// Sockets the target connected (or sent on, while the write hook is attached) that are not on
+/// its listening ports: its own outbound connections (databases, upstream services). Kept only
+/// so that their retransmits are attributed; their traffic is not request latency.
 #[map]
 static OUTBOUND: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
 
@@ -121,6 +123,10 @@ struct SocketState {
     /// Once `ANSWERED`: the sequence number the peer must acknowledge for the response to be
     /// delivered.
     response_end_seq: u32,
+    /// While `WAITING`: the server's `snd_nxt` when the request arrived. Once the peer has
+    /// acknowledged data past it, the server has answered.
+    request_snd_nxt: u32,
+    _pad: u32,
 }
 
 // Request stages. Slots are updated in place and freed when the socket closes.
@@ -140,6 +146,7 @@ const NEW_THREAD: ThreadState = ThreadState {
 const TASK_RUNNING: u32 = 0;
 const TASK_DEAD: u32 = 0x80;
 const AF_INET6: u16 = 10;
+const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
 const AF_INET: u16 = 2;
 
@@ -740,15 +747,51 @@ fn on_data_ready(sk: impl KernelPtr) {
         unsafe { core::ptr::write_volatile(&mut socket.sk, sk.addr()) };
         socket.stage = IDLE;
     }
+    // The peer acknowledged the answer to the waiting request before sending this: that
+    // request ends here (when the write hook is not attached, this is where requests end).
+    served_if_acked(sk, socket);
     // More bytes of a request not yet answered: it started at its first bytes.
     if socket.stage != WAITING {
         unsafe { core::ptr::write_volatile(&mut socket.arrived_ns, bpf_ktime_get_ns()) };
+        socket.request_snd_nxt = tcp_sock_field(sk, config().offsets.tcp_snd_nxt);
         socket.stage = WAITING;
     }
 }
 
+/// If the peer has acknowledged data the server sent after the waiting request arrived, the
+/// request was answered: it ends when the last acknowledged segment was sent, which the kernel
+/// keeps for loss detection (`tcp_sock.rack.mstamp`, in µs).
+#[inline(always)]
+fn served_if_acked(sk: impl KernelPtr, socket: &mut SocketState) {
+    if socket.stage != WAITING {
+        return;
+    }
+    let offsets = &config().offsets;
+    let snd_una = tcp_sock_field(sk, offsets.tcp_snd_una);
+    if (snd_una.wrapping_sub(socket.request_snd_nxt) as i32) <= 0 {
+        return;
+    }
+    let sent_us: u64 = Untyped(sk.addr()).read(offsets.tcp_rack_mstamp);
+    let sent_ns = sent_us * 1000;
+    let arrived_ns = socket.arrived_ns;
+    socket.stage = IDLE;
+    // A segment sent before the request arrived (the answer to an earlier one) is not this
+    // request's answer: the request is left untimed rather than timed wrongly.
+    if sent_ns + 1000 < arrived_ns {
+        count(Counter::RequestsUntimed);
+        return;
+    }
+    record_request(
+        EventKind::RequestServed,
+        0,
+        sent_ns,
+        sent_ns.saturating_sub(arrived_ns),
+    );
+}
+
 /// The target sent on a socket: answer the request waiting on it, or remember an outbound
-/// connection of the target.
+/// connection of the target. Attached only while the request rate is low, or for delivery
+/// latency (see the agent's `request_end`); otherwise the arrival and state hooks end requests.
 #[inline(always)]
 fn on_send(sk: impl KernelPtr, sent: i32) {
     let cfg = config();
@@ -764,6 +807,12 @@ fn on_send(sk: impl KernelPtr, sent: i32) {
         return;
     };
     if sent <= 0 || socket.stage != WAITING {
+        return;
+    }
+    // Nothing sent since the waiting request arrived: this write's bytes went out before it,
+    // and the arrival hook has already ended the request they answered.
+    let write_seq = tcp_sock_field(sk, cfg.offsets.tcp_write_seq);
+    if (write_seq.wrapping_sub(socket.request_snd_nxt) as i32) <= 0 {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -783,7 +832,7 @@ fn on_send(sk: impl KernelPtr, sent: i32) {
         return;
     }
     socket.stage = ANSWERED;
-    socket.response_end_seq = tcp_sock_field(sk, cfg.offsets.tcp_write_seq);
+    socket.response_end_seq = write_seq;
     // On loopback the peer's ACK can be processed before sendmsg returns here.
     deliver_if_acked(sk, socket);
 }
@@ -793,6 +842,13 @@ fn on_send(sk: impl KernelPtr, sent: i32) {
 #[inline(always)]
 fn tcp_sock_field(sk: impl KernelPtr, offset: u32) -> u32 {
     Untyped(sk.addr()).read(offset)
+}
+
+#[inline(always)]
+fn learn_outbound_of_current(sk: impl KernelPtr) {
+    if (bpf_get_current_pid_tgid() >> 32) as u32 == config().target_tgid {
+        learn_outbound(sk);
+    }
 }
 
 #[inline(always)]
@@ -865,12 +921,17 @@ fn on_set_state(sk: impl KernelPtr, new_state: i32) {
     if !on_target_port(sk) {
         if new_state == TCP_CLOSE {
             let _ = OUTBOUND.remove(&sk.addr());
+        } else if new_state == TCP_SYN_SENT {
+            // connect(), in the calling task.
+            learn_outbound_of_current(sk);
         }
         return;
     }
     // ACKs after the server starts closing never reach tcp_probe (it fires in ESTABLISHED
-    // only); a response followed by a close is delivered by the time the state moves on.
+    // only); a response followed by a close is delivered by the time the state moves on. The
+    // peer's FIN (or the ACK of the server's) also ends a request answered just before.
     if let Some(socket) = socket_state(sk) {
+        served_if_acked(sk, socket);
         deliver_if_acked(sk, socket);
         if new_state == TCP_CLOSE {
             socket.sk = 0;

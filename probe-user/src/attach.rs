@@ -7,6 +7,8 @@ use aya::{
     maps::Array,
     programs::{
         perf_event::{PerfEventLinkId, PerfEventScope, PerfTypeId, SamplePolicy},
+        raw_trace_point::RawTracePointLinkId,
+        tp_btf::BtfTracePointLinkId,
         BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::btf::KernelBtf;
 use crate::error::ProbeError;
 use crate::listeners::Listeners;
+use crate::request_end::WriteHookPolicy;
 use crate::sampling::full_period_ns;
 use crate::target;
 
@@ -154,6 +157,8 @@ pub struct ProbeSettings {
     /// Follow responses until the peer acknowledges them (delivery latency). Costs a hook on
     /// every incoming TCP segment, so `attach` turns it on only for `--latency delivery`.
     pub track_delivery: bool,
+    /// When the response-write hook is attached (see `request_end`).
+    pub write_hook: WriteHookPolicy,
     /// Benchmarks only: an event per system call of the target (`EventKind::Synthetic`).
     pub synthetic_syscall_events: bool,
 }
@@ -167,7 +172,15 @@ pub struct AttachedProbes {
     pending: PendingBatches,
     listeners: Listeners,
     sampling: Option<Sampling>,
+    /// The response-write hook (see `request_end`).
+    write_hook: TracepointHook,
+    /// Delivery latency needs the write hook throughout, and a policy may fix it: then it is
+    /// not changed while attached.
+    write_hook_fixed: bool,
 }
+
+/// The response-write hook (see `request_end`).
+const WRITE_HOOK: &str = "sock_send_length";
 
 /// The on-CPU sampling events, one per online CPU, and the rate they run at.
 struct Sampling {
@@ -203,6 +216,28 @@ impl AttachedProbes {
             attach_sampling_events(p, &self.cpus, full_period_ns(sampling.sample_hz) * divisor)?;
         sampling.calm = calm;
         Ok(())
+    }
+
+    /// Attaches (`attached`) or detaches the response-write hook; see `request_end`. A no-op
+    /// when it is already so, or when delivery latency needs it throughout.
+    pub fn set_write_hook(&mut self, attached: bool) -> Result<(), ProbeError> {
+        if self.write_hook_fixed {
+            return Ok(());
+        }
+        if attached {
+            self.write_hook.attach(&mut self.ebpf)
+        } else {
+            self.write_hook.detach(&mut self.ebpf)
+        }
+    }
+
+    pub fn write_hook_attached(&self) -> bool {
+        self.write_hook.is_attached()
+    }
+
+    /// Whether the write hook may be attached and detached by the request rate.
+    pub fn write_hook_adjustable(&self) -> bool {
+        !self.write_hook_fixed
     }
 
     /// Marks listeners the target opened since the last look.
@@ -383,6 +418,9 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets, ProbeError> {
             .or_else(|_| btf.member_offset("task_struct", "state"))?,
         tcp_write_seq: btf.member_offset("tcp_sock", "write_seq")?,
         tcp_snd_una: btf.member_offset("tcp_sock", "snd_una")?,
+        tcp_snd_nxt: btf.member_offset("tcp_sock", "snd_nxt")?,
+        tcp_rack_mstamp: btf.member_offset("tcp_sock", "rack")?
+            + btf.member_offset("tcp_rack", "mstamp")?,
         skb_data: btf.member_offset("sk_buff", "data")?,
         sk_family: sock("skc_family")?,
         sk_state: sock("skc_state")?,
@@ -532,26 +570,101 @@ fn attach_btf_or_raw(
     ebpf: &mut Ebpf,
     btf: &Btf,
     base: &str,
-    tracepoint: &str,
+    tracepoint: &'static str,
 ) -> Result<String, ProbeError> {
+    // The link stays with the program (aya detaches it when the object is dropped).
+    attach_btf_or_raw_link(ebpf, btf, base, tracepoint).map(|(report, _)| report)
+}
+
+/// [`attach_btf_or_raw`], keeping what it takes to detach the program and attach it again.
+fn attach_btf_or_raw_link(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    base: &str,
+    tracepoint: &'static str,
+) -> Result<(String, TracepointHook), ProbeError> {
     let typed = format!("{base}_btf");
-    let attempt = (|| -> Result<(), String> {
+    let attempt = (|| -> Result<BtfTracePointLinkId, String> {
         let p: &mut BtfTracePoint = program_mut(ebpf, &typed).map_err(|e| e.to_string())?;
         p.load(tracepoint, btf).map_err(|e| chain(&e))?;
-        p.attach().map(drop).map_err(|e| chain(&e))
+        p.attach().map_err(|e| chain(&e))
     })();
     let why = match attempt {
-        Ok(()) => return Ok(format!("tp_btf/{tracepoint}")),
+        Ok(link) => {
+            let hook = TracepointHook {
+                program: typed,
+                tracepoint,
+                link: Some(HookLinkId::Typed(link)),
+            };
+            return Ok((format!("tp_btf/{tracepoint}"), hook));
+        }
         Err(why) => why,
     };
     let raw = format!("{base}_raw");
     let p: &mut RawTracePoint = program_mut(ebpf, &raw)?;
     p.load().map_err(|e| attach_err(&raw, chain(&e)))?;
-    p.attach(tracepoint)
+    let link = p
+        .attach(tracepoint)
         .map_err(|e| attach_err(&raw, chain(&e)))?;
-    Ok(format!(
-        "raw_tp/{tracepoint} [tp_btf/{tracepoint} not available: {why}]"
+    let hook = TracepointHook {
+        program: raw,
+        tracepoint,
+        link: Some(HookLinkId::Raw(link)),
+    };
+    Ok((
+        format!("raw_tp/{tracepoint} [tp_btf/{tracepoint} not available: {why}]"),
+        hook,
     ))
+}
+
+/// A loaded tracepoint program (typed or raw, whichever loaded) that can be detached and
+/// attached again.
+struct TracepointHook {
+    program: String,
+    tracepoint: &'static str,
+    link: Option<HookLinkId>,
+}
+
+enum HookLinkId {
+    Typed(BtfTracePointLinkId),
+    Raw(RawTracePointLinkId),
+}
+
+impl TracepointHook {
+    fn is_attached(&self) -> bool {
+        self.link.is_some()
+    }
+
+    fn detach(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+        let name = &self.program;
+        match self.link.take() {
+            None => Ok(()),
+            Some(HookLinkId::Typed(link)) => program_mut::<BtfTracePoint>(ebpf, name)?
+                .detach(link)
+                .map_err(|e| attach_err(name, chain(&e))),
+            Some(HookLinkId::Raw(link)) => program_mut::<RawTracePoint>(ebpf, name)?
+                .detach(link)
+                .map_err(|e| attach_err(name, chain(&e))),
+        }
+    }
+
+    fn attach(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+        if self.link.is_some() {
+            return Ok(());
+        }
+        let name = &self.program;
+        let link = if let Ok(p) = program_mut::<BtfTracePoint>(ebpf, name) {
+            HookLinkId::Typed(p.attach().map_err(|e| attach_err(name, chain(&e)))?)
+        } else {
+            let p = program_mut::<RawTracePoint>(ebpf, name)?;
+            HookLinkId::Raw(
+                p.attach(self.tracepoint)
+                    .map_err(|e| attach_err(name, chain(&e)))?,
+            )
+        };
+        self.link = Some(link);
+        Ok(())
+    }
 }
 
 fn attach_wakeups(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, ProbeError> {
@@ -635,27 +748,33 @@ fn mark_listening_ports(ebpf: &mut Ebpf, listeners: &mut Listeners) -> Result<us
     Ok(ports.len())
 }
 
+/// The socket hooks; the response-write hook is returned attached, with its link.
 fn attach_tcp(
     ebpf: &mut Ebpf,
     btf: &Btf,
     listeners: &mut Listeners,
     track_delivery: bool,
-) -> Result<Vec<String>, ProbeError> {
+) -> Result<(Vec<String>, TracepointHook), ProbeError> {
     // Ports first: the socket hooks know the target's connections by them.
     mark_listening_ports(ebpf, listeners)?;
-    let mut hooks = vec![
-        "inet_sock_set_state",
-        "sock_send_length",
-        "sk_data_ready",
-        "tcp_retransmit_skb",
-    ];
+    let mut hooks = vec!["inet_sock_set_state", "sk_data_ready", "tcp_retransmit_skb"];
     if track_delivery {
         hooks.push("tcp_probe");
     }
-    hooks
+    let mut reports = hooks
         .into_iter()
         .map(|tracepoint| attach_btf_or_raw(ebpf, btf, tracepoint, tracepoint))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let (report, write_hook) = attach_btf_or_raw_link(ebpf, btf, WRITE_HOOK, WRITE_HOOK)?;
+    reports.push(if track_delivery {
+        report
+    } else {
+        format!(
+            "{report} (while under {} requests/s; see request_end)",
+            crate::request_end::DETACH_AT_PER_S
+        )
+    });
+    Ok((reports, write_hook))
 }
 
 /// For a Go target, entry uprobes on the GC and stop-the-world functions. A probe that cannot
@@ -755,7 +874,11 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         ("off".into(), None)
     };
     let mut listeners = Listeners::open(settings.pid)?;
-    let tcp = attach_tcp(&mut ebpf, &btf, &mut listeners, settings.track_delivery)?;
+    let (tcp, mut write_hook) =
+        attach_tcp(&mut ebpf, &btf, &mut listeners, settings.track_delivery)?;
+    if settings.write_hook == WriteHookPolicy::Never && !settings.track_delivery {
+        write_hook.detach(&mut ebpf)?;
+    }
     let go = attach_go(&mut ebpf, settings.pid);
     load_flush_program(&mut ebpf)?;
     let pending = PendingBatches::map(&ebpf, possible_cpus)?;
@@ -776,6 +899,9 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         pending,
         listeners,
         sampling,
+        write_hook,
+        write_hook_fixed: settings.track_delivery
+            || settings.write_hook != WriteHookPolicy::WhileRateIsLow,
         report: AttachReport {
             scheduler: chosen.to_string(),
             scheduler_attempts: attempts,

@@ -171,6 +171,7 @@ impl ProbeArgs {
             sched_hook: self.sched_hook,
             debug_ebpf: self.debug_ebpf,
             track_delivery,
+            write_hook: Default::default(),
             synthetic_syscall_events: self.synthetic_syscall_events,
         }
     }

@@ -23,6 +23,7 @@ pub mod pprof;
 pub mod recorder;
 pub mod recording;
 pub mod report;
+pub mod request_end;
 pub mod sampling;
 pub mod scheduling;
 pub mod stacks;

@@ -85,6 +85,8 @@ pub struct AttachSummary {
     pub stacks_freed: u64,
     /// When on-CPU sampling changed rate (CLOCK_MONOTONIC ns) and to what: `true` for calm.
     pub sampling_changes: Vec<(u64, bool)>,
+    /// When the response-write hook was attached (`true`) or detached; see `request_end`.
+    pub write_hook_changes: Vec<(u64, bool)>,
 }
 
 fn spawn_feed(feed: &LatencyFeed) -> Result<mpsc::Receiver<u64>, ProbeError> {
@@ -339,13 +341,14 @@ pub async fn attach_and_watch(
                     None => "learning baseline".into(),
                 };
                 progress.set_message(format!(
-                    "pid {} {:?} P99 {} (n={}) vs {threshold} | {:.0} events/s | {drops} dropped | sampling {} | {} captures{}",
+                    "pid {} {:?} P99 {} (n={}) vs {threshold} | {:.0} events/s | {drops} dropped | sampling {} | requests end {} | {} captures{}",
                     session.pid,
                     latency_kind,
                     human_ns(current.p99_ns),
                     current.count,
                     events_per_s,
                     if sampling.is_calm() { "calm" } else { "full rate" },
+                    if session.write_hook_attached() { "at write" } else { "at next request" },
                     capturer.running.len(),
                     if pending.is_some() { " | capturing…" } else { "" }
                 ));
@@ -377,6 +380,7 @@ pub async fn attach_and_watch(
     let hooks = session.hooks().clone();
     let counters = session.counters()?;
     let stacks_freed = session.stacks_freed;
+    let write_hook_changes = std::mem::take(&mut session.write_hook_changes);
     drop(session);
     let captures = capturer.finish().await?;
     Ok(AttachSummary {
@@ -387,5 +391,6 @@ pub async fn attach_and_watch(
         evicted_for_memory: flight.evicted_for_memory,
         stacks_freed,
         sampling_changes,
+        write_hook_changes,
     })
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf, StackTraceMap};
 use aya::Ebpf;
-use probe_common::{Counter, RawEvent, ThreadState};
+use probe_common::{Counter, EventKind, RawEvent, ThreadState};
 use tokio::io::unix::AsyncFd;
 
 use crate::attach::{
@@ -18,6 +18,7 @@ use crate::error::ProbeError;
 use crate::events::{decode_ring_record, stack_id, stacks_named};
 use crate::output::check_writable;
 use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
+use crate::request_end::WriteHookGovernor;
 use crate::stacks::StackStore;
 use crate::symbolize::{symbolize_stacks, trim_tracing_frames};
 use crate::target::{self, MemoryMap};
@@ -141,6 +142,10 @@ pub struct LiveSession {
     /// Entries freed from the kernel's stack map.
     pub stacks_freed: u64,
     ports_read_ns: u64,
+    /// `None` when the write hook stays attached throughout (delivery latency).
+    write_hook: Option<WriteHookGovernor>,
+    /// When the response-write hook was attached (`true`) or detached (CLOCK_MONOTONIC ns).
+    pub write_hook_changes: Vec<(u64, bool)>,
 }
 
 /// How often, at most, copied stacks that did not recur are freed from the kernel's map (after a
@@ -168,7 +173,6 @@ impl LiveSession {
             unsafe { AsyncFd::register(ring) }.map_err(|e| attach_err("EVENTS", e.to_string()))?;
         let kernel_stacks = take_kernel_map(&mut attached.ebpf, "STACKS")?;
         Ok(LiveSession {
-            attached,
             ring,
             kernel_stacks,
             pid,
@@ -192,6 +196,11 @@ impl LiveSession {
             stacks_swept_ns: monotonic_ns(),
             stacks_freed: 0,
             ports_read_ns: monotonic_ns(),
+            write_hook: attached
+                .write_hook_adjustable()
+                .then(|| WriteHookGovernor::new(monotonic_ns(), attached.write_hook_attached())),
+            write_hook_changes: Vec::new(),
+            attached,
         })
     }
 
@@ -222,7 +231,32 @@ impl LiveSession {
             }
         }
         self.adopt_stacks(&mut out[first_new..]);
+        self.govern_write_hook(&out[first_new..]);
         self.free_kernel_stacks()
+    }
+
+    /// Attaches or detaches the response-write hook by the rate of requests (`request_end`).
+    fn govern_write_hook(&mut self, new_events: &[RawEvent]) {
+        let Some(governor) = self.write_hook.as_mut() else {
+            return;
+        };
+        let served = new_events
+            .iter()
+            .filter(|e| e.kind == EventKind::RequestServed as u32)
+            .count() as u64;
+        let now = monotonic_ns();
+        let Some(attach) = governor.observe(now, served) else {
+            return;
+        };
+        match self.attached.set_write_hook(attach) {
+            Ok(()) => self.write_hook_changes.push((now, attach)),
+            Err(e) => {
+                // Requests still end without it (at the peer's next request); only promptness
+                // at low rates is lost, which is no reason to end the run.
+                log::warn!("response-write hook not changed, and not again: {e}");
+                self.write_hook = None;
+            }
+        }
     }
 
     /// Drains everything the kernel holds, including partly filled request batches.
@@ -301,6 +335,11 @@ impl LiveSession {
     /// Forgets the stacks that no `live` event refers to any more; returns how many.
     pub fn prune_stacks<'a>(&mut self, live: impl Iterator<Item = &'a RawEvent>) -> usize {
         self.stacks.prune(live)
+    }
+
+    /// Whether requests now end at the server's write; see `request_end`.
+    pub fn write_hook_attached(&self) -> bool {
+        self.attached.write_hook_attached()
     }
 
     /// Samples on-CPU at the calm rate, or at full rate (`sampling`).

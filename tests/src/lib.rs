@@ -144,6 +144,7 @@ pub fn settings(pid: u32) -> ProbeSettings {
         sched_hook: None,
         debug_ebpf: false,
         track_delivery: true,
+        write_hook: Default::default(),
         synthetic_syscall_events: false,
     }
 }

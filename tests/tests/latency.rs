@@ -5,15 +5,36 @@ use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::*;
+use p99probe::attach::ProbeSettings;
 use p99probe::events::Event;
+use p99probe::request_end::WriteHookPolicy;
+
+/// Where the kernel ends a request in a run of [`measure`].
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Ends {
+    /// Delivery latency is tracked too (as `record` does), so the write hook stays attached
+    /// and requests end at the server's write.
+    AtWrite,
+    /// Server latency only, as `attach` measures it, where under this load the write hook is
+    /// detached: requests end when the peer's next request or FIN acknowledges the response.
+    /// The hook is left off from the start here, so every request ends that way.
+    WhenAcknowledged,
+}
 
 /// Runs wrk (in the server's network namespace) for 2 s while recording the server; returns
 /// (wrk's request count, the recording's served requests, their latencies).
-fn measure(server: Spawned, extra_wrk_args: &[&str]) -> (u64, u64, Vec<u64>) {
+fn measure(server: Spawned, extra_wrk_args: &[&str], ends: Ends) -> (u64, u64, Vec<u64>) {
     let port = server.port.unwrap();
     let recorder = std::thread::spawn({
-        let pid = server.pid();
-        move || record_for(settings(pid), Duration::from_secs(6))
+        let settings = ProbeSettings {
+            track_delivery: ends == Ends::AtWrite,
+            write_hook: match ends {
+                Ends::AtWrite => WriteHookPolicy::Always,
+                Ends::WhenAcknowledged => WriteHookPolicy::Never,
+            },
+            ..settings(server.pid())
+        };
+        move || record_for(settings, Duration::from_secs(6))
     });
     std::thread::sleep(Duration::from_secs(2));
     let wrk = Command::new("nsenter")
@@ -42,14 +63,36 @@ fn measure(server: Spawned, extra_wrk_args: &[&str]) -> (u64, u64, Vec<u64>) {
         .events()
         .filter(|e| matches!(e, Event::RequestDelivered { .. }))
         .count() as u64;
+    // Requests ended at the server's write carry the writing thread; those ended by the
+    // peer's acknowledgement (in softirq) carry none.
+    let ended_at_write = recording
+        .events()
+        .filter(|e| matches!(e, Event::RequestServed { tid, .. } if *tid != 0))
+        .count();
     eprintln!(
-        "wrk {extra_wrk_args:?}: {sent} requests; served {} and delivered {delivered} seen by the kernel",
+        "wrk {extra_wrk_args:?} {ends:?}: {sent} requests; served {} ({ended_at_write} at a write) and delivered {delivered} seen by the kernel",
         latencies.len()
     );
-    assert!(
-        delivered * 10 >= sent * 9,
-        "only {delivered} of {sent} deliveries seen"
-    );
+    match ends {
+        Ends::AtWrite => {
+            assert!(
+                delivered * 10 >= sent * 9,
+                "only {delivered} of {sent} deliveries seen"
+            );
+            assert!(
+                ended_at_write * 10 >= latencies.len() * 9,
+                "only {ended_at_write} of {} requests ended at a write",
+                latencies.len()
+            );
+        }
+        Ends::WhenAcknowledged => {
+            assert_eq!(delivered, 0, "delivery was not asked for");
+            assert_eq!(
+                ended_at_write, 0,
+                "requests ended at a write with no write hook"
+            );
+        }
+    }
     (sent, latencies.len() as u64, latencies)
 }
 
@@ -70,7 +113,14 @@ fn check(sent: u64, served: u64, mut latencies: Vec<u64>) {
 #[test]
 fn keep_alive_requests_are_all_counted() {
     let _serial = serial();
-    let (sent, served, latencies) = measure(go_server_on_cpu0(&[]), &[]);
+    let (sent, served, latencies) = measure(go_server_on_cpu0(&[]), &[], Ends::AtWrite);
+    check(sent, served, latencies);
+}
+
+#[test]
+fn keep_alive_requests_ended_by_the_next_request_are_all_counted() {
+    let _serial = serial();
+    let (sent, served, latencies) = measure(go_server_on_cpu0(&[]), &[], Ends::WhenAcknowledged);
     check(sent, served, latencies);
 }
 
@@ -87,19 +137,38 @@ fn requests_to_a_server_in_its_own_network_namespace_are_counted() {
         std::path::Path::new("unshare"),
         &["--net", "--", "sh", "-c", &script],
     );
-    let (sent, served, latencies) = measure(server, &[]);
+    let (sent, served, latencies) = measure(server, &[], Ends::AtWrite);
     check(sent, served, latencies);
 }
 
 #[test]
 fn connection_close_requests_are_all_counted_including_the_first_on_each_connection() {
     let _serial = serial();
-    let (sent, served, latencies) = measure(go_server_on_cpu0(&[]), &["-H", "Connection: close"]);
+    let (sent, served, latencies) = measure(
+        go_server_on_cpu0(&[]),
+        &["-H", "Connection: close"],
+        Ends::AtWrite,
+    );
+    check(sent, served, latencies);
+}
+
+/// Without the write hook, a request on a connection the server then closes ends at the
+/// close: the client's ACK of the server's FIN acknowledges the response too.
+#[test]
+fn connection_close_requests_ended_by_the_close_are_all_counted() {
+    let _serial = serial();
+    let (sent, served, latencies) = measure(
+        go_server_on_cpu0(&[]),
+        &["-H", "Connection: close"],
+        Ends::WhenAcknowledged,
+    );
     check(sent, served, latencies);
 }
 
 /// Request latencies wait in a per-CPU batch in the kernel until it fills; at a trickle of
 /// requests the agent must still get each one promptly, or a spike at low load goes unseen.
+/// Server latency only, as `attach` measures it: at a trickle the write hook must be attached,
+/// or a request on a connection that then sits idle would not end until its next request.
 #[test]
 fn a_lone_request_reaches_the_live_agent_promptly() {
     use std::io::{BufRead, BufReader, Write};
@@ -114,7 +183,22 @@ fn a_lone_request_reaches_the_live_agent_promptly() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let mut session = LiveSession::start(&settings(server.pid())).unwrap();
+        let mut session = LiveSession::start(&ProbeSettings {
+            track_delivery: false,
+            ..settings(server.pid())
+        })
+        .unwrap();
+        // Idle long enough for the agent to judge the request rate (and keep the hook).
+        let mut events = Vec::new();
+        let idle_until = monotonic_ns() + 3 * p99probe::request_end::DECIDE_EVERY_NS;
+        while monotonic_ns() < idle_until {
+            session.next_events(&mut events).await.unwrap();
+        }
+        assert!(
+            session.write_hook_attached(),
+            "no requests, yet the write hook is off"
+        );
+        events.clear();
         let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         (&stream).write_all(b"GET\n").unwrap();
@@ -122,7 +206,6 @@ fn a_lone_request_reaches_the_live_agent_promptly() {
         reader.read_line(&mut reply).unwrap();
         let answered = monotonic_ns();
 
-        let mut events = Vec::new();
         let seen = loop {
             session.next_events(&mut events).await.unwrap();
             let served = events
@@ -138,4 +221,43 @@ fn a_lone_request_reaches_the_live_agent_promptly() {
         eprintln!("the request reached the agent {waited_ms} ms after its answer");
         assert!(waited_ms < 200, "the request took {waited_ms} ms to arrive");
     });
+}
+
+/// Both ways of ending a request measure the same interval: every 10th request sleeps 5 ms in
+/// the server, and both runs must see a tenth of their requests at 5 ms and a bit more.
+#[test]
+fn requests_ended_at_the_write_or_by_the_acknowledgement_measure_the_same() {
+    let _serial = serial();
+    let stalled_median_ns = |ends: Ends| -> u64 {
+        let server = go_server_on_cpu0(&["-stall-every", "10", "-stall-ms", "5"]);
+        let (sent, served, latencies) = measure(server, &[], ends);
+        check(sent, served, latencies.clone());
+        let mut stalled: Vec<u64> = latencies
+            .iter()
+            .copied()
+            .filter(|&ns| ns >= 5_000_000)
+            .collect();
+        let share = stalled.len() as f64 / latencies.len() as f64;
+        let median_ns = median(&mut stalled);
+        eprintln!(
+            "{ends:?}: {:.3} of requests took 5 ms or more, median of those {median_ns} ns",
+            share
+        );
+        assert!(
+            (0.08..0.12).contains(&share),
+            "{ends:?}: {share:.3} of requests at 5 ms or more, not a tenth"
+        );
+        assert!(
+            median_ns < 7_000_000,
+            "{ends:?}: stalled requests took {median_ns} ns (median), not ~5 ms"
+        );
+        median_ns
+    };
+    let at_write = stalled_median_ns(Ends::AtWrite);
+    let acknowledged = stalled_median_ns(Ends::WhenAcknowledged);
+    let apart_ns = at_write.abs_diff(acknowledged);
+    assert!(
+        apart_ns < 500_000,
+        "stalled requests: {at_write} ns ended at the write, {acknowledged} ns by the acknowledgement"
+    );
 }

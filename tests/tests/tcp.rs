@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use integration_tests::*;
+use p99probe::attach::ProbeSettings;
 use p99probe::events::Event;
+use p99probe::request_end::WriteHookPolicy;
 
 #[test]
 fn induced_loss_yields_retransmits_on_the_targets_port_only() {
@@ -91,9 +93,15 @@ fn outbound_calls_are_not_requests_but_their_retransmits_are_the_targets() {
 
     let (recording, sent) = {
         let _loss = PacketLoss::on_destination_ports(&[backend_port], 10);
+        // Without the write hook (whose sends also teach the kernel the target's outbound
+        // sockets), the backend connections are known from their connect().
         let recorder = std::thread::spawn({
-            let pid = server.pid();
-            move || record_for(settings(pid), Duration::from_secs(7))
+            let settings = ProbeSettings {
+                track_delivery: false,
+                write_hook: WriteHookPolicy::Never,
+                ..settings(server.pid())
+            };
+            move || record_for(settings, Duration::from_secs(7))
         });
         std::thread::sleep(Duration::from_secs(2));
         let mut load = target(&[
