@@ -215,8 +215,6 @@ pub struct KernelOffsets {
     pub tcp_write_seq: u32,
     /// `struct tcp_sock.snd_una`: first byte the peer has not acknowledged.
     pub tcp_snd_una: u32,
-    /// `struct tcp_sock.snd_nxt`: next sequence number to send.
-    pub tcp_snd_nxt: u32,
     /// `struct tcp_sock.rack.mstamp`: when (µs, monotonic clock) the most recently sent of the
     /// segments the peer has acknowledged was sent.
     pub tcp_rack_mstamp: u32,

@@ -47,7 +47,6 @@ static CONFIG: ProbeConfig = ProbeConfig {
         task_state: 0,
         tcp_write_seq: 0,
         tcp_snd_una: 0,
-        tcp_snd_nxt: 0,
         tcp_rack_mstamp: 0,
         skb_data: 0,
         sk_family: 0,
@@ -124,9 +123,9 @@ struct SocketState {
     /// Once `ANSWERED`: the sequence number the peer must acknowledge for the response to be
     /// delivered.
     response_end_seq: u32,
-    /// While `WAITING`: the server's `snd_nxt` when the request arrived. Once the peer has
-    /// acknowledged data past it, the server has answered.
-    request_snd_nxt: u32,
+    /// While `WAITING`: the server's `write_seq` when the request arrived (the end of all it had
+    /// queued before). Once the peer has acknowledged data past it, the server has answered.
+    request_write_seq: u32,
     _pad: u32,
 }
 
@@ -773,7 +772,7 @@ fn on_data_ready(sk: impl KernelPtr) {
     // More bytes of a request not yet answered: it started at its first bytes.
     if socket.stage != WAITING {
         unsafe { core::ptr::write_volatile(&mut socket.arrived_ns, bpf_ktime_get_ns()) };
-        socket.request_snd_nxt = tcp.read(config().offsets.tcp_snd_nxt);
+        socket.request_write_seq = tcp.read(config().offsets.tcp_write_seq);
         socket.stage = WAITING;
     }
 }
@@ -788,7 +787,7 @@ fn served_if_acked(tcp: impl KernelPtr, socket: &mut SocketState) {
     }
     let offsets = &config().offsets;
     let snd_una: u32 = tcp.read(offsets.tcp_snd_una);
-    if (snd_una.wrapping_sub(socket.request_snd_nxt) as i32) <= 0 {
+    if (snd_una.wrapping_sub(socket.request_write_seq) as i32) <= 0 {
         return;
     }
     let sent_us: u64 = tcp.read(offsets.tcp_rack_mstamp);
@@ -835,7 +834,7 @@ fn on_send(sk: impl KernelPtr, sent: i32) {
     // Nothing sent since the waiting request arrived: this write's bytes went out before it,
     // and the arrival hook has already ended the request they answered.
     let write_seq: u32 = tcp.read(cfg.offsets.tcp_write_seq);
-    if (write_seq.wrapping_sub(socket.request_snd_nxt) as i32) <= 0 {
+    if (write_seq.wrapping_sub(socket.request_write_seq) as i32) <= 0 {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };

@@ -418,7 +418,6 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets, ProbeError> {
             .or_else(|_| btf.member_offset("task_struct", "state"))?,
         tcp_write_seq: btf.member_offset("tcp_sock", "write_seq")?,
         tcp_snd_una: btf.member_offset("tcp_sock", "snd_una")?,
-        tcp_snd_nxt: btf.member_offset("tcp_sock", "snd_nxt")?,
         tcp_rack_mstamp: btf.member_offset("tcp_sock", "rack")?
             + btf.member_offset("tcp_rack", "mstamp")?,
         skb_data: btf.member_offset("sk_buff", "data")?,
