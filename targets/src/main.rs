@@ -22,6 +22,9 @@ modes:
                                      it is created that long after the ready line
   worker    [--cpu N]                bursts of CPU work (work_burst) with 1 ms sleeps, pinned
   hog       [--cpu N]                pure CPU hog, pinned
+  duty      [--cpu N] [--busy-us 1000] [--period-us 50000]
+                                     spins BUSY µs every PERIOD µs, pinned: a neighbour that
+                                     uses a known share of a CPU (a benchmark calibration)
   server    [--port 0] [--response-bytes 4096] [--stall-every N --stall-ms M]
             [--inject-after SECS --inject-for SECS] [--backend PORT]
                                      TCP server speaking HTTP/1.1 (for wrk) or one-line requests;
@@ -217,6 +220,20 @@ fn hog(opts: &Opts, until: Instant) {
     ready("");
     while Instant::now() < until {
         std::hint::black_box(spin_here(1_000_000));
+    }
+}
+
+fn duty(opts: &Opts, until: Instant) {
+    pin_to_cpu(opts.get("--cpu", 0usize));
+    let busy = Duration::from_micros(opts.get("--busy-us", 1000u64));
+    let period = Duration::from_micros(opts.get("--period-us", 50_000u64));
+    ready("");
+    while Instant::now() < until {
+        let start = Instant::now();
+        while start.elapsed() < busy {
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(period.saturating_sub(start.elapsed()));
     }
 }
 
@@ -430,6 +447,7 @@ fn main() {
         "stacks" => distinct_stacks(&opts, until),
         "worker" => worker(&opts, until),
         "hog" => hog(&opts, until),
+        "duty" => duty(&opts, until),
         "server" => server(&opts, until),
         "client" => client(&opts, until),
         "pingpong" => pingpong(until),
