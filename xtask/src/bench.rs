@@ -453,17 +453,25 @@ struct SeparateRun {
 }
 
 impl Overhead {
+    /// The runs of `tool` (not `Tool::Nothing`), or why it could not run.
+    fn runs(&self, tool: Tool) -> Result<&[SeparateRun], &str> {
+        match self.results.iter().find(|(t, _)| *t == tool) {
+            Some((_, Ok(runs))) => Ok(runs),
+            Some((_, Err(reason))) => Err(reason),
+            None => Ok(&[]),
+        }
+    }
+
     /// One figure of every run of `tool`, or empty when it did not run.
     fn column(&self, tool: Tool, figure: fn(&Sample) -> f64) -> Vec<f64> {
         if tool == Tool::Nothing {
             return self.nothing.iter().map(figure).collect();
         }
-        self.results
-            .iter()
-            .find(|(t, _)| *t == tool)
-            .and_then(|(_, result)| result.as_ref().ok())
-            .map(|runs| runs.iter().map(|run| figure(&run.sample)).collect())
+        self.runs(tool)
             .unwrap_or_default()
+            .iter()
+            .map(|run| figure(&run.sample))
+            .collect()
     }
 
     /// Each run's P99 divided by the mean P99 of the nothing-attached runs right before and
@@ -483,16 +491,11 @@ impl Overhead {
                 })
                 .collect();
         }
-        self.results
-            .iter()
-            .find(|(t, _)| *t == tool)
-            .and_then(|(_, result)| result.as_ref().ok())
-            .map(|runs| {
-                runs.iter()
-                    .filter_map(|run| Some(run.sample.p99_ms / around(run.nothing_before)?))
-                    .collect()
-            })
+        self.runs(tool)
             .unwrap_or_default()
+            .iter()
+            .filter_map(|run| Some(run.sample.p99_ms / around(run.nothing_before)?))
+            .collect()
     }
 }
 
@@ -1158,11 +1161,7 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
         let base_throughput = o.column(Tool::Nothing, |s| s.throughput);
         let base = stats(&base_throughput).0;
         for tool in Tool::ALL {
-            let failure = o
-                .results
-                .iter()
-                .find(|(t, _)| *t == tool)
-                .and_then(|(_, result)| result.as_ref().err());
+            let failure = o.runs(tool).err();
             let name = if tool == Tool::Nothing {
                 "nothing attached (P99 ratio: null control, each run against its neighbours)"
             } else {
