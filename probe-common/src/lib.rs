@@ -1,8 +1,9 @@
 //! Types shared by the kernel programs (`probe-ebpf`) and the agent (`probe-user`).
 //!
 //! Every record the kernel writes to the ring buffer is one fixed-size [`RawEvent`], tagged by
-//! [`EventKind`], except request latencies, which come in a [`RequestBatch`] (tagged
-//! [`EventKind::RequestBatch`]) that the agent unpacks into `RawEvent`s. A single fixed layout
+//! [`EventKind`], except the most frequent, request latencies and run-queue waits, which come
+//! in an [`EventBatch`] (tagged [`EventKind::EventBatch`]) that the agent unpacks into
+//! `RawEvent`s. A single fixed layout
 //! keeps the kernel side trivial and lets the recording file store events as a flat array.
 #![no_std]
 
@@ -33,45 +34,48 @@ pub enum EventKind {
     /// `--synthetic-syscall-events`, to measure how many events per second the agent drains.
     /// Carries nothing to analyse.
     Synthetic = 9,
-    /// Ring buffer only: a [`RequestBatch`] of `RequestServed` / `RequestDelivered` records.
-    RequestBatch = 10,
+    /// Ring buffer only: an [`EventBatch`] of `RequestServed`, `RequestDelivered` and
+    /// `RunQueue` records.
+    EventBatch = 10,
 }
 
-/// Requests per [`RequestBatch`]. One ring-buffer record per request cost the target about
+/// Records per [`EventBatch`]. One ring-buffer record per request cost the target about
 /// 3% of its throughput at 35k requests/s (the reserve in the kernel and the read in the
-/// agent, in equal parts); one per 32 requests makes both negligible.
-pub const REQUEST_BATCH_LEN: usize = 32;
+/// agent, in equal parts); one per 32 makes both negligible. Run-queue waits, one per wakeup
+/// of a target thread, come as often as requests and are batched alike.
+pub const EVENT_BATCH_LEN: usize = 32;
 
-/// One request latency, as compact as the ring buffer allows.
+/// One request latency or run-queue wait, as compact as the ring buffer allows: the fields of
+/// a [`RawEvent`] these kinds use, but the CPU and thread group, which the batch holds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RequestRecord {
+pub struct BatchedEvent {
     pub ts_ns: u64,
-    pub latency_ns: u64,
+    pub duration_ns: u64,
     pub tid: u32,
-    /// `EventKind::RequestServed` or `EventKind::RequestDelivered`.
+    /// `EventKind::RequestServed`, `EventKind::RequestDelivered` or `EventKind::RunQueue`.
     pub kind: u32,
 }
 
-/// Request latencies observed on one CPU, sent together. The kernel fills one per CPU and sends
-/// it when it is full; the agent has the kernel send a partly filled one once its oldest
-/// request has waited too long.
+/// Events observed on one CPU, sent together. The kernel fills one per CPU and sends it when
+/// it is full; the agent has the kernel send a partly filled one once its oldest event has
+/// waited too long.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct RequestBatch {
-    /// Always `EventKind::RequestBatch`: ring-buffer records are told apart by this first word.
+pub struct EventBatch {
+    /// Always `EventKind::EventBatch`: ring-buffer records are told apart by this first word.
     pub kind: u32,
     pub cpu: u32,
     pub len: u32,
     pub tgid: u32,
-    pub records: [RequestRecord; REQUEST_BATCH_LEN],
+    pub records: [BatchedEvent; EVENT_BATCH_LEN],
 }
 
-impl RequestBatch {
-    pub const SIZE: usize = core::mem::size_of::<RequestBatch>();
+impl EventBatch {
+    pub const SIZE: usize = core::mem::size_of::<EventBatch>();
 }
 
-/// A CPU's request latencies not yet sent (its entry in the kernel's `PENDING_REQUESTS`). The
+/// A CPU's batched events not yet sent (its entry in the kernel's `PENDING_REQUESTS`). The
 /// agent reads it only to decide which CPUs to flush. Cache-line aligned: the entries of
 /// neighbouring CPUs lie next to each other and must not share a line.
 #[repr(C, align(64))]
@@ -81,7 +85,7 @@ pub struct PendingRequests {
     /// preempt each other, but an interrupt (a softirq's ACK, the agent's flush) can arrive
     /// in the middle of one; the nested program then leaves the batch alone.
     pub busy: u64,
-    pub batch: RequestBatch,
+    pub batch: EventBatch,
 }
 
 /// `state` of a [`EventKind::GoRuntime`] event: which runtime function was entered.
@@ -102,7 +106,7 @@ impl EventKind {
             7 => Some(Self::ExternalLatency),
             8 => Some(Self::GoRuntime),
             9 => Some(Self::Synthetic),
-            10 => Some(Self::RequestBatch),
+            10 => Some(Self::EventBatch),
             _ => None,
         }
     }

@@ -31,9 +31,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    port_bit, Counter, EventKind, PendingRequests, ProbeConfig, RawEvent, RequestBatch,
-    RequestRecord, ThreadState, COUNTER_SLOTS, FLAG_PREEMPTED, GO_GC_MARK_TERMINATION, GO_GC_START,
-    GO_START_THE_WORLD, GO_STOP_THE_WORLD, NO_STACK, PORT_BITMAP_WORDS, REQUEST_BATCH_LEN,
+    port_bit, BatchedEvent, Counter, EventBatch, EventKind, PendingRequests, ProbeConfig, RawEvent,
+    ThreadState, COUNTER_SLOTS, EVENT_BATCH_LEN, FLAG_PREEMPTED, GO_GC_MARK_TERMINATION,
+    GO_GC_START, GO_START_THE_WORLD, GO_STOP_THE_WORLD, NO_STACK, PORT_BITMAP_WORDS,
 };
 
 #[no_mangle]
@@ -72,8 +72,8 @@ static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// Each CPU's batch of request latencies not yet sent, at the index of its CPU id (the agent
-/// sets the size to the number of possible CPUs). A plain array the agent maps into its memory
+/// Each CPU's batch of request latencies and run-queue waits not yet sent, at the index of its
+/// CPU id (the agent sets the size to the number of possible CPUs). A plain array the agent maps into its memory
 /// rather than a per-CPU map: it looks for stale batches at every drain, and reading a per-CPU
 /// map took a system call and a copy each time, ~18% of an idle agent's CPU.
 #[map]
@@ -380,14 +380,7 @@ fn switched_in<C: EbpfContext>(
         thread.runnable_since = 0;
         if now > since {
             waited = now - since;
-            emit(|event| {
-                event.kind = EventKind::RunQueue as u32;
-                event.cpu = cpu;
-                event.ts_ns = now;
-                event.duration_ns = waited;
-                event.tid = tid;
-                event.tgid = tgid;
-            });
+            record_batched(EventKind::RunQueue, tid, now, waited);
         }
     }
     if thread.off_since != 0 {
@@ -627,10 +620,10 @@ unsafe fn read_field<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
     bpf_probe_read_kernel((base as *const u8).add(offset as usize) as *const T)
 }
 
-/// Runs `work` on this CPU's batch of request latencies unless a program this one interrupted
+/// Runs `work` on this CPU's batch of events unless a program this one interrupted
 /// is using it; returns whether it ran.
 #[inline(always)]
-fn with_pending_batch(work: impl FnOnce(&mut RequestBatch)) -> bool {
+fn with_pending_batch(work: impl FnOnce(&mut EventBatch)) -> bool {
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let Some(pending) = PENDING_REQUESTS.get_ptr_mut(cpu) else {
         return false;
@@ -647,39 +640,40 @@ fn with_pending_batch(work: impl FnOnce(&mut RequestBatch)) -> bool {
     true
 }
 
-/// Adds a request latency to this CPU's batch, sending the batch when it is full. When the
-/// batch is in use by the program this one interrupted, the request goes out on its own.
+/// Adds a request latency or run-queue wait to this CPU's batch, sending the batch when it is
+/// full. When the batch is in use by the program this one interrupted, the event goes out on
+/// its own.
 #[inline(always)]
-fn record_request(kind: EventKind, tid: u32, now: u64, latency: u64) {
+fn record_batched(kind: EventKind, tid: u32, now: u64, duration: u64) {
     let batched = with_pending_batch(|batch| unsafe {
         let len = batch.len as usize;
-        if len < REQUEST_BATCH_LEN {
+        if len < EVENT_BATCH_LEN {
             core::ptr::write_volatile(
                 &mut batch.records[len],
-                RequestRecord {
+                BatchedEvent {
                     ts_ns: now,
-                    latency_ns: latency,
+                    duration_ns: duration,
                     tid,
                     kind: kind as u32,
                 },
             );
             core::ptr::write_volatile(&mut batch.len, len as u32 + 1);
         }
-        if batch.len as usize >= REQUEST_BATCH_LEN {
+        if batch.len as usize >= EVENT_BATCH_LEN {
             send_batch(batch);
         }
     });
     if !batched {
-        emit_request(kind, tid, now, latency);
+        emit_unbatched(kind, tid, now, duration);
     }
 }
 
 #[inline(always)]
-fn send_batch(batch: &mut RequestBatch) {
+fn send_batch(batch: &mut EventBatch) {
     if batch.len == 0 {
         return;
     }
-    batch.kind = EventKind::RequestBatch as u32;
+    batch.kind = EventKind::EventBatch as u32;
     batch.cpu = unsafe { bpf_get_smp_processor_id() };
     batch.tgid = config().target_tgid;
     match EVENTS.output(batch, wakeup_flags()) {
@@ -701,14 +695,14 @@ pub fn flush_requests(_ctx: RawTracePointContext) -> i32 {
     }
 }
 
-/// One request as a record of its own, for when this CPU's batch is in use.
+/// One batchable event as a record of its own, for when this CPU's batch is in use.
 #[inline(always)]
-fn emit_request(kind: EventKind, tid: u32, now: u64, latency: u64) {
+fn emit_unbatched(kind: EventKind, tid: u32, now: u64, duration: u64) {
     emit(|event| {
         event.kind = kind as u32;
         event.cpu = unsafe { bpf_get_smp_processor_id() };
         event.ts_ns = now;
-        event.duration_ns = latency;
+        event.duration_ns = duration;
         event.tid = tid;
         event.tgid = config().target_tgid;
     });
@@ -800,7 +794,7 @@ fn served_if_acked(tcp: impl KernelPtr, socket: &mut SocketState) {
         count(Counter::RequestsUntimed);
         return;
     }
-    record_request(
+    record_batched(
         EventKind::RequestServed,
         0,
         sent_ns,
@@ -843,7 +837,7 @@ fn on_send(sk: impl KernelPtr, sent: i32) {
     if unsafe { core::ptr::read_volatile(&socket.sk) } != sk.addr() {
         return;
     }
-    record_request(
+    record_batched(
         EventKind::RequestServed,
         pid_tgid as u32,
         now,
@@ -909,7 +903,7 @@ fn on_tcp_probe(sk: impl KernelPtr, skb: u64) -> Result<(), i64> {
 #[inline(always)]
 fn delivered(socket: &mut SocketState) {
     let now = unsafe { bpf_ktime_get_ns() };
-    record_request(
+    record_batched(
         EventKind::RequestDelivered,
         0,
         now,

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use probe_common::{
-    EventKind, RawEvent, RequestBatch, RequestRecord, FLAG_PREEMPTED, NO_STACK, REQUEST_BATCH_LEN,
+    BatchedEvent, EventBatch, EventKind, RawEvent, EVENT_BATCH_LEN, FLAG_PREEMPTED, NO_STACK,
 };
 use serde::Serialize;
 
@@ -165,7 +165,7 @@ impl Event {
                 tid: raw.tid,
                 which: raw.state,
             },
-            EventKind::Synthetic | EventKind::RequestBatch => return None,
+            EventKind::Synthetic | EventKind::EventBatch => return None,
         })
     }
 }
@@ -237,27 +237,27 @@ pub fn decode_raw(bytes: &[u8]) -> Option<RawEvent> {
     })
 }
 
-/// Appends the events of one ring-buffer record: a [`RawEvent`], or each request of a
-/// [`RequestBatch`]. Records of neither shape are dropped.
+/// Appends the events of one ring-buffer record: a [`RawEvent`], or each event of an
+/// [`EventBatch`]. Records of neither shape are dropped.
 pub fn decode_ring_record(bytes: &[u8], out: &mut Vec<RawEvent>) {
     let u32_at = |o: usize| {
         bytes
             .get(o..o + 4)
             .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
     };
-    if u32_at(0) != Some(EventKind::RequestBatch as u32) {
+    if u32_at(0) != Some(EventKind::EventBatch as u32) {
         out.extend(decode_raw(bytes));
         return;
     }
-    if bytes.len() < RequestBatch::SIZE {
+    if bytes.len() < EventBatch::SIZE {
         return;
     }
     let (cpu, len, tgid) = (u32_at(4).unwrap(), u32_at(8).unwrap(), u32_at(12).unwrap());
-    let records = &bytes[16..RequestBatch::SIZE];
-    let record_size = std::mem::size_of::<RequestRecord>();
+    let records = &bytes[16..EventBatch::SIZE];
+    let record_size = std::mem::size_of::<BatchedEvent>();
     for record in records
         .chunks_exact(record_size)
-        .take((len as usize).min(REQUEST_BATCH_LEN))
+        .take((len as usize).min(EVENT_BATCH_LEN))
     {
         let u64_at = |o: usize| u64::from_le_bytes(record[o..o + 8].try_into().unwrap());
         let u32_at = |o: usize| u32::from_le_bytes(record[o..o + 4].try_into().unwrap());
@@ -276,38 +276,41 @@ pub fn decode_ring_record(bytes: &[u8], out: &mut Vec<RawEvent>) {
 mod tests {
     use super::*;
 
-    fn batch_bytes(batch: &RequestBatch) -> &[u8] {
+    fn batch_bytes(batch: &EventBatch) -> &[u8] {
         unsafe {
-            std::slice::from_raw_parts(
-                batch as *const RequestBatch as *const u8,
-                RequestBatch::SIZE,
-            )
+            std::slice::from_raw_parts(batch as *const EventBatch as *const u8, EventBatch::SIZE)
         }
     }
 
     #[test]
-    fn a_request_batch_unpacks_into_its_requests_only() {
-        let mut batch = RequestBatch {
-            kind: EventKind::RequestBatch as u32,
+    fn an_event_batch_unpacks_into_its_events_only() {
+        let mut batch = EventBatch {
+            kind: EventKind::EventBatch as u32,
             cpu: 1,
-            len: 2,
+            len: 3,
             tgid: 4242,
-            records: [RequestRecord::default(); REQUEST_BATCH_LEN],
+            records: [BatchedEvent::default(); EVENT_BATCH_LEN],
         };
-        batch.records[0] = RequestRecord {
+        batch.records[0] = BatchedEvent {
             ts_ns: 1_000,
-            latency_ns: 250,
+            duration_ns: 250,
             tid: 4243,
             kind: EventKind::RequestServed as u32,
         };
-        batch.records[1] = RequestRecord {
+        batch.records[1] = BatchedEvent {
             ts_ns: 2_000,
-            latency_ns: 6_000_000_000,
+            duration_ns: 6_000_000_000,
             tid: 0,
             kind: EventKind::RequestDelivered as u32,
         };
-        // A stale record past `len` is not a request.
-        batch.records[2].kind = EventKind::RequestServed as u32;
+        batch.records[2] = BatchedEvent {
+            ts_ns: 3_000,
+            duration_ns: 40_000,
+            tid: 4244,
+            kind: EventKind::RunQueue as u32,
+        };
+        // A stale record past `len` is not an event.
+        batch.records[3].kind = EventKind::RequestServed as u32;
         let mut out = Vec::new();
         decode_ring_record(batch_bytes(&batch), &mut out);
         let events: Vec<Event> = out.iter().filter_map(Event::from_raw).collect();
@@ -323,6 +326,13 @@ mod tests {
                     ts_ns: 2_000,
                     latency_ns: 6_000_000_000
                 },
+                // The batch's CPU is the wait's: each CPU fills its own batch.
+                Event::RunQueue {
+                    ts_ns: 3_000,
+                    cpu: 1,
+                    tid: 4244,
+                    delay_ns: 40_000
+                },
             ]
         );
         assert!(out.iter().all(|raw| raw.cpu == 1 && raw.tgid == 4242));
@@ -331,7 +341,7 @@ mod tests {
         batch.len = u32::MAX;
         out.clear();
         decode_ring_record(batch_bytes(&batch), &mut out);
-        assert_eq!(out.len(), REQUEST_BATCH_LEN);
+        assert_eq!(out.len(), EVENT_BATCH_LEN);
         out.clear();
         decode_ring_record(&batch_bytes(&batch)[..100], &mut out);
         assert!(out.is_empty());
