@@ -3,8 +3,8 @@
 //! Every record the kernel writes to the ring buffer is one fixed-size [`RawEvent`], tagged by
 //! [`EventKind`], except the most frequent, request latencies and run-queue waits, which come
 //! in an [`EventBatch`] (tagged [`EventKind::EventBatch`]) that the agent unpacks into
-//! `RawEvent`s. A single fixed layout
-//! keeps the kernel side trivial and lets the recording file store events as a flat array.
+//! `RawEvent`s. A single fixed layout keeps the kernel side trivial and lets the recording
+//! file store events as a flat array.
 #![no_std]
 
 /// What a [`RawEvent`] describes.

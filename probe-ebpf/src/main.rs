@@ -73,9 +73,10 @@ static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Each CPU's batch of request latencies and run-queue waits not yet sent, at the index of its
-/// CPU id (the agent sets the size to the number of possible CPUs). A plain array the agent maps into its memory
-/// rather than a per-CPU map: it looks for stale batches at every drain, and reading a per-CPU
-/// map took a system call and a copy each time, ~18% of an idle agent's CPU.
+/// CPU id (the agent sets the size to the number of possible CPUs). A plain array the agent
+/// maps into its memory rather than a per-CPU map: it looks for stale batches at every drain,
+/// and reading a per-CPU map took a system call and a copy each time, ~18% of an idle agent's
+/// CPU.
 #[map]
 static PENDING_REQUESTS: Array<PendingRequests> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
@@ -620,8 +621,8 @@ unsafe fn read_field<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
     bpf_probe_read_kernel((base as *const u8).add(offset as usize) as *const T)
 }
 
-/// Runs `work` on this CPU's batch of events unless a program this one interrupted
-/// is using it; returns whether it ran.
+/// Runs `work` on this CPU's batch of events unless a program this one interrupted is using
+/// it; returns whether it ran.
 #[inline(always)]
 fn with_pending_batch(work: impl FnOnce(&mut EventBatch)) -> bool {
     let cpu = unsafe { bpf_get_smp_processor_id() };
