@@ -1268,6 +1268,9 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
             peers.join("; ")
         );
     }
+    if let Some(line) = kernel.goal_line() {
+        let _ = writeln!(md, "{line}");
+    }
     // The P99 goal's margin, which both the verdict and the null control's check judge by.
     const P99_MARGIN: f64 = 0.05;
     for o in [&go, &redis] {
@@ -1371,16 +1374,32 @@ fn bpf_program_stats() -> Result<BTreeMap<u32, (String, u64, u64)>> {
 /// Per program name, `(runs per second, ns per run)` of each run.
 type ProgramRuns = BTreeMap<String, Vec<(f64, f64)>>;
 
-/// What p99probe's kernel programs cost under the Go load, by the kernel's own accounting:
+/// What each tool's kernel programs cost under the Go load, by the kernel's own accounting:
 /// this host's noise moves it far less than throughput (per-run figures drift by up to ~30 ns
-/// between runs minutes apart), so changes larger than that show.
+/// between runs minutes apart), so changes larger than that show, and the tools can be compared
+/// where their throughput cannot.
 struct KernelCost {
-    /// Per configuration: responses per second of each run, and its programs' runs.
-    results: Vec<(Tool, Vec<f64>, ProgramRuns)>,
+    results: Vec<ToolKernelCost>,
+}
+
+/// One configuration's runs.
+struct ToolKernelCost {
+    tool: Tool,
+    /// Responses per second, per run.
+    served: Vec<f64>,
+    /// CPU % of one CPU that the tool's own processes used, per run.
+    own_cpu: Vec<f64>,
+    programs: ProgramRuns,
 }
 
 const KERNEL_COST_ROUNDS: usize = 3;
 const KERNEL_COST_SPAN: Duration = Duration::from_secs(8);
+const KERNEL_COST_TOOLS: [Tool; 4] = [
+    Tool::P99probe,
+    Tool::P99probeFullRate,
+    Tool::Bpftrace,
+    Tool::BccLibbpf,
+];
 
 fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCost> {
     let (server, port) = go_server(go_binary, &[])?;
@@ -1393,45 +1412,71 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
     );
     std::thread::sleep(Duration::from_secs(2));
     let _stats = BpfStats::enable()?;
-    let tools = [Tool::P99probe, Tool::P99probeFullRate];
-    let mut results: Vec<(Tool, Vec<f64>, ProgramRuns)> = tools
+    let mut results: Vec<ToolKernelCost> = KERNEL_COST_TOOLS
         .iter()
-        .map(|t| (*t, Vec::new(), BTreeMap::new()))
+        .map(|&tool| ToolKernelCost {
+            tool,
+            served: Vec::new(),
+            own_cpu: Vec::new(),
+            programs: BTreeMap::new(),
+        })
         .collect();
     for round in 0..KERNEL_COST_ROUNDS {
-        for (tool, served, programs) in &mut results {
-            eprintln!("bench: kernel cost round {} / {}", round + 1, tool.name());
+        for result in &mut results {
+            eprintln!(
+                "bench: kernel cost round {} / {}",
+                round + 1,
+                result.tool.name()
+            );
             let others = bpf_program_stats()?;
-            let running =
-                start_tool(*tool, pid, root, scratch).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let running = start_tool(result.tool, pid, root, scratch)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", result.tool.name()))?;
             std::thread::sleep(Duration::from_secs(2));
             let ours = |all: BTreeMap<u32, (String, u64, u64)>| {
                 all.into_iter()
                     .filter(|(id, _)| !others.contains_key(id))
                     .collect::<BTreeMap<_, _>>()
             };
-            let (t0, w0, before) = (
+            let own_ticks = || {
+                running
+                    .iter()
+                    .filter_map(|k| proc_cpu_ticks(k.0.id()))
+                    .sum::<u64>()
+            };
+            let (t0, w0, c0, before) = (
                 Instant::now(),
                 server_writes(pid)?,
+                own_ticks(),
                 ours(bpf_program_stats()?),
             );
             std::thread::sleep(KERNEL_COST_SPAN);
-            let (t1, w1, after) = (
+            let (t1, w1, c1, after) = (
                 Instant::now(),
                 server_writes(pid)?,
+                own_ticks(),
                 ours(bpf_program_stats()?),
             );
             drop(running);
             let seconds = (t1 - t0).as_secs_f64();
-            served.push((w1 - w0) as f64 / seconds);
+            result.served.push((w1 - w0) as f64 / seconds);
+            result
+                .own_cpu
+                .push(cpu_percent_of(c1.saturating_sub(c0), t1 - t0));
+            // Several programs of one tool may share a name (bpftrace names its programs by
+            // probe); their runs add up.
+            let mut by_name: BTreeMap<String, (u64, u64)> = BTreeMap::new();
             for (id, (name, time1, runs1)) in after {
                 let (_, time0, runs0) = before.get(&id).cloned().unwrap_or_default();
-                let runs = runs1.saturating_sub(runs0);
-                let time = time1.saturating_sub(time0);
+                let entry = by_name.entry(name).or_default();
+                entry.0 += time1.saturating_sub(time0);
+                entry.1 += runs1.saturating_sub(runs0);
+            }
+            for (name, (time, runs)) in by_name {
                 if runs == 0 {
                     continue;
                 }
-                programs
+                result
+                    .programs
                     .entry(name)
                     .or_default()
                     .push((runs as f64 / seconds, time as f64 / runs as f64));
@@ -1446,59 +1491,131 @@ pub fn print_kernel_cost(root: &Path, go_binary: &Path) -> Result<()> {
     let scratch = root.join("target/bench");
     std::fs::create_dir_all(&scratch)?;
     mount_tracefs()?;
-    print!("{}", kernel_cost(root, go_binary, &scratch)?.markdown());
+    let kernel = kernel_cost(root, go_binary, &scratch)?;
+    print!("{}", kernel.markdown());
+    if let Some(line) = kernel.goal_line() {
+        println!("{line}");
+    }
     Ok(())
 }
 
+impl ToolKernelCost {
+    /// Per program: median runs per second and median ns per run.
+    fn program_medians(&self) -> Vec<(&str, f64, f64)> {
+        self.programs
+            .iter()
+            .map(|(name, runs)| {
+                let per_s = stats(&runs.iter().map(|r| r.0).collect::<Vec<_>>()).0;
+                let ns = stats(&runs.iter().map(|r| r.1).collect::<Vec<_>>()).0;
+                (name.as_str(), per_s, ns)
+            })
+            .collect()
+    }
+
+    /// ms of BPF time per second, all programs together.
+    fn total_ms_per_s(&self) -> f64 {
+        self.ms_per_s_where(|_| true)
+    }
+
+    fn ms_per_s_where(&self, include: impl Fn(&str) -> bool) -> f64 {
+        self.program_medians()
+            .iter()
+            .filter(|(name, _, _)| include(name))
+            .map(|(_, per_s, ns)| per_s * ns / 1e6)
+            .sum()
+    }
+
+    fn ns_per_response(&self) -> f64 {
+        self.per_response(self.total_ms_per_s())
+    }
+
+    fn per_response(&self, ms_per_s: f64) -> f64 {
+        ms_per_s * 1e6 / stats(&self.served).0.max(1.0)
+    }
+}
+
+/// p99probe's programs that time requests, which neither peer does: the rest is what compares
+/// like with like.
+fn times_requests(program: &str) -> bool {
+    [
+        "sk_data_ready",
+        "sock_send_length",
+        "tcp_probe",
+        "inet_sock_set_state",
+        "flush_requests",
+    ]
+    .iter()
+    .any(|hook| program.starts_with(hook))
+}
+
 impl KernelCost {
+    fn get(&self, tool: Tool) -> Option<&ToolKernelCost> {
+        self.results.iter().find(|r| r.tool == tool)
+    }
+
     fn markdown(&self) -> String {
         let mut md = String::new();
+        let _ = writeln!(md, "## Kernel-side cost, by tool and program\n");
+        let _ = writeln!(md, "Go server under `wrk -t1 -c8` as above; each tool ({KERNEL_COST_ROUNDS} runs of {} s per configuration, alternating) with `kernel.bpf_stats_enabled`, which times every run of every BPF program (adding a clock read to each). A tool's programs are those that appeared when it started. Each cell is the median over runs of runs per second and ns per run; ms/s is their product, the CPU the program takes (both CPUs together). The kernel's own dispatch to the programs and the sampling interrupts are not in these figures; they are what throughput shows. Dispatch costs more for classic tracepoints (bpftrace's `tracepoint:` probes marshal a trace event before the program runs) than for BTF-typed ones (p99probe, libbpf-tools). What the tools do differs: the bpftrace script and libbpf-tools follow the scheduler only (bpftrace's run-queue timing is machine-wide, as runqlat's is without `-p`); p99probe also times every request of the server (`sk_data_ready`) and follows its Go runtime. Under this load `sock_send_length`, p99probe's response-write hook, is detached and has no row.\n", KERNEL_COST_SPAN.as_secs());
         let _ = writeln!(
             md,
-            "## Kernel-side cost, by program
-"
+            "| configuration | BPF ms/s, all programs | ns per response | responses/s | tool's own CPU, % of one CPU |\n|---|---|---|---|---|"
         );
-        let _ = writeln!(md, "Go server under `wrk -t1 -c8` as above; `p99probe attach` ({KERNEL_COST_ROUNDS} runs of {} s per configuration, alternating) with `kernel.bpf_stats_enabled`, which times every run of every BPF program (adding a clock read to each). Each cell is the median over runs of runs per second and ns per run; ms/s is their product, the CPU the program takes (both CPUs together). The kernel's own dispatch and the sampling interrupts are not in these figures; they are what throughput shows. A program that did not run has no row: under this load `sock_send_length`, the response-write hook, is detached.\n", KERNEL_COST_SPAN.as_secs());
-        let median = |v: Vec<f64>| stats(&v).0;
-        let _ = write!(md, "| program |");
-        for (tool, _, _) in &self.results {
-            let _ = write!(md, " {}: runs/s | ns/run | ms/s |", tool.name());
-        }
-        let _ = writeln!(md);
-        let _ = writeln!(md, "|---|{}", "---|---|---|".repeat(self.results.len()));
-        let names: std::collections::BTreeSet<&String> =
-            self.results.iter().flat_map(|(_, _, p)| p.keys()).collect();
-        let mut totals = vec![0.0; self.results.len()];
-        for name in names {
-            let _ = write!(md, "| `{name}` |");
-            for (i, (_, _, programs)) in self.results.iter().enumerate() {
-                match programs.get(name) {
-                    Some(runs) => {
-                        let per_s = median(runs.iter().map(|r| r.0).collect());
-                        let ns = median(runs.iter().map(|r| r.1).collect());
-                        totals[i] += per_s * ns / 1e6;
-                        let _ = write!(md, " {per_s:.0} | {ns:.0} | {:.2} |", per_s * ns / 1e6);
-                    }
-                    None => {
-                        let _ = write!(md, " – | – | – |");
-                    }
-                }
-            }
-            let _ = writeln!(md);
-        }
-        let _ = writeln!(md);
-        for (i, (tool, served, _)) in self.results.iter().enumerate() {
-            let per_s = median(served.clone());
+        for result in &self.results {
             let _ = writeln!(
                 md,
-                "- {}: all programs {:.2} ms/s; {:.0} ns per response at {per_s:.0} responses/s",
-                tool.name(),
-                totals[i],
-                totals[i] * 1e6 / per_s.max(1.0)
+                "| {} | {:.2} | {:.0} | {:.0} | {:.1} |",
+                result.tool.name(),
+                result.total_ms_per_s(),
+                result.ns_per_response(),
+                stats(&result.served).0,
+                stats(&result.own_cpu).0,
             );
+        }
+        let _ = writeln!(
+            md,
+            "\n| configuration | program | runs/s | ns/run | ms/s |\n|---|---|---|---|---|"
+        );
+        for result in &self.results {
+            for (name, per_s, ns) in result.program_medians() {
+                let _ = writeln!(
+                    md,
+                    "| {} | `{name}` | {per_s:.0} | {ns:.0} | {:.2} |",
+                    result.tool.name(),
+                    per_s * ns / 1e6
+                );
+            }
         }
         let _ = writeln!(md);
         md
+    }
+
+    /// The goal line comparing the tools' kernel-side cost per response.
+    fn goal_line(&self) -> Option<String> {
+        let p99probe = self.get(Tool::P99probe)?;
+        let ours = p99probe.ns_per_response();
+        let timing = p99probe.per_response(p99probe.ms_per_s_where(times_requests));
+        let peers: Vec<String> = [Tool::Bpftrace, Tool::BccLibbpf]
+            .iter()
+            .filter_map(|&tool| self.get(tool))
+            .map(|peer| {
+                let theirs = peer.ns_per_response();
+                format!(
+                    "{}: {theirs:.0} ns ({})",
+                    peer.tool.name(),
+                    if ours < theirs {
+                        "p99probe costs less"
+                    } else {
+                        "p99probe costs more"
+                    }
+                )
+            })
+            .collect();
+        Some(format!(
+            "- kernel-side cost per response (BPF run time, dispatch excluded): p99probe attach {ours:.0} ns, of which {timing:.0} ns time the requests, which the peers do not do, and {:.0} ns follow the scheduler and the runtime; {}",
+            ours - timing,
+            peers.join("; ")
+        ))
     }
 }
 
@@ -1541,5 +1658,62 @@ mod tests {
         assert!(overhead.p99_ratios(Tool::Bcc).is_empty());
         assert!(overhead.p99_ratios(Tool::BusyNeighbour).is_empty());
         assert_eq!(overhead.column(Tool::Nothing, |s| s.p99_ms).len(), 4);
+    }
+
+    #[test]
+    fn kernel_cost_per_response_sums_each_programs_median_cost() {
+        let cost = |tool, served: Vec<f64>, programs: &[(&str, Vec<(f64, f64)>)]| ToolKernelCost {
+            tool,
+            served,
+            own_cpu: vec![1.0],
+            programs: programs
+                .iter()
+                .map(|(name, runs)| (name.to_string(), runs.clone()))
+                .collect(),
+        };
+        let kernel = KernelCost {
+            results: vec![
+                // 1000 runs/s at 200 ns plus 500 runs/s at 100 ns: 0.25 ms/s, over 1000
+                // responses/s: 250 ns each. The outlying run of each program is ignored.
+                cost(
+                    Tool::P99probe,
+                    vec![900.0, 1000.0, 5000.0],
+                    &[
+                        ("a", vec![(1000.0, 200.0), (1000.0, 900.0), (10.0, 200.0)]),
+                        ("sk_data_ready_btf", vec![(500.0, 100.0)]),
+                    ],
+                ),
+                cost(
+                    Tool::Bpftrace,
+                    vec![1000.0],
+                    &[("c", vec![(1000.0, 300.0)])],
+                ),
+                cost(
+                    Tool::BccLibbpf,
+                    vec![1000.0],
+                    &[("d", vec![(1000.0, 100.0)])],
+                ),
+            ],
+        };
+        let ours = kernel.get(Tool::P99probe).unwrap();
+        assert!((ours.total_ms_per_s() - 0.25).abs() < 1e-9);
+        assert!((ours.ns_per_response() - 250.0).abs() < 1e-9);
+        let line = kernel.goal_line().unwrap();
+        assert!(
+            line.contains("p99probe attach 250 ns, of which 50 ns time"),
+            "{line}"
+        );
+        assert!(line.contains("and 200 ns follow the scheduler"), "{line}");
+        assert!(
+            line.contains("(equivalent script): 300 ns (p99probe costs less)"),
+            "{line}"
+        );
+        assert!(
+            line.contains("not packaged): 100 ns (p99probe costs more)"),
+            "{line}"
+        );
+        assert!(kernel
+            .markdown()
+            .contains("| p99probe attach | `sk_data_ready_btf` | 500 | 100 | 0.05 |"));
     }
 }
