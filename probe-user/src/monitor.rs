@@ -89,15 +89,18 @@ pub struct AttachSummary {
     pub write_hook_changes: Vec<(u64, bool)>,
 }
 
-fn spawn_feed(feed: &LatencyFeed) -> Result<mpsc::Receiver<u64>, ProbeError> {
-    let (tx, rx) = mpsc::channel(4096);
+/// The feed's latencies, each with when it arrived: they are taken in between drains of the
+/// kernel's events, not as they come (see `attach_and_watch`).
+fn spawn_feed(feed: &LatencyFeed) -> Result<mpsc::Receiver<(u64, u64)>, ProbeError> {
+    // Room for a fast feed's lines between two drains (50 ms at 1 M lines/s).
+    let (tx, rx) = mpsc::channel(1 << 16);
     match feed.clone() {
         LatencyFeed::Stdin => {
             tokio::spawn(async move {
                 let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if let Some(ns) = parse_feed_line(&line) {
-                        if tx.send(ns).await.is_err() {
+                        if tx.send((monotonic_ns(), ns)).await.is_err() {
                             break;
                         }
                     }
@@ -116,7 +119,7 @@ fn spawn_feed(feed: &LatencyFeed) -> Result<mpsc::Receiver<u64>, ProbeError> {
                 while let Ok(n) = socket.recv(&mut buf).await {
                     for line in String::from_utf8_lossy(&buf[..n]).lines() {
                         if let Some(ns) = parse_feed_line(line) {
-                            if tx.send(ns).await.is_err() {
+                            if tx.send((monotonic_ns(), ns)).await.is_err() {
                                 return;
                             }
                         }
@@ -270,6 +273,15 @@ pub async fn attach_and_watch(
                     flight.push(raw);
                     events_seen += 1;
                 }
+                // Not a branch of this select: a feed faster than the drain interval restarted
+                // the drain's timeout on every line, so a quiet target's events were never
+                // drained and the trigger never checked.
+                if let Some(rx) = feed.as_mut() {
+                    while let Ok((arrived_ns, latency)) = rx.try_recv() {
+                        sliding.record(arrived_ns, latency);
+                        flight.push(external_latency(arrived_ns, latency));
+                    }
+                }
                 // Checked after a drain rather than on a timer of its own: each wakeup of
                 // the agent costs more than the check, and drains come at least this often.
                 let now = monotonic_ns();
@@ -353,16 +365,6 @@ pub async fn attach_and_watch(
                     if pending.is_some() { " | capturing…" } else { "" }
                 ));
                 progress.tick();
-            }
-            Some(latency) = async {
-                match feed.as_mut() {
-                    Some(rx) => rx.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let now = monotonic_ns();
-                sliding.record(now, latency);
-                flight.push(external_latency(now, latency));
             }
             _ = &mut deadline => break,
             _ = &mut stop => break,
