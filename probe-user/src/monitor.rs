@@ -131,6 +131,15 @@ fn spawn_feed(feed: &LatencyFeed) -> Result<mpsc::Receiver<(u64, u64)>, ProbeErr
     Ok(rx)
 }
 
+/// Every line the feed has delivered so far, as (arrival time, latency).
+fn take_feed(feed: &mut Option<mpsc::Receiver<(u64, u64)>>, mut each: impl FnMut(u64, u64)) {
+    if let Some(rx) = feed.as_mut() {
+        while let Ok((arrived_ns, latency)) = rx.try_recv() {
+            each(arrived_ns, latency);
+        }
+    }
+}
+
 struct Capturer<'a> {
     opts: &'a AttachOptions,
     /// What the trigger watches: the feed's latencies when there is a feed.
@@ -276,12 +285,10 @@ pub async fn attach_and_watch(
                 // Not a branch of this select: a feed faster than the drain interval restarted
                 // the drain's timeout on every line, so a quiet target's events were never
                 // drained and the trigger never checked.
-                if let Some(rx) = feed.as_mut() {
-                    while let Ok((arrived_ns, latency)) = rx.try_recv() {
-                        sliding.record(arrived_ns, latency);
-                        flight.push(external_latency(arrived_ns, latency));
-                    }
-                }
+                take_feed(&mut feed, |arrived_ns, latency| {
+                    sliding.record(arrived_ns, latency);
+                    flight.push(external_latency(arrived_ns, latency));
+                });
                 // Checked after a drain rather than on a timer of its own: each wakeup of
                 // the agent costs more than the check, and drains come at least this often.
                 let now = monotonic_ns();
@@ -374,6 +381,9 @@ pub async fn attach_and_watch(
     for raw in batch.drain(..) {
         flight.push(raw);
     }
+    take_feed(&mut feed, |arrived_ns, latency| {
+        flight.push(external_latency(arrived_ns, latency))
+    });
     if let Some(fire) = pending {
         // Ctrl-C, the duration or the target's exit cut the post-window short: keep what we have.
         capturer.start(&session, &flight, fire, monotonic_ns(), target_exited)?;
