@@ -144,7 +144,11 @@ pub struct RawEvent {
     pub family: u16,
     pub local_port: u16,
     pub remote_port: u16,
-    pub _pad: u16,
+    /// Off-CPU only: 0 when the interval was reported because it was one (every interval over
+    /// the minimum is); otherwise the stack-sampling threshold `D` (ms) in force, below which an
+    /// interval of length `d` was reported with probability `d / D` and so stands for `D / d`
+    /// intervals like it (see the agent's `offcpu_sampling`).
+    pub offcpu_sampled_below_ms: u16,
     /// Retransmit only: IPv4 in the first 4 bytes, or IPv6.
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
@@ -169,7 +173,7 @@ impl RawEvent {
             family: 0,
             local_port: 0,
             remote_port: 0,
-            _pad: 0,
+            offcpu_sampled_below_ms: 0,
             local_addr: [0; 16],
             remote_addr: [0; 16],
         }

@@ -19,7 +19,7 @@ use aya_ebpf::{
         BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
     },
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_skc_to_tcp_sock,
     },
     macros::{btf_tracepoint, fentry, kprobe, map, perf_event, raw_tracepoint, uprobe},
@@ -85,6 +85,13 @@ static PENDING_REQUESTS: Array<PendingRequests> = Array::with_max_entries(1, BPF
 /// these run on every context switch and wakeup.
 #[map]
 static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(65536, 0);
+
+/// The off-CPU stack-sampling threshold in ms, set by the agent while attached (0: every
+/// interval over the minimum is reported). Walking an interval's two stacks costs 7–12 µs here,
+/// so a target that blocks tens of thousands of times a second would spend a CPU on them; the
+/// agent raises the threshold to keep the walks within a budget (`offcpu_sampling`).
+#[map]
+static OFFCPU_SAMPLING: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Local ports the target listens on, one bit per port, set by the agent (from sock_diag) at
 /// attach and re-read while attached. Arrivals, ACKs and retransmits run in softirq or timer
@@ -391,6 +398,10 @@ fn switched_in<C: EbpfContext>(
         if duration < cfg.min_offcpu_ns {
             return;
         }
+        let sampled_below_ms = offcpu_sampled_below_ms(duration);
+        if sampled_below_ms == LEFT_OUT {
+            return;
+        }
         let (kernel_stack_id, user_stack_id) = if thread_is_current {
             (stack_id(ctx, 0), stack_id(ctx, BPF_F_USER_STACK as u64))
         } else {
@@ -411,7 +422,35 @@ fn switched_in<C: EbpfContext>(
             event.flags = out.flags;
             event.kernel_stack_id = kernel_stack_id;
             event.user_stack_id = user_stack_id;
+            event.offcpu_sampled_below_ms = sampled_below_ms;
         });
+    }
+}
+
+/// `offcpu_sampled_below_ms` says the interval is not reported.
+const LEFT_OUT: u16 = u16::MAX;
+
+/// Whether an off-CPU interval of `duration_ns` is reported under the agent's sampling
+/// threshold `D`: always when it is at least `D` long (the event's field is then 0), otherwise
+/// with probability `duration / D` (the field is `D`, so the agent can weigh it by `D / duration`),
+/// else `LEFT_OUT`. Sampling in proportion to length keeps the estimate of time blocked per
+/// stack unbiased, and every long interval keeps its own stack.
+#[inline(always)]
+fn offcpu_sampled_below_ms(duration_ns: u64) -> u16 {
+    let threshold_ms = match OFFCPU_SAMPLING.get(0) {
+        Some(&ms) if ms > 0 => ms.min(u16::MAX as u32 - 1),
+        _ => return 0,
+    };
+    let threshold_us = threshold_ms as u64 * 1000;
+    if duration_ns >= threshold_us * 1000 {
+        return 0;
+    }
+    // A uniform draw in [0, threshold) µs, without a division.
+    let draw_us = (unsafe { bpf_get_prandom_u32() } as u64 * threshold_us) >> 32;
+    if draw_us * 1000 < duration_ns {
+        threshold_ms as u16
+    } else {
+        LEFT_OUT
     }
 }
 

@@ -43,6 +43,9 @@ pub struct WindowStats {
     pub run_queue_total_ns: u64,
     /// Blocked time in µs per stack.
     pub off_cpu: Folded,
+    /// The highest stack-sampling threshold (ms) that off-CPU intervals ending in the windows
+    /// were sampled under; 0 when every interval was reported (`offcpu_sampling`).
+    pub off_cpu_sampled_below_ms: u16,
     /// Samples per stack.
     pub on_cpu: Folded,
     pub retransmits: Vec<Retransmit>,
@@ -70,6 +73,7 @@ impl WindowStats {
         let mut run_queue_by_cpu = BTreeMap::new();
         let mut run_queue_total_ns = 0;
         let mut retransmits = Vec::new();
+        let mut off_cpu_sampled_below_ms = 0;
         for event in recording.events() {
             for (kind, histogram) in kinds.iter().zip(latency.iter_mut()) {
                 if let Some((ts, value)) = request_latency(&event, *kind) {
@@ -101,6 +105,13 @@ impl WindowStats {
                     remote,
                     tcp_state,
                 }),
+                Event::OffCpu {
+                    ts_ns,
+                    sampled_below_ms,
+                    ..
+                } if inside(ts_ns) => {
+                    off_cpu_sampled_below_ms = off_cpu_sampled_below_ms.max(sampled_below_ms);
+                }
                 _ => {}
             }
         }
@@ -136,6 +147,7 @@ impl WindowStats {
             run_queue_by_cpu,
             run_queue_total_ns,
             off_cpu,
+            off_cpu_sampled_below_ms,
             on_cpu,
             retransmits,
         }

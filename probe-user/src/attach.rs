@@ -151,6 +151,9 @@ pub struct ProbeSettings {
     /// full rate. The probes attach at the calm rate when it is above 1.
     pub calm_sample_divisor: u64,
     pub min_offcpu_ns: u64,
+    /// Reported off-CPU intervals per second before they are sampled (`offcpu_sampling`);
+    /// 0: never sampled.
+    pub offcpu_stack_budget: u32,
     /// Use only this scheduler hook instead of walking the chain.
     pub sched_hook: Option<SchedHook>,
     pub debug_ebpf: bool,
@@ -194,6 +197,8 @@ const SAMPLING_PROGRAM: &str = "on_cpu_sample";
 
 const FLUSH_PROGRAM: &str = "flush_requests";
 
+const OFFCPU_SAMPLING: &str = "OFFCPU_SAMPLING";
+
 impl AttachedProbes {
     /// Samples at the calm rate (`calm`) or at full rate. The events are replaced, not
     /// retuned (aya keeps their perf file descriptors), old ones first: a CPU is unsampled
@@ -229,6 +234,15 @@ impl AttachedProbes {
         } else {
             self.write_hook.detach(&mut self.ebpf)
         }
+    }
+
+    /// Sets the off-CPU stack-sampling threshold (ms; 0: every interval is reported); see
+    /// `offcpu_sampling`.
+    pub fn set_offcpu_sampling(&mut self, threshold_ms: u32) -> Result<(), ProbeError> {
+        let mut threshold: Array<_, u32> = kernel_map_mut(&mut self.ebpf, OFFCPU_SAMPLING)?;
+        threshold
+            .set(0, threshold_ms, 0)
+            .map_err(|e| attach_err(OFFCPU_SAMPLING, e))
     }
 
     pub fn write_hook_attached(&self) -> bool {

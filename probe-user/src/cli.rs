@@ -149,6 +149,10 @@ pub struct ProbeArgs {
     /// Report off-CPU intervals at least this long (0 = all; short ones flood busy servers).
     #[arg(long, value_parser = parse_duration, default_value = "1ms")]
     pub min_offcpu: Duration,
+    /// Off-CPU intervals (each two stack walks, 7–12 µs) reported per second before shorter
+    /// ones are sampled in proportion to their length and weighted back (0 = never sample).
+    #[arg(long, default_value_t = crate::offcpu_sampling::DEFAULT_BUDGET_PER_S)]
+    pub offcpu_stack_budget: u32,
     /// Use only this scheduler hook instead of the fallback chain
     /// fentry → kprobe → tp_btf sched_switch+sched_exit_tp → tp_btf sched_switch → raw_tp.
     #[arg(long, value_enum)]
@@ -168,6 +172,7 @@ impl ProbeArgs {
             sample_hz: self.sample_hz,
             calm_sample_divisor: 1,
             min_offcpu_ns: self.min_offcpu.as_nanos() as u64,
+            offcpu_stack_budget: self.offcpu_stack_budget,
             sched_hook: self.sched_hook,
             debug_ebpf: self.debug_ebpf,
             track_delivery,
@@ -330,6 +335,9 @@ fn run_attach(args: AttachArgs) -> anyhow::Result<()> {
         summary.counters.ring_buffer_full,
         summary.counters.stacks_missing
     );
+    if let Some(line) = crate::offcpu_sampling::summary_line(&summary.offcpu_sampling_changes) {
+        println!("{line}");
+    }
     for capture in &summary.captures {
         println!("{}", capture.dir.display());
         if let Some(cause) = &capture.top_cause {
@@ -421,6 +429,9 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
         drops,
         summary.counters.stacks_missing
     );
+    if let Some(line) = crate::offcpu_sampling::summary_line(&summary.offcpu_sampling_changes) {
+        println!("{line}");
+    }
     Ok(())
 }
 

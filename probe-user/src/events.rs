@@ -42,6 +42,9 @@ pub enum Event {
         state: u32,
         /// It was preempted while runnable: this interval is run-queue wait, not blocking.
         preempted: bool,
+        /// 0, or the stack-sampling threshold (ms) this interval was sampled under: it then
+        /// stands for `threshold / duration_ns` intervals like it (`offcpu_sampling`).
+        sampled_below_ms: u16,
         kernel_stack: StackId,
         user_stack: StackId,
     },
@@ -111,6 +114,23 @@ impl Event {
         }
     }
 
+    /// `ns` of this off-CPU interval's time, counted for every interval it stands for: an
+    /// interval sampled under a threshold `D` stands for `D / duration` of them
+    /// (`offcpu_sampling`). Off-CPU figures add these up, not bare overlaps.
+    pub fn weigh_off_cpu(&self, ns: u64) -> u64 {
+        match *self {
+            Event::OffCpu {
+                duration_ns,
+                sampled_below_ms,
+                ..
+            } if sampled_below_ms > 0 && duration_ns > 0 => {
+                let threshold_ns = sampled_below_ms as u128 * 1_000_000;
+                (ns as u128 * threshold_ns.max(duration_ns as u128) / duration_ns as u128) as u64
+            }
+            _ => ns,
+        }
+    }
+
     pub fn from_raw(raw: &RawEvent) -> Option<Event> {
         let kernel_stack = stack_id(raw.kernel_stack_id);
         let user_stack = stack_id(raw.user_stack_id);
@@ -129,6 +149,7 @@ impl Event {
                 wait_ns: raw.wait_ns.min(raw.duration_ns),
                 state: raw.state,
                 preempted: raw.flags & FLAG_PREEMPTED != 0,
+                sampled_below_ms: raw.offcpu_sampled_below_ms,
                 kernel_stack,
                 user_stack,
             },
@@ -205,7 +226,7 @@ pub fn encode_raw(raw: &RawEvent, out: &mut Vec<u8>) {
     out.extend_from_slice(&raw.family.to_le_bytes());
     out.extend_from_slice(&raw.local_port.to_le_bytes());
     out.extend_from_slice(&raw.remote_port.to_le_bytes());
-    out.extend_from_slice(&raw._pad.to_le_bytes());
+    out.extend_from_slice(&raw.offcpu_sampled_below_ms.to_le_bytes());
     out.extend_from_slice(&raw.local_addr);
     out.extend_from_slice(&raw.remote_addr);
 }
@@ -231,7 +252,7 @@ pub fn decode_raw(bytes: &[u8]) -> Option<RawEvent> {
         family: u16_at(56),
         local_port: u16_at(58),
         remote_port: u16_at(60),
-        _pad: u16_at(62),
+        offcpu_sampled_below_ms: u16_at(62),
         local_addr: bytes[64..80].try_into().unwrap(),
         remote_addr: bytes[80..96].try_into().unwrap(),
     })
@@ -412,6 +433,7 @@ mod tests {
             wait_ns: 100,
             state: 1,
             preempted,
+            sampled_below_ms: 0,
             kernel_stack: None,
             user_stack: None,
         };
@@ -427,6 +449,28 @@ mod tests {
             user_stack: None,
         };
         assert_eq!(sample.blocked_interval(true), None);
+    }
+
+    #[test]
+    fn a_sampled_off_cpu_interval_counts_for_the_intervals_it_stands_for() {
+        let mut raw = RawEvent::zeroed();
+        raw.kind = EventKind::OffCpu as u32;
+        raw.duration_ns = 2_000_000;
+        // Sampled under 8 ms: reported with probability 2/8, so it stands for 4 intervals.
+        raw.offcpu_sampled_below_ms = 8;
+        let mut bytes = Vec::new();
+        encode_raw(&raw, &mut bytes);
+        let sampled = Event::from_raw(&decode_raw(&bytes).unwrap()).unwrap();
+        assert_eq!(sampled.weigh_off_cpu(1_500_000), 6_000_000);
+        raw.offcpu_sampled_below_ms = 0;
+        assert_eq!(
+            Event::from_raw(&raw).unwrap().weigh_off_cpu(1_500_000),
+            1_500_000
+        );
+        // Not off-CPU: nothing to weigh.
+        raw.kind = EventKind::RunQueue as u32;
+        raw.offcpu_sampled_below_ms = 8;
+        assert_eq!(Event::from_raw(&raw).unwrap().weigh_off_cpu(7), 7);
     }
 
     #[test]

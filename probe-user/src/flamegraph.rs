@@ -84,7 +84,7 @@ pub fn fold(
                 let Some((end, blocked)) = event.blocked_interval(include_preempted) else {
                     continue;
                 };
-                let micros = window.overlap(end, blocked) / 1000;
+                let micros = event.weigh_off_cpu(window.overlap(end, blocked)) / 1000;
                 if micros > 0 {
                     *folded
                         .entry(stack_line(recording, kernel_stack, user_stack))

@@ -18,6 +18,7 @@ pub mod histogram;
 pub mod latency;
 pub mod listeners;
 pub mod monitor;
+pub mod offcpu_sampling;
 pub mod output;
 pub mod pprof;
 pub mod recorder;

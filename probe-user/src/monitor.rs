@@ -16,7 +16,7 @@ use crate::events::{external_latency, Event};
 use crate::flight::FlightRecorder;
 use crate::histogram::human_ns;
 use crate::latency::{parse_feed_line, request_latency, LatencyKind, SlidingLatency};
-use crate::recorder::{after, monotonic_ns, status_line, LiveSession};
+use crate::recorder::{after, monotonic_ns, offcpu_sampling_status, status_line, LiveSession};
 use crate::recording::KernelCounters;
 use crate::sampling::SamplingGovernor;
 use crate::trigger::{Fire, Threshold, Trigger, TriggerConfig};
@@ -87,6 +87,9 @@ pub struct AttachSummary {
     pub sampling_changes: Vec<(u64, bool)>,
     /// When the response-write hook was attached (`true`) or detached; see `request_end`.
     pub write_hook_changes: Vec<(u64, bool)>,
+    /// When the off-CPU stack-sampling threshold changed and to what (ms); see
+    /// `offcpu_sampling`.
+    pub offcpu_sampling_changes: Vec<(u64, u32)>,
 }
 
 /// The feed's latencies, each with when it arrived: they are taken in between drains of the
@@ -360,7 +363,7 @@ pub async fn attach_and_watch(
                     None => "learning baseline".into(),
                 };
                 progress.set_message(format!(
-                    "pid {} {:?} P99 {} (n={}) vs {threshold} | {:.0} events/s | {drops} dropped | sampling {} | requests end {} | {} captures{}",
+                    "pid {} {:?} P99 {} (n={}) vs {threshold} | {:.0} events/s | {drops} dropped | sampling {} | requests end {}{} | {} captures{}",
                     session.pid,
                     latency_kind,
                     human_ns(current.p99_ns),
@@ -368,6 +371,7 @@ pub async fn attach_and_watch(
                     events_per_s,
                     if sampling.is_calm() { "calm" } else { "full rate" },
                     if session.write_hook_attached() { "at write" } else { "at next request" },
+                    offcpu_sampling_status(session.offcpu_sampling_threshold_ms()),
                     capturer.running.len(),
                     if pending.is_some() { " | capturing…" } else { "" }
                 ));
@@ -393,6 +397,7 @@ pub async fn attach_and_watch(
     let counters = session.counters()?;
     let stacks_freed = session.stacks_freed;
     let write_hook_changes = std::mem::take(&mut session.write_hook_changes);
+    let offcpu_sampling_changes = std::mem::take(&mut session.offcpu_sampling_changes);
     drop(session);
     let captures = capturer.finish().await?;
     Ok(AttachSummary {
@@ -404,5 +409,6 @@ pub async fn attach_and_watch(
         stacks_freed,
         sampling_changes,
         write_hook_changes,
+        offcpu_sampling_changes,
     })
 }

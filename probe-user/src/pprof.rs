@@ -106,7 +106,8 @@ pub fn encode(recording: &Recording, windows: &[Window]) -> Vec<u8> {
                 let Some((end, length)) = event.blocked_interval(false) else {
                     continue;
                 };
-                let blocked: u64 = windows.iter().map(|w| w.overlap(end, length)).sum();
+                let blocked: u64 =
+                    event.weigh_off_cpu(windows.iter().map(|w| w.overlap(end, length)).sum());
                 if blocked == 0 {
                     continue;
                 }

@@ -16,6 +16,7 @@ use crate::attach::{
 };
 use crate::error::ProbeError;
 use crate::events::{decode_ring_record, stack_id, stacks_named};
+use crate::offcpu_sampling::OffCpuSamplingGovernor;
 use crate::output::check_writable;
 use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
 use crate::request_end::WriteHookGovernor;
@@ -40,6 +41,8 @@ pub struct RecordSummary {
     pub counters: KernelCounters,
     pub hooks: AttachReport,
     pub target_exited: bool,
+    /// When the off-CPU stack-sampling threshold changed and to what (ms; 0: every interval).
+    pub offcpu_sampling_changes: Vec<(u64, u32)>,
 }
 
 /// How often the agent drains the ring buffer when the kernel has not woken it. Each wakeup
@@ -146,6 +149,10 @@ pub struct LiveSession {
     write_hook: Option<WriteHookGovernor>,
     /// When the response-write hook was attached (`true`) or detached (CLOCK_MONOTONIC ns).
     pub write_hook_changes: Vec<(u64, bool)>,
+    /// `None` once the kernel's threshold could not be set.
+    offcpu_sampling: Option<OffCpuSamplingGovernor>,
+    /// When the off-CPU stack-sampling threshold changed and to what (ms; 0: every interval).
+    pub offcpu_sampling_changes: Vec<(u64, u32)>,
 }
 
 /// How often, at most, copied stacks that did not recur are freed from the kernel's map (after a
@@ -200,6 +207,11 @@ impl LiveSession {
                 .write_hook_adjustable()
                 .then(|| WriteHookGovernor::new(monotonic_ns(), attached.write_hook_attached())),
             write_hook_changes: Vec::new(),
+            offcpu_sampling: Some(OffCpuSamplingGovernor::new(
+                monotonic_ns(),
+                probe.offcpu_stack_budget,
+            )),
+            offcpu_sampling_changes: Vec::new(),
             attached,
         })
     }
@@ -232,6 +244,7 @@ impl LiveSession {
         }
         self.adopt_stacks(&mut out[first_new..]);
         self.govern_write_hook(&out[first_new..]);
+        self.govern_offcpu_sampling(&out[first_new..]);
         self.free_kernel_stacks()
     }
 
@@ -257,6 +270,39 @@ impl LiveSession {
                 self.write_hook = None;
             }
         }
+    }
+
+    /// Sets the kernel's off-CPU stack-sampling threshold by the rate of reported intervals
+    /// (`offcpu_sampling`).
+    fn govern_offcpu_sampling(&mut self, new_events: &[RawEvent]) {
+        let Some(governor) = self.offcpu_sampling.as_mut() else {
+            return;
+        };
+        for event in new_events
+            .iter()
+            .filter(|e| e.kind == EventKind::OffCpu as u32)
+        {
+            governor.count(event.duration_ns, event.offcpu_sampled_below_ms);
+        }
+        let now = monotonic_ns();
+        let Some(threshold_ms) = governor.decide(now) else {
+            return;
+        };
+        match self.attached.set_offcpu_sampling(threshold_ms) {
+            Ok(()) => self.offcpu_sampling_changes.push((now, threshold_ms)),
+            Err(e) => {
+                // The intervals keep coming, every one with its stacks: costlier, not wrong.
+                log::warn!("off-CPU stack sampling not changed, and not again: {e}");
+                self.offcpu_sampling = None;
+            }
+        }
+    }
+
+    /// The off-CPU stack-sampling threshold in force, ms (0: every interval is reported).
+    pub fn offcpu_sampling_threshold_ms(&self) -> u32 {
+        self.offcpu_sampling
+            .as_ref()
+            .map_or(0, OffCpuSamplingGovernor::threshold_ms)
     }
 
     /// Drains everything the kernel holds, including partly filled request batches.
@@ -439,6 +485,15 @@ pub fn status_line(shown: bool, pid: u32, hooks: &AttachReport) -> indicatif::Pr
     }
 }
 
+/// For the status line: how off-CPU intervals are sampled, when they are.
+pub fn offcpu_sampling_status(threshold_ms: u32) -> String {
+    if threshold_ms == 0 {
+        String::new()
+    } else {
+        format!(" | off-CPU stacks sampled below {threshold_ms} ms")
+    }
+}
+
 /// Completes after `duration`, or never without one.
 pub async fn after(duration: Option<Duration>) {
     match duration {
@@ -473,8 +528,9 @@ pub async fn record(
                 }
                 let elapsed = (monotonic_ns() - session.start_ns) as f64 / 1e9;
                 progress.set_message(format!(
-                    "recording pid {} ({}): {elapsed:.1}s, {} events",
-                    session.pid, session.comm, events.len()
+                    "recording pid {} ({}): {elapsed:.1}s, {} events{}",
+                    session.pid, session.comm, events.len(),
+                    offcpu_sampling_status(session.offcpu_sampling_threshold_ms())
                 ));
                 progress.tick();
             }
@@ -485,6 +541,7 @@ pub async fn record(
     progress.finish_and_clear();
     let pending = session.snapshot(events, session.start_ns, end_ns, target_exited)?;
     let hooks = session.hooks().clone();
+    let offcpu_sampling_changes = std::mem::take(&mut session.offcpu_sampling_changes);
     // Detach before the slow part (symbolization) so the target runs unobserved again.
     drop(session);
     let recording = pending.finish();
@@ -495,5 +552,6 @@ pub async fn record(
         counters: recording.meta.counters,
         hooks,
         target_exited,
+        offcpu_sampling_changes,
     })
 }

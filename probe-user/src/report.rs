@@ -33,7 +33,7 @@ pub struct TriggerInfo {
     pub threshold_ns: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Pair<T> {
     pub spike: T,
     pub baseline: T,
@@ -64,6 +64,11 @@ pub struct Report {
     pub run_queue_delay: Pair<Percentiles>,
     /// Weights in microseconds blocked.
     pub off_cpu_top: Pair<Vec<TopStack>>,
+    /// The highest off-CPU stack-sampling threshold in force in each window, ms: 0 when every
+    /// interval over the minimum was reported; otherwise shorter intervals were sampled in
+    /// proportion to their length and weighted back (absent in older reports: 0).
+    #[serde(default)]
+    pub off_cpu_sampled_below_ms: Pair<u16>,
     /// Weights in samples.
     pub on_cpu_top: Pair<Vec<TopStack>>,
     pub tcp_retransmits: Retransmits,
@@ -133,6 +138,10 @@ impl Report {
             off_cpu_top: Pair {
                 spike: top_stacks(&spike_stats.off_cpu, 10),
                 baseline: top_stacks(&base_stats.off_cpu, 10),
+            },
+            off_cpu_sampled_below_ms: Pair {
+                spike: spike_stats.off_cpu_sampled_below_ms,
+                baseline: base_stats.off_cpu_sampled_below_ms,
             },
             on_cpu_top: Pair {
                 spike: top_stacks(&spike_stats.on_cpu, 10),
@@ -302,6 +311,14 @@ impl Report {
             "\n## Data quality\n\n{} events lost in the kernel (ring buffer full), {} stacks missing, {} requests untimed (their connection's slot was taken by another).",
             self.drops.ring_buffer_full, self.drops.stacks_missing, self.drops.requests_untimed
         );
+        let sampled = &self.off_cpu_sampled_below_ms;
+        if sampled.spike > 0 || sampled.baseline > 0 {
+            let _ = writeln!(
+                md,
+                "\nOff-CPU intervals came faster than the stack-walk budget (`--offcpu-stack-budget`), so those shorter than a threshold (up to {} ms in the spike, {} ms in the baseline) were sampled in proportion to their length and each counted for the intervals it stands for: off-CPU times are estimates, and every longer interval is there with its own stacks.",
+                sampled.spike, sampled.baseline
+            );
+        }
         md
     }
 }

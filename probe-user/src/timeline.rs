@@ -88,7 +88,7 @@ pub fn render(
                     .take(last + 1)
                     .skip(bucket(end - blocked))
                 {
-                    *slot += bucket_window(i).overlap(end, blocked) as f64;
+                    *slot += event.weigh_off_cpu(bucket_window(i).overlap(end, blocked)) as f64;
                 }
             }
             Event::TcpRetransmit { ts_ns, .. } => {

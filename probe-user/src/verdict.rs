@@ -391,6 +391,7 @@ mod tests {
             run_queue_by_cpu: BTreeMap::new(),
             run_queue_total_ns: 0,
             off_cpu: Folded::new(),
+            off_cpu_sampled_below_ms: 0,
             on_cpu: Folded::new(),
             retransmits: vec![],
             go: None,

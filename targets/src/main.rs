@@ -12,9 +12,9 @@ fn usage() -> ! {
     eprintln!(
         "usage: p99probe-target MODE [--duration SECS] [options]
 modes:
-  sleeper   [--stall-ms 20] [--linger SECS]
-                                     a thread that sleeps in stall_here() in a loop; with
-                                     --linger, the process stays that long after it ends
+  sleeper   [--stall-ms 20] [--threads 1] [--linger SECS]
+                                     THREADS threads that sleep in stall_here() in a loop; with
+                                     --linger, the process stays that long after they end
   stacks    [--paths 20000] [--nap-us 200]
                                      a thread that naps once under each of PATHS distinct user
                                      stacks (call paths through path_zero/path_one), in turn
@@ -152,16 +152,22 @@ pub extern "C" fn work_burst(millis: u64) -> u64 {
 
 fn sleeper(opts: &Opts, until: Instant) {
     let stall_ms = opts.get("--stall-ms", 20u64);
-    let handle = std::thread::Builder::new()
-        .name("stall-loop".into())
-        .spawn(move || {
-            while Instant::now() < until {
-                stall_here(stall_ms);
-            }
+    let handles: Vec<_> = (0..opts.get("--threads", 1u32))
+        .map(|_| {
+            std::thread::Builder::new()
+                .name("stall-loop".into())
+                .spawn(move || {
+                    while Instant::now() < until {
+                        stall_here(stall_ms);
+                    }
+                })
+                .unwrap()
         })
-        .unwrap();
+        .collect();
     ready("");
-    handle.join().unwrap();
+    for handle in handles {
+        handle.join().unwrap();
+    }
     std::thread::sleep(Duration::from_secs_f64(opts.get("--linger", 0.0f64)));
 }
 

@@ -141,6 +141,7 @@ pub fn settings(pid: u32) -> ProbeSettings {
         sample_hz: 499,
         calm_sample_divisor: 1,
         min_offcpu_ns: 1_000_000,
+        offcpu_stack_budget: p99probe::offcpu_sampling::DEFAULT_BUDGET_PER_S,
         sched_hook: None,
         debug_ebpf: false,
         track_delivery: true,

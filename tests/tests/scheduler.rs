@@ -6,7 +6,9 @@ use std::time::Duration;
 use integration_tests::*;
 use p99probe::attach::SchedHook;
 use p99probe::events::Event;
+use p99probe::flamegraph::{fold, FlameKind};
 use p99probe::histogram::{run_queue_delays, Percentiles};
+use p99probe::offcpu_sampling;
 use p99probe::recording::Recording;
 use p99probe::window::Window;
 
@@ -200,6 +202,8 @@ fn more_distinct_stacks_than_the_kernel_map_holds_are_all_kept() {
     ]);
     let mut probe = settings(walker.pid());
     probe.min_offcpu_ns = 50_000;
+    // Every nap must come with its stack: this is about the stack store, not the walk budget.
+    probe.offcpu_stack_budget = 0;
     let recording = record_for(probe, Duration::from_secs(10));
     let naps: Vec<Option<u32>> = recording
         .events()
@@ -240,5 +244,84 @@ fn more_distinct_stacks_than_the_kernel_map_holds_are_all_kept() {
         "{} distinct call paths among {} naps",
         distinct_paths.len(),
         naps.len()
+    );
+}
+
+/// Blocked time in `stall_here` over the last `seconds` of `recording`, µs, as the off-CPU
+/// flame graph counts it (sampled intervals weighted back), and the off-CPU events reported
+/// there.
+fn stall_here_in_last(recording: &Recording, seconds: u64) -> (u64, usize) {
+    let end = recording.meta.end_ns;
+    let window = Window::new(end - seconds * 1_000_000_000, end);
+    let blocked_us = fold(recording, FlameKind::Offcpu, window, false)
+        .iter()
+        .filter(|(stack, _)| stack.contains("stall_here"))
+        .map(|(_, us)| us)
+        .sum();
+    let reported = recording
+        .events()
+        .filter(|e| matches!(e, Event::OffCpu { ts_ns, .. } if window.contains(*ts_ns)))
+        .count();
+    (blocked_us, reported)
+}
+
+#[test]
+fn off_cpu_intervals_beyond_the_stack_budget_are_sampled_and_weighted_back() {
+    // 32 threads sleeping 2 ms at a time: ~15,000 intervals a second, fifteen times the default
+    // budget of stack walks.
+    let _serial = serial();
+    let sleepers = target(&[
+        "sleeper",
+        "--threads",
+        "32",
+        "--stall-ms",
+        "2",
+        "--duration",
+        "60",
+    ]);
+    let mut unlimited = settings(sleepers.pid());
+    unlimited.offcpu_stack_budget = 0;
+    let every = record_for(unlimited, Duration::from_secs(4));
+    let budget = offcpu_sampling::DEFAULT_BUDGET_PER_S as usize;
+    let sampled = record_for(settings(sleepers.pid()), Duration::from_secs(5));
+
+    // The governor decides after a second; the last three are under its threshold.
+    let (every_us, every_reported) = stall_here_in_last(&every, 3);
+    let (sampled_us, sampled_reported) = stall_here_in_last(&sampled, 3);
+    let threshold_ms = sampled
+        .events()
+        .filter_map(|e| match e {
+            Event::OffCpu {
+                sampled_below_ms, ..
+            } => Some(sampled_below_ms),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "every interval: {every_reported} reported, {every_us} µs blocked in stall_here; \
+         sampled (threshold up to {threshold_ms} ms): {sampled_reported} reported, {sampled_us} µs"
+    );
+    assert!(
+        every_reported > 3 * 3 * budget,
+        "only {every_reported} intervals in 3 s without a budget: the target is too slow to test it"
+    );
+    assert!(
+        threshold_ms > 2,
+        "no interval was sampled: threshold {threshold_ms} ms"
+    );
+    assert!(
+        sampled_reported <= 3 * budget,
+        "{sampled_reported} intervals reported in 3 s against a budget of {budget} a second"
+    );
+    // 32 threads, nearly all the time asleep: about 96 s of blocking in 3 s, both ways.
+    let ratio = sampled_us as f64 / every_us as f64;
+    assert!(
+        (0.85..1.15).contains(&ratio),
+        "sampled estimate {sampled_us} µs against {every_us} µs counted interval by interval"
+    );
+    assert!(
+        every_us > 70_000_000,
+        "{every_us} µs blocked in stall_here, expected about 32 threads × 3 s"
     );
 }

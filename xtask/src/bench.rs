@@ -922,6 +922,8 @@ fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
                 "6s",
                 "--min-offcpu",
                 "0",
+                "--offcpu-stack-budget",
+                "0",
                 "--out",
             ])
             .arg(&out)
@@ -963,6 +965,8 @@ fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
                 "--p99",
                 "1h",
                 "--min-offcpu",
+                "0",
+                "--offcpu-stack-budget",
                 "0",
                 "--duration",
                 "60s",
@@ -1195,7 +1199,7 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
         let _ = writeln!(md);
     }
     md.push_str(&kernel.markdown());
-    let _ = writeln!(md, "## Pipeline limits\n\nTarget: two threads handing a byte back and forth through pipes on CPU 0 (`p99probe-target pingpong`); `p99probe record --min-offcpu 0` on CPU 1, so every switch and wakeup is an event. The target, slowed by the tracing, is the limit here, not the agent.\n");
+    let _ = writeln!(md, "## Pipeline limits\n\nTarget: two threads handing a byte back and forth through pipes on CPU 0 (`p99probe-target pingpong`); `p99probe record --min-offcpu 0 --offcpu-stack-budget 0` on CPU 1, so every switch and wakeup is an event. The target, slowed by the tracing, is the limit here, not the agent.\n");
     pipeline
         .switches
         .write_rows(&mut md, "agent CPU % while draining");
