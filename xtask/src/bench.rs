@@ -1130,6 +1130,7 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
         },
     )?;
     let kernel = kernel_cost(root, go_binary, &scratch)?;
+    let budget = stack_budget(root, &scratch)?;
     let pipeline = pipeline(root, &scratch)?;
     let verdict = time_to_verdict(root, go_binary, &scratch)?;
 
@@ -1199,6 +1200,7 @@ pub fn run(root: &Path, go_binary: &Path) -> Result<()> {
         let _ = writeln!(md);
     }
     md.push_str(&kernel.markdown());
+    md.push_str(&budget.markdown());
     let _ = writeln!(md, "## Pipeline limits\n\nTarget: two threads handing a byte back and forth through pipes on CPU 0 (`p99probe-target pingpong`); `p99probe record --min-offcpu 0 --offcpu-stack-budget 0` on CPU 1, so every switch and wakeup is an event. The target, slowed by the tracing, is the limit here, not the agent.\n");
     pipeline
         .switches
@@ -1490,11 +1492,143 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
     Ok(KernelCost { results })
 }
 
-/// `cargo xtask bench --kernel-cost-only`.
+/// What the off-CPU stack budget saves, on a target whose threads block far more often than
+/// the budget allows: BPF time of p99probe's programs with every interval reported and walked
+/// (`--offcpu-stack-budget 0`) and with the default budget, alternating.
+struct StackBudget {
+    /// Per configuration: its label and, per run, (BPF ms/s, the target's off-CPU intervals/s).
+    rows: Vec<(&'static str, Vec<(f64, f64)>)>,
+}
+
+const STACK_BUDGET_ROUNDS: usize = 3;
+const STACK_BUDGET_SPAN: Duration = Duration::from_secs(5);
+const STACK_BUDGET_THREADS: &str = "32";
+const STACK_BUDGET_STALL_MS: &str = "2";
+
+/// Voluntary context switches of every thread of `pid`: each is one off-CPU interval of the
+/// sleepers.
+fn voluntary_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+fn stack_budget(root: &Path, scratch: &Path) -> Result<StackBudget> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "0"])
+        .arg(bin(root, "p99probe-target"))
+        .args([
+            "sleeper",
+            "--threads",
+            STACK_BUDGET_THREADS,
+            "--stall-ms",
+            STACK_BUDGET_STALL_MS,
+            "--duration",
+            "600",
+        ]);
+    let mut sleepers = Killed(cmd.stdout(Stdio::piped()).spawn()?);
+    let mut line = String::new();
+    BufReader::new(sleepers.0.stdout.take().unwrap()).read_line(&mut line)?;
+    let pid = sleepers.0.id();
+    let _stats = BpfStats::enable()?;
+    let configurations = [
+        ("every interval walked (`--offcpu-stack-budget 0`)", "0"),
+        ("default budget (`--offcpu-stack-budget 1000`)", "1000"),
+    ];
+    let mut rows: Vec<(&'static str, Vec<(f64, f64)>)> = configurations
+        .iter()
+        .map(|(l, _)| (*l, Vec::new()))
+        .collect();
+    for round in 0..STACK_BUDGET_ROUNDS {
+        for ((_, budget), (label, runs)) in configurations.iter().zip(rows.iter_mut()) {
+            eprintln!("bench: stack budget round {} / {label}", round + 1);
+            let others = bpf_program_stats()?;
+            let agent = Killed(
+                Command::new("taskset")
+                    .args(["-c", "1"])
+                    .arg(bin(root, "p99probe"))
+                    .args(["attach", "--pid", &pid.to_string(), "--p99", "1h"])
+                    .args([
+                        "--offcpu-stack-budget",
+                        budget,
+                        "--duration",
+                        "600s",
+                        "--out",
+                    ])
+                    .arg(scratch.join("captures"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?,
+            );
+            // Attached, and the budget's first decision (after a second) taken.
+            std::thread::sleep(Duration::from_secs(3));
+            let ours = || -> Result<(u64, u64)> {
+                let total = bpf_program_stats()?
+                    .into_iter()
+                    .filter(|(id, _)| !others.contains_key(id))
+                    .map(|(_, (_, time, _))| time)
+                    .sum();
+                Ok((total, voluntary_switches(pid)))
+            };
+            let (t0, (bpf0, switches0)) = (Instant::now(), ours()?);
+            std::thread::sleep(STACK_BUDGET_SPAN);
+            let (t1, (bpf1, switches1)) = (Instant::now(), ours()?);
+            drop(agent);
+            let seconds = (t1 - t0).as_secs_f64();
+            runs.push((
+                bpf1.saturating_sub(bpf0) as f64 / 1e6 / seconds,
+                switches1.saturating_sub(switches0) as f64 / seconds,
+            ));
+        }
+    }
+    Ok(StackBudget { rows })
+}
+
+impl StackBudget {
+    fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "## Off-CPU stack budget
+"
+        );
+        let _ = writeln!(md, "Target: {STACK_BUDGET_THREADS} threads sleeping {STACK_BUDGET_STALL_MS} ms at a time on CPU 0 (`p99probe-target sleeper`), far more off-CPU intervals than the default budget of stack walks; `p99probe attach` on CPU 1, {STACK_BUDGET_ROUNDS} runs of {} s per configuration, alternating, measured from 3 s after attaching. BPF time is all of p99probe's programs by `kernel.bpf_stats_enabled`; intervals are the target's voluntary context switches. Each cell is the median and, in brackets, the min–max.\n", STACK_BUDGET_SPAN.as_secs());
+        let _ = writeln!(
+            md,
+            "| configuration | BPF ms/s | target's off-CPU intervals/s |\n|---|---|---|"
+        );
+        for (label, runs) in &self.rows {
+            let bpf: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let intervals: Vec<f64> = runs.iter().map(|r| r.1).collect();
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {} |",
+                fmt_stat(&bpf, 1),
+                fmt_stat(&intervals, 0)
+            );
+        }
+        let _ = writeln!(md);
+        md
+    }
+}
+
+/// `cargo xtask bench --kernel-cost-only`: the kernel-side sections alone, printed.
 pub fn print_kernel_cost(root: &Path, go_binary: &Path) -> Result<()> {
     let scratch = root.join("target/bench");
     std::fs::create_dir_all(&scratch)?;
     mount_tracefs()?;
+    let budget = stack_budget(root, &scratch)?;
+    print!("{}", budget.markdown());
     let kernel = kernel_cost(root, go_binary, &scratch)?;
     print!("{}", kernel.markdown());
     if let Some(line) = kernel.goal_line() {
