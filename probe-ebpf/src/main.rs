@@ -4,7 +4,8 @@
 //! Scheduler hooks come in three flavours because the agent picks one at run time:
 //! - at `finish_task_switch` (fentry, kprobe) the current task is `next`, so the stack is
 //!   captured when the thread comes back, which is the same user stack it blocked in, and
-//!   only when the interval proved long enough to report;
+//!   only when the interval proved long enough to report (and, while intervals come faster
+//!   than the agent's budget, was drawn in its sample: see `OFFCPU_SAMPLING`);
 //! - `sched_switch` for the switch-out plus `sched_exit_tp` (end of `__schedule`, in the task
 //!   that now runs) for the switch-in: the same, from tracepoints;
 //! - at `sched_switch` alone (tp_btf, raw_tp) the current task is `prev`, so the off-CPU stack

@@ -512,7 +512,9 @@ fn run_info(args: InfoArgs) -> anyhow::Result<()> {
     let recording = Recording::load(&args.recording)?;
     let meta = &recording.meta;
     let mut counts = std::collections::BTreeMap::<&str, u64>::new();
+    let mut sampled = crate::offcpu_sampling::SampledIntervals::default();
     for event in recording.events() {
+        sampled.add(&event);
         let kind = match event {
             crate::events::Event::RunQueue { .. } => "run_queue",
             crate::events::Event::OffCpu { .. } => "off_cpu",
@@ -538,6 +540,9 @@ fn run_info(args: InfoArgs) -> anyhow::Result<()> {
         "kernel: {} sent, {} dropped (ring buffer full), {} stacks missing",
         meta.counters.events_sent, meta.counters.ring_buffer_full, meta.counters.stacks_missing
     );
+    if let Some(line) = sampled.summary() {
+        println!("{line}");
+    }
     if meta.target_exited {
         println!("note: the target exited during the recording");
     }

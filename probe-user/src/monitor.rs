@@ -16,7 +16,8 @@ use crate::events::{external_latency, Event};
 use crate::flight::FlightRecorder;
 use crate::histogram::human_ns;
 use crate::latency::{parse_feed_line, request_latency, LatencyKind, SlidingLatency};
-use crate::recorder::{after, monotonic_ns, offcpu_sampling_status, status_line, LiveSession};
+use crate::offcpu_sampling;
+use crate::recorder::{after, monotonic_ns, status_line, LiveSession};
 use crate::recording::KernelCounters;
 use crate::sampling::SamplingGovernor;
 use crate::trigger::{Fire, Threshold, Trigger, TriggerConfig};
@@ -371,7 +372,7 @@ pub async fn attach_and_watch(
                     events_per_s,
                     if sampling.is_calm() { "calm" } else { "full rate" },
                     if session.write_hook_attached() { "at write" } else { "at next request" },
-                    offcpu_sampling_status(session.offcpu_sampling_threshold_ms()),
+                    offcpu_sampling::status(session.offcpu_sampling_threshold_ms()),
                     capturer.running.len(),
                     if pending.is_some() { " | capturing…" } else { "" }
                 ));

@@ -17,6 +17,8 @@
 //! stack is unbiased, and the long blocks that explain a spike are never sampled away. The
 //! governor here picks `D` from the rate of reported intervals, once a second.
 
+use crate::events::Event;
+
 /// Reported off-CPU intervals (each a pair of stack walks) per second that `--offcpu-stack-budget`
 /// allows by default: 7–12 ms of kernel time per second here, under 1% of one CPU.
 pub const DEFAULT_BUDGET_PER_S: u32 = 1000;
@@ -100,6 +102,53 @@ impl OffCpuSamplingGovernor {
     }
 }
 
+/// For the status line: how off-CPU intervals are sampled, when they are.
+pub fn status(threshold_ms: u32) -> String {
+    if threshold_ms == 0 {
+        String::new()
+    } else {
+        format!(" | off-CPU stacks sampled below {threshold_ms} ms")
+    }
+}
+
+/// The sampled off-CPU intervals of a recording, for `info`.
+#[derive(Clone, Debug, Default)]
+pub struct SampledIntervals {
+    reported: u64,
+    sampled: u64,
+    /// How many intervals the sampled ones stand for.
+    stand_for: f64,
+    highest_threshold_ms: u16,
+}
+
+impl SampledIntervals {
+    pub fn add(&mut self, event: &Event) {
+        let Event::OffCpu {
+            duration_ns,
+            sampled_below_ms,
+            ..
+        } = *event
+        else {
+            return;
+        };
+        self.reported += 1;
+        if sampled_below_ms > 0 {
+            self.sampled += 1;
+            self.stand_for += event.weigh_off_cpu(duration_ns) as f64 / duration_ns.max(1) as f64;
+            self.highest_threshold_ms = self.highest_threshold_ms.max(sampled_below_ms);
+        }
+    }
+
+    pub fn summary(&self) -> Option<String> {
+        (self.sampled > 0).then(|| {
+            format!(
+                "off-CPU: {} of {} intervals were sampled under a threshold of up to {} ms (--offcpu-stack-budget) and stand for about {:.0} intervals",
+                self.sampled, self.reported, self.highest_threshold_ms, self.stand_for
+            )
+        })
+    }
+}
+
 /// What to tell the user at the end of a run whose threshold changed (`changes`: when, and to
 /// what, in ms); `None` when every interval was reported throughout.
 pub fn summary_line(changes: &[(u64, u32)]) -> Option<String> {
@@ -171,6 +220,35 @@ mod tests {
         assert_eq!(summary_line(&[(1, 0)]), None);
         let line = summary_line(&[(1, 16), (2, 64), (3, 0)]).unwrap();
         assert!(line.contains("up to 64 ms"), "{line}");
+    }
+
+    #[test]
+    fn info_counts_the_intervals_the_sampled_ones_stand_for() {
+        let off = |duration_ns, sampled_below_ms| Event::OffCpu {
+            ts_ns: 1,
+            tid: 1,
+            cpu: 0,
+            duration_ns,
+            wait_ns: 0,
+            state: 1,
+            preempted: false,
+            sampled_below_ms,
+            kernel_stack: None,
+            user_stack: None,
+        };
+        let mut intervals = SampledIntervals::default();
+        intervals.add(&off(50 * MS, 0));
+        assert_eq!(intervals.summary(), None);
+        // 2 ms under 8 ms stands for 4; 4 ms under 16 ms for 4 more.
+        intervals.add(&off(2 * MS, 8));
+        intervals.add(&off(4 * MS, 16));
+        let line = intervals.summary().unwrap();
+        assert!(
+            line.contains("2 of 3 intervals")
+                && line.contains("up to 16 ms")
+                && line.contains("about 8 intervals"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::attach::{
 };
 use crate::error::ProbeError;
 use crate::events::{decode_ring_record, stack_id, stacks_named};
-use crate::offcpu_sampling::OffCpuSamplingGovernor;
+use crate::offcpu_sampling::{self, OffCpuSamplingGovernor};
 use crate::output::check_writable;
 use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
 use crate::request_end::WriteHookGovernor;
@@ -485,15 +485,6 @@ pub fn status_line(shown: bool, pid: u32, hooks: &AttachReport) -> indicatif::Pr
     }
 }
 
-/// For the status line: how off-CPU intervals are sampled, when they are.
-pub fn offcpu_sampling_status(threshold_ms: u32) -> String {
-    if threshold_ms == 0 {
-        String::new()
-    } else {
-        format!(" | off-CPU stacks sampled below {threshold_ms} ms")
-    }
-}
-
 /// Completes after `duration`, or never without one.
 pub async fn after(duration: Option<Duration>) {
     match duration {
@@ -530,7 +521,7 @@ pub async fn record(
                 progress.set_message(format!(
                     "recording pid {} ({}): {elapsed:.1}s, {} events{}",
                     session.pid, session.comm, events.len(),
-                    offcpu_sampling_status(session.offcpu_sampling_threshold_ms())
+                    offcpu_sampling::status(session.offcpu_sampling_threshold_ms())
                 ));
                 progress.tick();
             }
