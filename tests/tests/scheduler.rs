@@ -8,8 +8,10 @@ use p99probe::attach::SchedHook;
 use p99probe::events::Event;
 use p99probe::flamegraph::{fold, FlameKind};
 use p99probe::histogram::{run_queue_delays, Percentiles};
+use p99probe::latency::LatencyKind;
 use p99probe::offcpu_sampling;
 use p99probe::recording::Recording;
+use p99probe::report::Report;
 use p99probe::window::Window;
 
 /// Off-CPU intervals whose user stack contains `function`: their durations in ns.
@@ -324,4 +326,26 @@ fn off_cpu_intervals_beyond_the_stack_budget_are_sampled_and_weighted_back() {
         every_us > 70_000_000,
         "{every_us} µs blocked in stall_here, expected about 32 threads × 3 s"
     );
+
+    // A report over the sampled stretch says its off-CPU times are estimates; one over the
+    // recording without a budget does not.
+    let last_seconds = |recording: &Recording| {
+        let end = recording.meta.end_ns;
+        (
+            Window::new(end - 2_000_000_000, end),
+            Window::new(end - 3_000_000_000, end - 2_000_000_000),
+        )
+    };
+    let (spike, baseline) = last_seconds(&sampled);
+    let (report, _, _) = Report::build(&sampled, spike, &[baseline], None, LatencyKind::Server);
+    let reported_threshold = report.off_cpu_sampled_below_ms.spike;
+    assert!(
+        reported_threshold > 0 && reported_threshold <= threshold_ms,
+        "the report's threshold, {reported_threshold} ms"
+    );
+    assert!(report.to_markdown().contains("off-CPU times are estimates"));
+    let (spike, baseline) = last_seconds(&every);
+    let (report, _, _) = Report::build(&every, spike, &[baseline], None, LatencyKind::Server);
+    assert_eq!(report.off_cpu_sampled_below_ms.spike, 0);
+    assert!(!report.to_markdown().contains("off-CPU times are estimates"));
 }
