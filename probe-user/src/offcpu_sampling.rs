@@ -20,7 +20,8 @@
 use crate::events::Event;
 
 /// Reported off-CPU intervals (each a pair of stack walks) per second that `--offcpu-stack-budget`
-/// allows by default: 7–12 ms of kernel time per second here, under 1% of one CPU.
+/// allows by default: at most 7–12 ms of kernel time per second here, about 1% of one CPU, and
+/// the governor aims at half of it.
 pub const DEFAULT_BUDGET_PER_S: u32 = 1000;
 
 /// The largest threshold the kernel is given, in ms (its event field is 16 bits wide, and one
@@ -173,9 +174,9 @@ mod tests {
     /// threshold: `threads` threads each blocking `d_ms` at a time all second.
     fn one_second(governor: &mut OffCpuSamplingGovernor, threads: u64, d_ms: u64) {
         let intervals = threads * 1000 / d_ms;
-        let d = governor.threshold_ms() as u64;
-        let (reported, below) = if d > d_ms {
-            (intervals * d_ms / d, d as u16)
+        let threshold_ms = governor.threshold_ms() as u64;
+        let (reported, below) = if threshold_ms > d_ms {
+            (intervals * d_ms / threshold_ms, threshold_ms as u16)
         } else {
             (intervals, 0)
         };
