@@ -59,12 +59,13 @@ impl OffCpuSamplingGovernor {
         self.threshold_ms
     }
 
-    /// Counts one reported interval of `duration_ns` that was sampled under `sampled_below_ms`
-    /// (0: not sampled).
-    pub fn count(&mut self, duration_ns: u64, sampled_below_ms: u16) {
-        self.reported += 1;
-        // Sampled under D, an interval stands for D / d intervals of d: D of time in all.
-        self.estimated_ns += duration_ns.max(sampled_below_ms as u64 * 1_000_000) as f64;
+    /// Counts one reported interval (other events are ignored), with the time of all the
+    /// intervals it stands for.
+    pub fn count(&mut self, event: &Event) {
+        if let Event::OffCpu { duration_ns, .. } = *event {
+            self.reported += 1;
+            self.estimated_ns += event.weigh_off_cpu(duration_ns) as f64;
+        }
     }
 
     /// At most every [`DECIDE_EVERY_NS`], the new threshold (ms) when it must change.
@@ -170,6 +171,21 @@ mod tests {
     const MS: u64 = 1_000_000;
     const S: u64 = 1_000_000_000;
 
+    fn off(duration_ns: u64, sampled_below_ms: u16) -> Event {
+        Event::OffCpu {
+            ts_ns: 1,
+            tid: 1,
+            cpu: 0,
+            duration_ns,
+            wait_ns: 0,
+            state: 1,
+            preempted: false,
+            sampled_below_ms,
+            kernel_stack: None,
+            user_stack: None,
+        }
+    }
+
     /// Feeds one second of intervals as the kernel would report them under the governor's
     /// threshold: `threads` threads each blocking `d_ms` at a time all second.
     fn one_second(governor: &mut OffCpuSamplingGovernor, threads: u64, d_ms: u64) {
@@ -181,7 +197,7 @@ mod tests {
             (intervals, 0)
         };
         for _ in 0..reported {
-            governor.count(d_ms * MS, below);
+            governor.count(&off(d_ms * MS, below));
         }
     }
 
@@ -225,18 +241,6 @@ mod tests {
 
     #[test]
     fn info_counts_the_intervals_the_sampled_ones_stand_for() {
-        let off = |duration_ns, sampled_below_ms| Event::OffCpu {
-            ts_ns: 1,
-            tid: 1,
-            cpu: 0,
-            duration_ns,
-            wait_ns: 0,
-            state: 1,
-            preempted: false,
-            sampled_below_ms,
-            kernel_stack: None,
-            user_stack: None,
-        };
         let mut intervals = SampledIntervals::default();
         intervals.add(&off(50 * MS, 0));
         assert_eq!(intervals.summary(), None);
@@ -259,7 +263,7 @@ mod tests {
         assert_eq!(unlimited.decide(S), None);
         let mut governor = OffCpuSamplingGovernor::new(0, 1);
         for _ in 0..100_000 {
-            governor.count(10 * S, 0);
+            governor.count(&off(10 * S, 0));
         }
         assert_eq!(governor.decide(S), Some(MAX_THRESHOLD_MS));
     }

@@ -15,7 +15,7 @@ use crate::attach::{
     attach, attach_err, kernel_map, take_kernel_map, AttachReport, AttachedProbes, ProbeSettings,
 };
 use crate::error::ProbeError;
-use crate::events::{decode_ring_record, stack_id, stacks_named};
+use crate::events::{decode_ring_record, stack_id, stacks_named, Event};
 use crate::offcpu_sampling::{self, OffCpuSamplingGovernor};
 use crate::output::check_writable;
 use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
@@ -281,8 +281,9 @@ impl LiveSession {
         for event in new_events
             .iter()
             .filter(|e| e.kind == EventKind::OffCpu as u32)
+            .filter_map(Event::from_raw)
         {
-            governor.count(event.duration_ns, event.offcpu_sampled_below_ms);
+            governor.count(&event);
         }
         let now = monotonic_ns();
         let Some(threshold_ms) = governor.decide(now) else {
