@@ -1377,6 +1377,16 @@ fn bpf_program_stats() -> Result<BTreeMap<u32, (String, u64, u64)>> {
     Ok(programs)
 }
 
+/// [`bpf_program_stats`] of the programs loaded since `others` was taken: a tool's own.
+fn bpf_programs_since(
+    others: &BTreeMap<u32, (String, u64, u64)>,
+) -> Result<BTreeMap<u32, (String, u64, u64)>> {
+    Ok(bpf_program_stats()?
+        .into_iter()
+        .filter(|(id, _)| !others.contains_key(id))
+        .collect())
+}
+
 /// Per program name, `(runs per second, ns per run)` of each run.
 type ProgramRuns = BTreeMap<String, Vec<(f64, f64)>>;
 
@@ -1438,11 +1448,6 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
             let running = start_tool(result.tool, pid, root, scratch)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", result.tool.name()))?;
             std::thread::sleep(Duration::from_secs(2));
-            let ours = |all: BTreeMap<u32, (String, u64, u64)>| {
-                all.into_iter()
-                    .filter(|(id, _)| !others.contains_key(id))
-                    .collect::<BTreeMap<_, _>>()
-            };
             let own_ticks = || {
                 running
                     .iter()
@@ -1453,14 +1458,14 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
                 Instant::now(),
                 server_writes(pid)?,
                 own_ticks(),
-                ours(bpf_program_stats()?),
+                bpf_programs_since(&others)?,
             );
             std::thread::sleep(KERNEL_COST_SPAN);
             let (t1, w1, c1, after) = (
                 Instant::now(),
                 server_writes(pid)?,
                 own_ticks(),
-                ours(bpf_program_stats()?),
+                bpf_programs_since(&others)?,
             );
             drop(running);
             let seconds = (t1 - t0).as_secs_f64();
@@ -1573,10 +1578,9 @@ fn stack_budget(root: &Path, scratch: &Path) -> Result<StackBudget> {
             // Attached, and the budget's first decision (after a second) taken.
             std::thread::sleep(Duration::from_secs(3));
             let ours = || -> Result<(u64, u64)> {
-                let total = bpf_program_stats()?
-                    .into_iter()
-                    .filter(|(id, _)| !others.contains_key(id))
-                    .map(|(_, (_, time, _))| time)
+                let total = bpf_programs_since(&others)?
+                    .into_values()
+                    .map(|(_, time, _)| time)
                     .sum();
                 Ok((total, voluntary_switches(pid)))
             };
