@@ -4,6 +4,8 @@
 //!
 //! Function names that tests look for are `#[inline(never)]` and built with frame pointers.
 
+mod load;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -32,6 +34,10 @@ modes:
                                      with --backend, each request first makes a one-line call to
                                      the server on PORT (one outbound connection per connection)
   client    --port P [--conns 4]     request/response load against a server
+  load      --port P [--conns 8] [--protocol http|redis]
+                                     closed-loop load like wrk -t1 -cN (one thread, N keep-alive
+                                     connections) that prints a `phase requests N ... p99_us X`
+                                     line for each line read on stdin, and one at the end
   pingpong                           two threads handing a byte back and forth through pipes as
                                      fast as they can (a context-switch storm, for benchmarks)
   syscalls                           one thread making cheap system calls as fast as it can (with
@@ -456,6 +462,15 @@ fn main() {
         "duty" => duty(&opts, until),
         "server" => server(&opts, until),
         "client" => client(&opts, until),
+        "load" => {
+            let port: u16 = opts.get("--port", 0u16);
+            let protocol = load::Protocol::parse(&opts.get("--protocol", "http".to_string()))
+                .unwrap_or_else(|| usage());
+            if port == 0 {
+                usage();
+            }
+            load::run(port, opts.get("--conns", 8usize), protocol, until)
+        }
         "pingpong" => pingpong(until),
         "syscalls" => syscall_storm(until),
         _ => usage(),

@@ -35,10 +35,17 @@ enum Task {
     /// Measure overhead against bpftrace and BCC, pipeline limits and time to verdict, and
     /// write BENCHMARKS.md (needs root; takes about 40 minutes; not part of `test`).
     Bench {
-        /// Only the kernel-side cost by program (about 2 minutes), printed instead of written
+        /// Only the kernel-side cost by program (about 6 minutes), printed instead of written
         /// to BENCHMARKS.md: for comparing a change with the last full run.
         #[arg(long)]
         kernel_cost_only: bool,
+        /// Only the interleaved phases on both servers (throughput and P99 against nothing
+        /// attached; about 25 minutes at 12 rounds), printed instead of written to BENCHMARKS.md.
+        #[arg(long, conflicts_with = "kernel_cost_only")]
+        interleaved_only: bool,
+        /// Rounds of interleaved phases; each round runs every configuration once.
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u16).range(2..))]
+        rounds: u16,
     },
 }
 
@@ -306,7 +313,11 @@ fn main() -> Result<()> {
                 .current_dir(root()))
         }
         Task::Test => test(),
-        Task::Bench { kernel_cost_only } => {
+        Task::Bench {
+            kernel_cost_only,
+            interleaved_only,
+            rounds,
+        } => {
             require_root("the benchmarks")?;
             setup()?;
             install_packages(BENCH_PACKAGES)?;
@@ -322,7 +333,10 @@ fn main() -> Result<()> {
             if kernel_cost_only {
                 return bench::print_kernel_cost(&root(), &go_binary);
             }
-            bench::run(&root(), &go_binary)
+            if interleaved_only {
+                return bench::print_interleaved(&root(), &go_binary, rounds.into());
+            }
+            bench::run(&root(), &go_binary, rounds.into())
         }
     }
 }
