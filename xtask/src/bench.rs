@@ -573,6 +573,7 @@ struct LoadGenerator {
 struct LoadPhase {
     requests_per_second: f64,
     p99_us: f64,
+    p999_us: f64,
 }
 
 /// The connections the load generator keeps busy, as wrk's `-c8` and redis-benchmark's `-c 8`.
@@ -647,6 +648,7 @@ fn parse_load_phase(line: &str) -> Result<LoadPhase> {
     Ok(LoadPhase {
         requests_per_second: field("requests")? / field("seconds")?,
         p99_us: field("p99_us")?,
+        p999_us: field("p999_us")?,
     })
 }
 
@@ -671,6 +673,9 @@ struct Phase {
     p99_ratio: f64,
     /// The phase's own P99, in microseconds.
     p99_us: f64,
+    /// The phase's P99.9 over the mean P99.9 of the nothing-phases either side: where a
+    /// tool's short bursts of work on a shared CPU show first.
+    p999_ratio: f64,
     /// CPU the tool's own processes used during the phase (user + system, % of one CPU).
     tool_cpu_percent: f64,
 }
@@ -748,6 +753,7 @@ fn paired(
                     / ((before.requests_per_second + after.requests_per_second) / 2.0),
                 p99_ratio: during.p99_us / ((before.p99_us + after.p99_us) / 2.0),
                 p99_us: during.p99_us,
+                p999_ratio: during.p999_us / ((before.p999_us + after.p999_us) / 2.0),
                 tool_cpu_percent,
             });
             before = after;
@@ -888,7 +894,7 @@ impl Paired {
         );
         let _ = writeln!(
             md,
-            "| configuration | throughput ratio, mean ± 95% CI | median | min–max | P99 ratio, mean ± 95% CI | median | min–max | P99 (µs), median | phases | tool's own CPU, % of one CPU (median) |\n|---|---|---|---|---|---|---|---|---|---|"
+            "| configuration | throughput ratio, mean ± 95% CI | median | min–max | P99 ratio, mean ± 95% CI | median | min–max | P99 (µs), median | P99.9 ratio, median (min–max) | phases | tool's own CPU, % of one CPU (median) |\n|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for (tool, result) in &self.results {
             let name = if *tool == Tool::Nothing {
@@ -899,7 +905,7 @@ impl Paired {
             if let Err(reason) = result {
                 let _ = writeln!(
                     md,
-                    "| {name} | does not run here: {} | | | | | | | | |",
+                    "| {name} | does not run here: {} | | | | | | | | | |",
                     reason.replace('|', "/")
                 );
                 continue;
@@ -914,6 +920,7 @@ impl Paired {
                 );
             }
             let p99_us = stats(&self.column(*tool, |p| p.p99_us)).0;
+            let p999 = fmt_stat(&self.column(*tool, |p| p.p999_ratio), 2);
             let cpu = if *tool == Tool::Nothing {
                 "—".to_string()
             } else {
@@ -924,7 +931,7 @@ impl Paired {
             };
             let _ = writeln!(
                 md,
-                "| {name} |{cells} {p99_us:.0} | {} | {cpu} |",
+                "| {name} |{cells} {p99_us:.0} | {p999} | {} | {cpu} |",
                 self.ratios(*tool).len()
             );
         }
@@ -1347,7 +1354,7 @@ pub fn run(root: &Path, go_binary: &Path, rounds: usize) -> Result<()> {
 
     let mut md = String::new();
     let _ = writeln!(md, "# p99probe benchmarks\n");
-    let _ = writeln!(md, "Written by `cargo xtask bench`. Overhead is measured two ways. **Interleaved phases** (the figure the goals use): one server under one continuous load, with {rounds} rounds of {}-second phases — nothing, a tool (measured once it reports tracing), nothing, the next tool, ... The load is `p99probe-target load`: like `wrk -t1 -c8`, one thread keeping 8 keep-alive connections busy in a closed loop (HTTP `GET /` for Go, redis `GET` for redis-server), but it reports throughput and latency percentiles for each phase, which wrk and redis-benchmark cannot (they report once, at exit). Each tool phase's throughput and P99 are divided by the mean of the nothing-phases on either side, so drift slower than a few seconds cancels. A \"nothing attached\" phase (no tool started) is the null control. The last column is the CPU the tool's own processes used during its phases, as /proc/PID/stat counts it (10 ms ticks), which leaves out its programs' time in the kernel's hooks. The calibration row traces nothing: a process that spins 1 ms every 50 ms on the load generator's CPU shows how much this machine's closed loop amplifies any work that shares that CPU, against which a tool's own CPU can be read. **Separate runs** give absolute throughput and latency percentiles: every configuration runs {ROUNDS} times with its own server, alternating configurations round by round, with a nothing-attached run before and after each run; each cell is the median and, in brackets, the min–max, and the P99 ratio divides each run's P99 by the mean P99 of the two nothing-attached runs either side (for the nothing-attached row, each inner run against its two neighbours: the null control). On this VM separate runs differ by up to 30% from minute to minute, so their throughput ratios cannot resolve a few percent.\n", PHASE.as_secs());
+    let _ = writeln!(md, "Written by `cargo xtask bench`. Overhead is measured two ways. **Interleaved phases** (the figure the goals use): one server under one continuous load, with {rounds} rounds of {}-second phases — nothing, a tool (measured once it reports tracing), nothing, the next tool, ... The load is `p99probe-target load`: like `wrk -t1 -c8`, one thread keeping 8 keep-alive connections busy in a closed loop (HTTP `GET /` for Go, redis `GET` for redis-server), but it reports throughput and latency percentiles for each phase, which wrk and redis-benchmark cannot (they report once, at exit). Each tool phase's throughput and P99 are divided by the mean of the nothing-phases on either side, so drift slower than a few seconds cancels; P99.9 likewise, where short bursts of a tool's work on a CPU it shares show first. A \"nothing attached\" phase (no tool started) is the null control. The last column is the CPU the tool's own processes used during its phases, as /proc/PID/stat counts it (10 ms ticks), which leaves out its programs' time in the kernel's hooks. The calibration row traces nothing: a process that spins 1 ms every 50 ms on the load generator's CPU shows how much this machine's closed loop amplifies any work that shares that CPU, against which a tool's own CPU can be read. **Separate runs** give absolute throughput and latency percentiles: every configuration runs {ROUNDS} times with its own server, alternating configurations round by round, with a nothing-attached run before and after each run; each cell is the median and, in brackets, the min–max, and the P99 ratio divides each run's P99 by the mean P99 of the two nothing-attached runs either side (for the nothing-attached row, each inner run against its two neighbours: the null control). On this VM separate runs differ by up to 30% from minute to minute, so their throughput ratios cannot resolve a few percent.\n", PHASE.as_secs());
     let _ = writeln!(md, "## Machine\n");
     for (label, value) in [
         ("kernel", version("uname", &["-r"])),
@@ -1968,7 +1975,8 @@ mod tests {
             phase,
             LoadPhase {
                 requests_per_second: 60000.0,
-                p99_us: 350.2
+                p99_us: 350.2,
+                p999_us: 900.0
             }
         );
         let failed = parse_load_phase(
@@ -1994,6 +2002,7 @@ mod tests {
                     ratio: ratio + if i % 2 == 0 { 0.001 } else { -0.001 },
                     p99_ratio: p99_ratio + if i % 2 == 0 { 0.001 } else { -0.001 },
                     p99_us: 300.0,
+                    p999_ratio: 1.0,
                     tool_cpu_percent: 1.0,
                 })
                 .collect())
