@@ -1,9 +1,11 @@
 //! The flight recorder: the last few seconds of events in bounded memory, so a capture holds
 //! what happened before the threshold was crossed.
 
-use std::collections::VecDeque;
+use std::collections::{hash_map::Entry, HashMap, VecDeque};
 
 use probe_common::RawEvent;
+
+use crate::events::stacks_named;
 
 pub struct FlightRecorder {
     keep_ns: u64,
@@ -12,6 +14,10 @@ pub struct FlightRecorder {
     /// Events pushed out early because `max_events` was reached (the window was busier than
     /// memory allows).
     pub evicted_for_memory: u64,
+    /// How many held events name each stack id. The agent forgets stacks no event needs any
+    /// more; counting here spares it a periodic walk of every held event, which for a full
+    /// recorder (~100 MB) was a burst of CPU long enough to delay a traced server's requests.
+    stack_references: HashMap<u32, u32>,
 }
 
 impl FlightRecorder {
@@ -21,15 +27,33 @@ impl FlightRecorder {
             max_events,
             events: VecDeque::new(),
             evicted_for_memory: 0,
+            stack_references: HashMap::new(),
         }
     }
 
     pub fn push(&mut self, event: RawEvent) {
         if self.events.len() >= self.max_events {
-            self.events.pop_front();
+            self.pop_oldest();
             self.evicted_for_memory += 1;
         }
+        for id in stacks_named(&event) {
+            *self.stack_references.entry(id).or_default() += 1;
+        }
         self.events.push_back(event);
+    }
+
+    fn pop_oldest(&mut self) {
+        let Some(event) = self.events.pop_front() else {
+            return;
+        };
+        for id in stacks_named(&event) {
+            if let Entry::Occupied(mut references) = self.stack_references.entry(id) {
+                *references.get_mut() -= 1;
+                if *references.get() == 0 {
+                    references.remove();
+                }
+            }
+        }
     }
 
     /// Drops events older than the retention, relative to `now_ns`. `hold_from_ns` keeps
@@ -40,7 +64,7 @@ impl FlightRecorder {
             oldest = oldest.min(hold);
         }
         while self.events.front().is_some_and(|e| e.ts_ns < oldest) {
-            self.events.pop_front();
+            self.pop_oldest();
         }
     }
 
@@ -56,8 +80,9 @@ impl FlightRecorder {
         events
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &RawEvent> {
-        self.events.iter()
+    /// The stack ids that held events name.
+    pub fn stacks_named(&self) -> impl Iterator<Item = u32> + '_ {
+        self.stack_references.keys().copied()
     }
 
     pub fn len(&self) -> usize {
@@ -72,6 +97,7 @@ impl FlightRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use probe_common::NO_STACK;
 
     fn at(ts_ns: u64) -> RawEvent {
         let mut e = RawEvent::zeroed();
@@ -90,6 +116,36 @@ mod tests {
         flight.evict(3_000, None);
         assert_eq!(flight.snapshot(0, u64::MAX).first().unwrap().ts_ns, 2_000);
         assert_eq!(flight.snapshot(2_200, 2_500).len(), 3);
+    }
+
+    #[test]
+    fn the_stacks_named_are_those_of_the_events_still_held() {
+        let with_stacks = |ts_ns: u64, kernel: i32, user: i32| {
+            let mut e = at(ts_ns);
+            e.kernel_stack_id = kernel;
+            e.user_stack_id = user;
+            e
+        };
+        let named = |flight: &FlightRecorder| {
+            let mut ids: Vec<u32> = flight.stacks_named().collect();
+            ids.sort();
+            ids
+        };
+        let mut flight = FlightRecorder::new(1_000, 4);
+        flight.push(with_stacks(0, 1, 2));
+        flight.push(with_stacks(100, 1, NO_STACK));
+        flight.push(at(200));
+        flight.push(with_stacks(300, NO_STACK, 3));
+        assert_eq!(named(&flight), [1, 2, 3]);
+        // Full: the oldest goes, and with it the only event naming 2; 1 is still named.
+        flight.push(with_stacks(400, 4, NO_STACK));
+        assert_eq!(named(&flight), [1, 3, 4]);
+        // Out of the retention: the second event naming 1 goes too.
+        flight.evict(1_150, None);
+        assert_eq!(named(&flight), [3, 4]);
+        flight.evict(10_000, None);
+        assert!(flight.is_empty());
+        assert_eq!(named(&flight), [] as [u32; 0]);
     }
 
     #[test]

@@ -353,7 +353,7 @@ pub async fn attach_and_watch(
                 }
                 if now.saturating_sub(last_prune) >= ns(opts.stack_prune_every) {
                     last_prune = now;
-                    session.prune_stacks(flight.iter());
+                    session.prune_stacks(flight.stacks_named());
                 }
                 if progress.is_hidden() {
                     continue;

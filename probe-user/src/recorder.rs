@@ -379,8 +379,9 @@ impl LiveSession {
             .collect())
     }
 
-    /// Forgets the stacks that no `live` event refers to any more; returns how many.
-    pub fn prune_stacks<'a>(&mut self, live: impl Iterator<Item = &'a RawEvent>) -> usize {
+    /// Forgets the stacks that no `live` id (of an event still held) refers to; returns how
+    /// many.
+    pub fn prune_stacks(&mut self, live: impl Iterator<Item = u32>) -> usize {
         self.stacks.prune(live)
     }
 

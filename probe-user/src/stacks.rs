@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use probe_common::{RawEvent, NO_STACK};
 
-use crate::events::{stack_id, stacks_named};
+use crate::events::stack_id;
 
 /// Largest id the store hands out: events carry stack ids as `i32`, negative meaning none.
 const MAX_ID: u32 = i32::MAX as u32;
@@ -130,12 +130,12 @@ impl StackStore {
         self.copied.contains_key(&kernel_id)
     }
 
-    /// Forgets the stacks that neither `live` events nor a kernel id (copied or just released)
-    /// refer to; returns how many.
-    pub fn prune<'a>(&mut self, live: impl Iterator<Item = &'a RawEvent>) -> usize {
+    /// Forgets the stacks that neither the `live` ids (those events still held name) nor a
+    /// kernel id (copied or just released) refer to; returns how many.
+    pub fn prune(&mut self, live: impl Iterator<Item = u32>) -> usize {
         let mut referenced: BTreeSet<u32> = self.copied.values().map(|c| c.id).collect();
         referenced.extend(self.just_released.values());
-        referenced.extend(live.flat_map(stacks_named));
+        referenced.extend(live);
         let before = self.frames.len();
         self.frames.retain(|id, _| referenced.contains(id));
         self.ids.retain(|_, id| referenced.contains(id));
@@ -159,6 +159,7 @@ impl StackStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::stacks_named;
 
     fn event(kernel: i32, user: i32) -> RawEvent {
         let mut e = RawEvent::zeroed();
@@ -277,7 +278,7 @@ mod tests {
             store.release(&BTreeSet::new());
         }
         assert!(!store.is_empty());
-        assert_eq!(store.prune([live].iter()), 1);
+        assert_eq!(store.prune(stacks_named(&live)), 1);
         assert_eq!(store.frames(old.kernel_stack_id as u32), None);
         assert_eq!(store.frames(live.kernel_stack_id as u32), Some(&[2][..]));
 
