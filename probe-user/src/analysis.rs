@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::events::Event;
-use crate::flamegraph::{fold, FlameKind, Folded};
+use crate::flamegraph::{fold, fold_with_variance, FlameKind, Folded, StackVariance};
 use crate::histogram::{new_histogram, Percentiles};
 use crate::latency::{request_latency, LatencyKind};
 use crate::recording::Recording;
@@ -43,6 +43,8 @@ pub struct WindowStats {
     pub run_queue_total_ns: u64,
     /// Blocked time in µs per stack.
     pub off_cpu: Folded,
+    /// The variance (µs²) of the stacks' blocked time estimated from sampled intervals.
+    pub off_cpu_variance: StackVariance,
     /// The highest stack-sampling threshold (ms) that off-CPU intervals ending in the windows
     /// were sampled under; 0 when every interval was reported (`offcpu_sampling`).
     pub off_cpu_sampled_below_ms: u16,
@@ -116,12 +118,15 @@ impl WindowStats {
             }
         }
         let mut off_cpu = Folded::new();
+        let mut off_cpu_variance = StackVariance::new();
         let mut on_cpu = Folded::new();
         for window in windows {
-            merge(
-                &mut off_cpu,
-                fold(recording, FlameKind::Offcpu, *window, false),
-            );
+            let (folded, variance) =
+                fold_with_variance(recording, FlameKind::Offcpu, *window, false);
+            merge(&mut off_cpu, folded);
+            for (stack, v) in variance {
+                *off_cpu_variance.entry(stack).or_default() += v;
+            }
             merge(
                 &mut on_cpu,
                 fold(recording, FlameKind::Oncpu, *window, false),
@@ -147,6 +152,7 @@ impl WindowStats {
             run_queue_by_cpu,
             run_queue_total_ns,
             off_cpu,
+            off_cpu_variance,
             off_cpu_sampled_below_ms,
             on_cpu,
             retransmits,

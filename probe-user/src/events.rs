@@ -131,6 +131,25 @@ impl Event {
         }
     }
 
+    /// The variance (ns²) that `weigh_off_cpu(ns)` adds to an estimate of time blocked: 0 for
+    /// an interval reported because of its length, and for one sampled with probability
+    /// `p = duration / threshold` the Horvitz–Thompson term `ns² (1 - p) / p²`. Summed over a
+    /// stack's intervals, its square root is the standard error of the stack's blocked time.
+    pub fn off_cpu_estimate_variance(&self, ns: u64) -> f64 {
+        match *self {
+            Event::OffCpu {
+                duration_ns,
+                sampled_below_ms,
+                ..
+            } if sampled_below_ms > 0 && duration_ns > 0 => {
+                let threshold_ns = sampled_below_ms as f64 * 1e6;
+                let stands_for = (threshold_ns / duration_ns as f64).max(1.0);
+                (ns as f64).powi(2) * stands_for * (stands_for - 1.0)
+            }
+            _ => 0.0,
+        }
+    }
+
     pub fn from_raw(raw: &RawEvent) -> Option<Event> {
         let kernel_stack = stack_id(raw.kernel_stack_id);
         let user_stack = stack_id(raw.user_stack_id);
@@ -462,10 +481,23 @@ mod tests {
         encode_raw(&raw, &mut bytes);
         let sampled = Event::from_raw(&decode_raw(&bytes).unwrap()).unwrap();
         assert_eq!(sampled.weigh_off_cpu(1_500_000), 6_000_000);
+        // Horvitz–Thompson: (1.5 ms)² × 4 × 3.
+        let variance = sampled.off_cpu_estimate_variance(1_500_000);
+        assert!(
+            (variance - 1.5e6f64.powi(2) * 12.0).abs() < 1.0,
+            "{variance}"
+        );
         raw.offcpu_sampled_below_ms = 0;
+        let exact = Event::from_raw(&raw).unwrap();
+        assert_eq!(exact.weigh_off_cpu(1_500_000), 1_500_000);
+        assert_eq!(exact.off_cpu_estimate_variance(1_500_000), 0.0);
+        // Sampled under a threshold shorter than itself: reported for its length, exact.
+        raw.offcpu_sampled_below_ms = 1;
         assert_eq!(
-            Event::from_raw(&raw).unwrap().weigh_off_cpu(1_500_000),
-            1_500_000
+            Event::from_raw(&raw)
+                .unwrap()
+                .off_cpu_estimate_variance(1_500_000),
+            0.0
         );
         // Not off-CPU: nothing to weigh.
         raw.kind = EventKind::RunQueue as u32;

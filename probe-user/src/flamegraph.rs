@@ -25,6 +25,11 @@ const KERNEL_SUFFIX: &str = "_[k]";
 /// Folded stacks: `frame;frame;...` (root first) → weight.
 pub type Folded = BTreeMap<String, u64>;
 
+/// Per folded stack, the variance (µs²) of its off-CPU weight where that weight is estimated
+/// from sampled intervals (`Event::off_cpu_estimate_variance`); stacks weighed exactly are
+/// absent.
+pub type StackVariance = BTreeMap<String, f64>;
+
 fn sanitize(frame: &str) -> String {
     // `;` separates frames and a trailing ` N` is the count: keep both out of names.
     frame.replace(';', ":").replace('\n', " ")
@@ -56,7 +61,18 @@ pub fn fold(
     window: Window,
     include_preempted: bool,
 ) -> Folded {
+    fold_with_variance(recording, kind, window, include_preempted).0
+}
+
+/// `fold`, with the variance of each off-CPU stack's weight estimated from sampled intervals.
+pub fn fold_with_variance(
+    recording: &Recording,
+    kind: FlameKind,
+    window: Window,
+    include_preempted: bool,
+) -> (Folded, StackVariance) {
     let mut folded = Folded::new();
+    let mut variance = StackVariance::new();
     for event in recording.events() {
         match (kind, event) {
             (
@@ -84,17 +100,21 @@ pub fn fold(
                 let Some((end, blocked)) = event.blocked_interval(include_preempted) else {
                     continue;
                 };
-                let micros = event.weigh_off_cpu(window.overlap(end, blocked)) / 1000;
+                let overlap = window.overlap(end, blocked);
+                let micros = event.weigh_off_cpu(overlap) / 1000;
                 if micros > 0 {
-                    *folded
-                        .entry(stack_line(recording, kernel_stack, user_stack))
-                        .or_default() += micros;
+                    let stack = stack_line(recording, kernel_stack, user_stack);
+                    let micros_squared = event.off_cpu_estimate_variance(overlap) / 1e6;
+                    if micros_squared > 0.0 {
+                        *variance.entry(stack.clone()).or_default() += micros_squared;
+                    }
+                    *folded.entry(stack).or_default() += micros;
                 }
             }
             _ => {}
         }
     }
-    folded
+    (folded, variance)
 }
 
 pub fn folded_text(folded: &Folded) -> String {

@@ -10,7 +10,7 @@ use crate::histogram::{human_ns, Percentiles};
 use crate::latency::LatencyKind;
 use crate::recording::{KernelCounters, Recording};
 use crate::trigger::Fire;
-use crate::verdict::{rank, top_stacks, Cause, TopStack};
+use crate::verdict::{rank, top_stacks, top_stacks_estimated, Cause, TopStack};
 use crate::window::Window;
 
 pub const REPORT_FORMAT: &str = "p99probe-report/1";
@@ -136,8 +136,16 @@ impl Report {
                 baseline: base_stats.run_queue,
             },
             off_cpu_top: Pair {
-                spike: top_stacks(&spike_stats.off_cpu, 10),
-                baseline: top_stacks(&base_stats.off_cpu, 10),
+                spike: top_stacks_estimated(
+                    &spike_stats.off_cpu,
+                    &spike_stats.off_cpu_variance,
+                    10,
+                ),
+                baseline: top_stacks_estimated(
+                    &base_stats.off_cpu,
+                    &base_stats.off_cpu_variance,
+                    10,
+                ),
             },
             off_cpu_sampled_below_ms: Pair {
                 spike: spike_stats.off_cpu_sampled_below_ms,
@@ -258,9 +266,10 @@ impl Report {
         let stacks = |md: &mut String, title: &str, unit: &str, list: &[TopStack]| {
             let _ = writeln!(md, "\n## {title}\n");
             for s in list.iter().take(5) {
+                let plus_minus = s.ci95.map(|ci| format!(" ± {ci:.0}")).unwrap_or_default();
                 let _ = writeln!(
                     md,
-                    "- {} {unit} ({:.0}%): `{}`",
+                    "- {}{plus_minus} {unit} ({:.0}%): `{}`",
                     s.weight,
                     s.share * 100.0,
                     crate::flamegraph::describe_stack(&s.frames, 4)

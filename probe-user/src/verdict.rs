@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::analysis::WindowStats;
-use crate::flamegraph::{describe_stack, Folded};
+use crate::flamegraph::{describe_stack, Folded, StackVariance};
 use crate::histogram::human_ns;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,18 +63,36 @@ pub struct TopStack {
     pub frames: Vec<String>,
     pub weight: u64,
     pub share: f64,
+    /// Half-width of the 95% confidence interval of `weight`, for an off-CPU stack whose
+    /// blocked time is estimated from sampled intervals (`--offcpu-stack-budget`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci95: Option<f64>,
 }
 
 pub fn top_stacks(folded: &Folded, n: usize) -> Vec<TopStack> {
+    top_stacks_estimated(folded, &StackVariance::new(), n)
+}
+
+/// `top_stacks`, each with the confidence interval of its weight where `variance` has one.
+pub fn top_stacks_estimated(folded: &Folded, variance: &StackVariance, n: usize) -> Vec<TopStack> {
     let total: u64 = folded.values().sum();
     crate::flamegraph::top_stacks(folded, n)
         .into_iter()
         .map(|(weight, frames)| TopStack {
+            ci95: ci95(variance, &frames.join(";")),
             frames,
             weight,
             share: weight as f64 / total.max(1) as f64,
         })
         .collect()
+}
+
+/// Half-width of the normal 95% interval of a stack's estimated weight, if it is an estimate.
+fn ci95(variance: &StackVariance, stack: &str) -> Option<f64> {
+    variance
+        .get(stack)
+        .filter(|v| **v > 0.0)
+        .map(|v| 1.96 * v.sqrt())
 }
 
 const IDLE_FRAMES: &[&str] = &[
@@ -203,16 +221,22 @@ fn off_cpu_cause(spike: &WindowStats, baseline: &WindowStats) -> Cause {
             let frames: Vec<String> = stack.split(';').map(str::to_string).collect();
             let weight = spike_busy[stack];
             let share = 100.0 * weight as f64 / total_busy.max(1) as f64;
+            // Sampled intervals make the figure an estimate: say how close it is.
+            let spike_ci95 = ci95(&spike.off_cpu_variance, stack).map(|us| us / spike.seconds);
+            let plus_minus = spike_ci95
+                .map(|rate| format!(" ± {:.1}", rate / 1e3))
+                .unwrap_or_default();
             (
                 ((spike_rate - base_rate) / 1e3).max(0.0),
                 format!(
-                    "{share:.0}% of off-CPU time in {} ({:.1} ms/s blocked, {})",
+                    "{share:.0}% of off-CPU time in {} ({:.1}{plus_minus} ms/s blocked, {})",
                     describe_stack(&frames, 3),
                     spike_rate / 1e3,
                     ratio(*spike_rate, *base_rate)
                 ),
                 json!({"frames": frames, "weight_us": weight, "share": share / 100.0,
-                       "spike_ms_per_s": spike_rate / 1e3, "baseline_ms_per_s": base_rate / 1e3}),
+                       "spike_ms_per_s": spike_rate / 1e3, "baseline_ms_per_s": base_rate / 1e3,
+                       "spike_ms_per_s_ci95": spike_ci95.map(|rate| rate / 1e3)}),
             )
         }
         None => (
@@ -229,7 +253,7 @@ fn off_cpu_cause(spike: &WindowStats, baseline: &WindowStats) -> Cause {
             "top_growing_stack": top_json,
             "spike_blocked_ms_per_s": per_second(total_busy, spike.seconds) / 1e3,
             "baseline_blocked_ms_per_s": per_second(base_busy.values().sum(), baseline.seconds) / 1e3,
-            "spike_top": top_stacks(&spike_busy, 5),
+            "spike_top": top_stacks_estimated(&spike_busy, &spike.off_cpu_variance, 5),
         }),
     }
 }
@@ -391,6 +415,7 @@ mod tests {
             run_queue_by_cpu: BTreeMap::new(),
             run_queue_total_ns: 0,
             off_cpu: Folded::new(),
+            off_cpu_variance: StackVariance::new(),
             off_cpu_sampled_below_ms: 0,
             on_cpu: Folded::new(),
             retransmits: vec![],
@@ -425,6 +450,38 @@ mod tests {
             "{}",
             causes[0].summary
         );
+    }
+
+    #[test]
+    fn a_stack_estimated_from_sampled_intervals_says_how_close_the_estimate_is() {
+        let mut spike = stats(2.0);
+        let stalled = "srv;main;handle;stall_here;do_nanosleep_[k]";
+        let exact = "srv;main;flush;fsync_[k]";
+        spike.off_cpu.insert(stalled.into(), 400_000);
+        spike.off_cpu.insert(exact.into(), 100_000);
+        // A standard error of 10 ms over the 2 s window: ± 9.8 ms/s at 95%.
+        spike
+            .off_cpu_variance
+            .insert(stalled.into(), 10_000f64.powi(2));
+        let causes = rank(&spike, &stats(2.0), 499);
+        let off_cpu = &causes[0];
+        assert_eq!(off_cpu.cause, CauseKind::OffCpu);
+        assert!(
+            off_cpu.summary.contains("(200.0 ± 9.8 ms/s blocked"),
+            "{}",
+            off_cpu.summary
+        );
+        let top = &off_cpu.evidence["top_growing_stack"];
+        assert!((top["spike_ms_per_s_ci95"].as_f64().unwrap() - 9.8).abs() < 1e-9);
+        let listed = &off_cpu.evidence["spike_top"];
+        assert!((listed[0]["ci95"].as_f64().unwrap() - 19_600.0).abs() < 1e-6);
+        assert!(listed[1].get("ci95").is_none(), "{listed}");
+
+        // Without sampling, no interval is claimed.
+        spike.off_cpu_variance.clear();
+        let causes = rank(&spike, &stats(2.0), 499);
+        assert!(!causes[0].summary.contains('±'), "{}", causes[0].summary);
+        assert!(causes[0].evidence["top_growing_stack"]["spike_ms_per_s_ci95"].is_null());
     }
 
     #[test]

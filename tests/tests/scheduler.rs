@@ -344,8 +344,24 @@ fn off_cpu_intervals_beyond_the_stack_budget_are_sampled_and_weighted_back() {
         "the report's threshold, {reported_threshold} ms"
     );
     assert!(report.to_markdown().contains("off-CPU times are estimates"));
+    // Each stack estimated from sampled intervals carries its 95% interval: for stall_here,
+    // hundreds of sampled intervals in 2 s, a few percent of its weight.
+    let top = &report.off_cpu_top.spike[0];
+    assert!(top.frames.iter().any(|f| f == "stall_here"), "{top:?}");
+    let ci = top
+        .ci95
+        .expect("no interval for a stack estimated from samples");
+    let relative = ci / top.weight as f64;
+    assert!(
+        (0.001..0.25).contains(&relative),
+        "{} ± {ci:.0} µs: an interval of {:.1}%",
+        top.weight,
+        relative * 100.0
+    );
+    assert!(report.to_markdown().contains(&format!("{} ± ", top.weight)));
     let (spike, baseline) = last_seconds(&every);
     let (report, _, _) = Report::build(&every, spike, &[baseline], None, LatencyKind::Server);
     assert_eq!(report.off_cpu_sampled_below_ms.spike, 0);
     assert!(!report.to_markdown().contains("off-CPU times are estimates"));
+    assert!(report.off_cpu_top.spike.iter().all(|s| s.ci95.is_none()));
 }
