@@ -352,6 +352,10 @@ fn off_cpu_intervals_beyond_the_stack_budget_are_sampled_and_weighted_back() {
         .ci95
         .expect("no interval for a stack estimated from samples");
     let relative = ci / top.weight as f64;
+    eprintln!(
+        "sampled report, last 2 s: {} ± {ci:.0} µs in stall_here",
+        top.weight
+    );
     assert!(
         (0.001..0.25).contains(&relative),
         "{} ± {ci:.0} µs: an interval of {:.1}%",
