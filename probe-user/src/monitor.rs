@@ -294,7 +294,8 @@ pub async fn attach_and_watch(
                     flight.push(external_latency(arrived_ns, latency));
                 });
                 // Checked after a drain rather than on a timer of its own: each wakeup of
-                // the agent costs more than the check, and drains come at least this often.
+                // the agent costs more than the check. Drains come this often, or every
+                // 200 ms while events are plentiful and no capture is pending.
                 let now = monotonic_ns();
                 if now.saturating_sub(last_check) < CHECK_EVERY_NS {
                     continue;
@@ -327,6 +328,7 @@ pub async fn attach_and_watch(
                         pending = Some(fire);
                     }
                 }
+                session.drain_promptly(pending.is_some());
                 let p99 = (current.count > 0).then_some(current.p99_ns);
                 if let Some(calm) =
                     sampling.observe(now, p99, trigger.threshold_ns(), pending.is_some())

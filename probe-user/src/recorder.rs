@@ -50,6 +50,17 @@ pub struct RecordSummary {
 /// moderate rates: at 20 ms an idle agent took 0.6% of a CPU.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
+/// The drain interval while events are plentiful (the last drain found `BUSY_DRAIN_EVENTS` or
+/// more) and no capture is waiting for them: the agent's work then comes in fewer, larger
+/// pieces. On a CPU the agent shares with the target or its load, each piece delays the
+/// requests in flight there, so fewer pieces delay fewer requests. Measured with redis at
+/// ~125k requests/s under a closed loop sharing a CPU with the agent, 12 interleaved rounds:
+/// P99.9 against nothing attached 3.3× draining every 50 ms, 1.24× every 200 ms; P99 and
+/// throughput the same within the noise. At low rates a drain is small and `DRAIN_INTERVAL`
+/// keeps a lone request's wait for the trigger short.
+const BUSY_DRAIN_INTERVAL: Duration = Duration::from_millis(200);
+const BUSY_DRAIN_EVENTS: usize = 2_000;
+
 /// The drain interval while stacks churn: kernel stack entries are freed only after a drain,
 /// and with more than `CHURN_STACK_ENTRIES` of the map's 16,384 held, a new stack's chance of
 /// colliding with one (and being lost) nears 1%. A target blocking under 4,000 new stacks a
@@ -153,6 +164,10 @@ pub struct LiveSession {
     offcpu_sampling: Option<OffCpuSamplingGovernor>,
     /// When the off-CPU stack-sampling threshold changed and to what (ms; 0: every interval).
     pub offcpu_sampling_changes: Vec<(u64, u32)>,
+    /// Events the last drain found.
+    last_drained: usize,
+    /// Whether a capture is waiting for events, so drains keep to `DRAIN_INTERVAL`.
+    prompt: bool,
 }
 
 /// How often, at most, copied stacks that did not recur are freed from the kernel's map (after a
@@ -212,6 +227,8 @@ impl LiveSession {
                 probe.offcpu_stack_budget,
             )),
             offcpu_sampling_changes: Vec::new(),
+            last_drained: 0,
+            prompt: false,
             attached,
         })
     }
@@ -227,6 +244,8 @@ impl LiveSession {
         let first_new = out.len();
         let interval = if self.stacks.in_kernel() > CHURN_STACK_ENTRIES {
             CHURN_DRAIN_INTERVAL
+        } else if !self.prompt && self.last_drained >= BUSY_DRAIN_EVENTS {
+            BUSY_DRAIN_INTERVAL
         } else {
             DRAIN_INTERVAL
         };
@@ -242,10 +261,17 @@ impl LiveSession {
                 drain(self.ring.get_mut(), out);
             }
         }
+        self.last_drained = out.len() - first_new;
         self.adopt_stacks(&mut out[first_new..]);
         self.govern_write_hook(&out[first_new..]);
         self.govern_offcpu_sampling(&out[first_new..]);
         self.free_kernel_stacks()
+    }
+
+    /// Drains at the short interval whatever the event rate while `prompt`: a capture is
+    /// waiting for the end of its post-window.
+    pub fn drain_promptly(&mut self, prompt: bool) {
+        self.prompt = prompt;
     }
 
     /// Attaches or detaches the response-write hook by the rate of requests (`request_end`).
