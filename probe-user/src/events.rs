@@ -114,20 +114,32 @@ impl Event {
         }
     }
 
-    /// `ns` of this off-CPU interval's time, counted for every interval it stands for: an
-    /// interval sampled under a threshold `D` stands for `D / duration` of them
-    /// (`offcpu_sampling`). Off-CPU figures add these up, not bare overlaps.
-    pub fn weigh_off_cpu(&self, ns: u64) -> u64 {
+    /// For an off-CPU interval sampled under a stack-sampling threshold (`offcpu_sampling`):
+    /// (threshold, duration), both in ns and the threshold at least the duration (an interval
+    /// as long as the threshold was reported for its length, so it stands for itself alone).
+    fn sampled_interval(&self) -> Option<(u64, u64)> {
         match *self {
             Event::OffCpu {
                 duration_ns,
                 sampled_below_ms,
                 ..
-            } if sampled_below_ms > 0 && duration_ns > 0 => {
-                let threshold_ns = sampled_below_ms as u128 * 1_000_000;
-                (ns as u128 * threshold_ns.max(duration_ns as u128) / duration_ns as u128) as u64
+            } if sampled_below_ms > 0 && duration_ns > 0 => Some((
+                (sampled_below_ms as u64 * 1_000_000).max(duration_ns),
+                duration_ns,
+            )),
+            _ => None,
+        }
+    }
+
+    /// `ns` of this off-CPU interval's time, counted for every interval it stands for: an
+    /// interval sampled under a threshold `D` stands for `D / duration` of them
+    /// (`offcpu_sampling`). Off-CPU figures add these up, not bare overlaps.
+    pub fn weigh_off_cpu(&self, ns: u64) -> u64 {
+        match self.sampled_interval() {
+            Some((threshold_ns, duration_ns)) => {
+                (ns as u128 * threshold_ns as u128 / duration_ns as u128) as u64
             }
-            _ => ns,
+            None => ns,
         }
     }
 
@@ -136,17 +148,12 @@ impl Event {
     /// `p = duration / threshold` the Horvitz–Thompson term `ns² (1 - p) / p²`. Summed over a
     /// stack's intervals, its square root is the standard error of the stack's blocked time.
     pub fn off_cpu_estimate_variance(&self, ns: u64) -> f64 {
-        match *self {
-            Event::OffCpu {
-                duration_ns,
-                sampled_below_ms,
-                ..
-            } if sampled_below_ms > 0 && duration_ns > 0 => {
-                let threshold_ns = sampled_below_ms as f64 * 1e6;
-                let stands_for = (threshold_ns / duration_ns as f64).max(1.0);
+        match self.sampled_interval() {
+            Some((threshold_ns, duration_ns)) => {
+                let stands_for = threshold_ns as f64 / duration_ns as f64;
                 (ns as f64).powi(2) * stands_for * (stands_for - 1.0)
             }
-            _ => 0.0,
+            None => 0.0,
         }
     }
 
