@@ -119,6 +119,16 @@ struct PhaseCounters {
 }
 
 impl PhaseCounters {
+    fn new() -> PhaseCounters {
+        PhaseCounters {
+            // 1 ns to 1 h at 3 significant figures; values beyond are clamped, not lost.
+            latencies_ns: RefCell::new(
+                Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("histogram bounds"),
+            ),
+            errors: Cell::new(0),
+        }
+    }
+
     /// The finished phase as one line, `phase requests N seconds S errors E p50_us ...`,
     /// and the counters emptied for the next.
     fn take_report(&self, seconds: f64) -> String {
@@ -183,13 +193,7 @@ pub fn run(port: u16, conns: usize, protocol: Protocol, until: Instant) {
         .expect("building the load generator's runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        let counters = Rc::new(PhaseCounters {
-            // 1 ns to 1 h at 3 significant figures; values beyond are clamped, not lost.
-            latencies_ns: RefCell::new(
-                Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("histogram bounds"),
-            ),
-            errors: Cell::new(0),
-        });
+        let counters = Rc::new(PhaseCounters::new());
         for _ in 0..conns {
             tokio::task::spawn_local(drive_connection(port, protocol, counters.clone(), until));
         }
@@ -271,12 +275,8 @@ mod tests {
 
     #[test]
     fn a_phase_report_gives_the_phase_alone_and_starts_the_next_from_empty() {
-        let counters = PhaseCounters {
-            latencies_ns: RefCell::new(
-                Histogram::new_with_bounds(1, 3_600_000_000_000, 3).unwrap(),
-            ),
-            errors: Cell::new(1),
-        };
+        let counters = PhaseCounters::new();
+        counters.errors.set(1);
         for micros in 1..=1000u64 {
             counters
                 .latencies_ns
