@@ -692,7 +692,8 @@ struct InterleavedGoal {
 /// Throughput and P99 ratios from interleaved phases on one server under one continuous load.
 struct Paired {
     server: &'static str,
-    load: &'static str,
+    /// The load command, as the table's heading shows it.
+    load: String,
     results: Vec<(Tool, Result<Vec<Phase>, String>)>,
 }
 
@@ -703,7 +704,6 @@ struct Paired {
 /// is the null control: its ratios show what the method can resolve.
 fn paired(
     server: &'static str,
-    load: &'static str,
     root: &Path,
     scratch: &Path,
     start: &dyn Fn() -> Result<(Killed, u16)>,
@@ -748,12 +748,15 @@ fn paired(
             drop(running);
             std::thread::sleep(Duration::from_millis(300));
             let after = generator.phase(PHASE)?;
+            // A figure of the tool's phase over the mean of the nothing-phases either side.
+            let against_neighbours = |figure: fn(&LoadPhase) -> f64| {
+                figure(&during) / ((figure(&before) + figure(&after)) / 2.0)
+            };
             phases.push(Phase {
-                ratio: during.requests_per_second
-                    / ((before.requests_per_second + after.requests_per_second) / 2.0),
-                p99_ratio: during.p99_us / ((before.p99_us + after.p99_us) / 2.0),
+                ratio: against_neighbours(|p| p.requests_per_second),
+                p99_ratio: against_neighbours(|p| p.p99_us),
                 p99_us: during.p99_us,
-                p999_ratio: during.p999_us / ((before.p999_us + after.p999_us) / 2.0),
+                p999_ratio: against_neighbours(|p| p.p999_us),
                 tool_cpu_percent,
             });
             before = after;
@@ -763,7 +766,7 @@ fn paired(
     drop(server_process);
     Ok(Paired {
         server,
-        load,
+        load: format!("p99probe-target load --conns {LOAD_CONNECTIONS} --protocol {protocol}"),
         results,
     })
 }
@@ -1290,7 +1293,6 @@ fn interleaved(
     Ok([
         paired(
             "Go net/http (golang-go)",
-            "p99probe-target load --conns 8 --protocol http",
             root,
             scratch,
             &|| go_server(go_binary, &[]),
@@ -1299,7 +1301,6 @@ fn interleaved(
         )?,
         paired(
             "redis-server",
-            "p99probe-target load --conns 8 --protocol redis",
             root,
             scratch,
             &|| redis_server(16379).map(|k| (k, 16379)),
@@ -2009,7 +2010,7 @@ mod tests {
         };
         let paired = Paired {
             server: "s",
-            load: "l",
+            load: "l".into(),
             results: vec![
                 (Tool::Nothing, phases(1.0, 1.0)),
                 (Tool::P99probe, phases(0.99, 1.02)),
