@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 
 use hdrhistogram::Histogram;
+use probe_common::{EventKind, RawEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::events::Event;
@@ -21,6 +22,23 @@ pub enum LatencyKind {
     Delivery,
     /// Latencies fed from outside (`--latency-feed`).
     External,
+}
+
+impl LatencyKind {
+    /// The kind of the events that carry this latency.
+    pub fn event_kind(self) -> EventKind {
+        match self {
+            LatencyKind::Server => EventKind::RequestServed,
+            LatencyKind::Delivery => EventKind::RequestDelivered,
+            LatencyKind::External => EventKind::ExternalLatency,
+        }
+    }
+}
+
+/// [`request_latency`] read straight from the kernel's record: the agent's per-event path,
+/// which has no other use for a decoded [`Event`].
+pub fn raw_request_latency(raw: &RawEvent, kind: LatencyKind) -> Option<(u64, u64)> {
+    (raw.kind == kind.event_kind() as u32).then_some((raw.ts_ns, raw.duration_ns))
 }
 
 /// `(end timestamp, latency)` of a request event of `kind`.
@@ -43,10 +61,12 @@ pub fn request_latency(event: &Event, kind: LatencyKind) -> Option<(u64, u64)> {
 /// Percentiles over the last `window_ns`, kept as per-slice histograms so old slices fall off
 /// in O(1) and memory stays bounded however many requests arrive.
 ///
-/// Read ten times a second while attached, so a read must not merge the slices: the slices'
-/// sum is kept as requests are recorded and a slice is subtracted when it falls off. (Merging
-/// them on each read cost the agent bursts of ~0.7 ms, which delayed a load generator on the
-/// same CPU.) Fallen-off histograms are reused.
+/// Read ten times a second while attached, so a read must not merge the slices: the sum of
+/// every slice but the newest is kept as slices close and a slice is subtracted when it falls
+/// off; a read adds the newest slice for the moment it takes. (Merging them on each read cost
+/// the agent bursts of ~0.7 ms, which delayed a load generator on the same CPU.) A request
+/// is recorded once, into its slice: recording it into the sum as well was a tenth of the
+/// agent's CPU under load. Fallen-off histograms are reused.
 ///
 /// The histograms keep two significant digits, not the three of the reports: the trigger only
 /// compares P99 with a threshold, and at three digits each histogram is 28,672 counters (224 KB),
@@ -54,8 +74,9 @@ pub fn request_latency(event: &Event, kind: LatencyKind) -> Option<(u64, u64)> {
 /// agent's CPU under load. At two digits it is 3,968 counters (31 KB).
 pub struct SlidingLatency {
     slice_ns: u64,
+    /// By start time; the last is the newest, the only one whose requests are not in `closed`.
     slices: VecDeque<(u64, Histogram<u64>)>,
-    in_window: Histogram<u64>,
+    closed: Histogram<u64>,
     spare: Vec<Histogram<u64>>,
     window_ns: u64,
 }
@@ -72,7 +93,7 @@ impl SlidingLatency {
         SlidingLatency {
             slice_ns: (window_ns / SLICES_PER_WINDOW).max(1),
             slices: VecDeque::new(),
-            in_window: new_trigger_histogram(),
+            closed: new_trigger_histogram(),
             spare: Vec::new(),
             window_ns,
         }
@@ -81,23 +102,36 @@ impl SlidingLatency {
     pub fn record(&mut self, ts_ns: u64, latency_ns: u64) {
         let latency_ns = latency_ns.max(1);
         let slice_start = ts_ns - ts_ns % self.slice_ns;
+        let newest_start = self.slices.back().map(|(start, _)| *start);
+        if newest_start == Some(slice_start) {
+            let (_, newest) = self.slices.back_mut().expect("checked");
+            newest.saturating_record(latency_ns);
+            return;
+        }
+        // From here on the request's slice is a closed one, or a new newest one.
+        if newest_start.is_none_or(|newest| slice_start > newest) {
+            if let Some((_, closing)) = self.slices.back() {
+                // Same bounds, so adding cannot fail.
+                let _ = self.closed.add(closing);
+            }
+            let mut histogram = self.spare.pop().unwrap_or_else(new_trigger_histogram);
+            histogram.saturating_record(latency_ns);
+            self.slices.push_back((slice_start, histogram));
+            return;
+        }
+        // A request that ended in an earlier slice, drained late.
+        self.closed.saturating_record(latency_ns);
         match self
             .slices
-            .iter_mut()
-            .rev()
-            .find(|(start, _)| *start == slice_start)
+            .binary_search_by_key(&slice_start, |(start, _)| *start)
         {
-            Some((_, histogram)) => histogram.saturating_record(latency_ns),
-            None => {
+            Ok(found) => self.slices[found].1.saturating_record(latency_ns),
+            Err(insert_at) => {
                 let mut histogram = self.spare.pop().unwrap_or_else(new_trigger_histogram);
                 histogram.saturating_record(latency_ns);
-                self.slices.push_back((slice_start, histogram));
-                self.slices
-                    .make_contiguous()
-                    .sort_by_key(|(start, _)| *start);
+                self.slices.insert(insert_at, (slice_start, histogram));
             }
         }
-        self.in_window.saturating_record(latency_ns);
     }
 
     /// Percentiles of the requests recorded so far that ended after `now - window`. Time only
@@ -110,12 +144,20 @@ impl SlidingLatency {
             .is_some_and(|(start, _)| start + self.slice_ns <= oldest)
         {
             let (_, mut histogram) = self.slices.pop_front().expect("checked");
-            // Every count of a slice was added to the sum too, so this cannot underflow.
-            let _ = self.in_window.subtract(&histogram);
+            if !self.slices.is_empty() {
+                // A closed slice: its counts were added to the sum, so this cannot underflow.
+                let _ = self.closed.subtract(&histogram);
+            }
             histogram.reset();
             self.spare.push(histogram);
         }
-        Percentiles::of(&self.in_window)
+        let Some((_, newest)) = self.slices.back() else {
+            return Percentiles::of(&self.closed);
+        };
+        let _ = self.closed.add(newest);
+        let percentiles = Percentiles::of(&self.closed);
+        let _ = self.closed.subtract(newest);
+        percentiles
     }
 }
 
@@ -208,6 +250,54 @@ mod tests {
         let p = sliding.percentiles(10_100_000_000);
         assert_eq!(p.count, 1);
         assert!(p.p99_ns >= 1_990_000 && p.p99_ns < 2_010_000);
+    }
+
+    #[test]
+    fn late_requests_count_in_their_own_slice() {
+        let mut sliding = SlidingLatency::new(1_000_000_000);
+        sliding.record(950_000_000, 1_000_000);
+        sliding.record(550_000_000, 2_000_000); // an older slice, new to the window
+        sliding.record(960_000_000, 3_000_000);
+        sliding.record(560_000_000, 4_000_000); // that older slice again
+        sliding.record(1_010_000_000, 5_000_000); // a new newest slice closes the 0.9 s one
+        assert_eq!(sliding.percentiles(1_050_000_000).count, 5);
+        // The 0.5 s slice falls off with both its requests, and only with them.
+        let p = sliding.percentiles(1_650_000_000);
+        assert_eq!(p.count, 3);
+        assert!(p.p99_ns >= 4_900_000 && p.p99_ns < 5_100_000);
+        // Then the closed 0.9 s slice; then the newest, which was never in the sum.
+        assert_eq!(sliding.percentiles(2_050_000_000).count, 1);
+        assert_eq!(sliding.percentiles(2_150_000_000).count, 0);
+        sliding.record(2_200_000_000, 6_000_000);
+        assert_eq!(sliding.percentiles(2_250_000_000).count, 1);
+    }
+
+    #[test]
+    fn raw_and_decoded_request_latencies_agree() {
+        let kinds = [
+            LatencyKind::Server,
+            LatencyKind::Delivery,
+            LatencyKind::External,
+        ];
+        for event_kind in [
+            EventKind::RequestServed,
+            EventKind::RequestDelivered,
+            EventKind::ExternalLatency,
+            EventKind::RunQueue,
+        ] {
+            let mut raw = RawEvent::zeroed();
+            raw.kind = event_kind as u32;
+            raw.ts_ns = 5_000;
+            raw.duration_ns = 1_200;
+            let event = Event::from_raw(&raw).expect("known kind");
+            for kind in kinds {
+                assert_eq!(
+                    raw_request_latency(&raw, kind),
+                    request_latency(&event, kind),
+                    "{event_kind:?} as {kind:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -12,10 +12,10 @@ use tokio::sync::mpsc;
 use crate::attach::{AttachReport, ProbeSettings};
 use crate::capture::{write_capture, CaptureRequest};
 use crate::error::ProbeError;
-use crate::events::{external_latency, Event};
+use crate::events::external_latency;
 use crate::flight::FlightRecorder;
 use crate::histogram::human_ns;
-use crate::latency::{parse_feed_line, request_latency, LatencyKind, SlidingLatency};
+use crate::latency::{parse_feed_line, raw_request_latency, LatencyKind, SlidingLatency};
 use crate::offcpu_sampling;
 use crate::recorder::{after, monotonic_ns, status_line, LiveSession};
 use crate::recording::KernelCounters;
@@ -278,10 +278,8 @@ pub async fn attach_and_watch(
             result = session.next_events(&mut batch) => {
                 result?;
                 for raw in batch.drain(..) {
-                    if let Some(event) = Event::from_raw(&raw) {
-                        if let Some((ts, latency)) = request_latency(&event, latency_kind) {
-                            sliding.record(ts, latency);
-                        }
+                    if let Some((ts, latency)) = raw_request_latency(&raw, latency_kind) {
+                        sliding.record(ts, latency);
                     }
                     flight.push(raw);
                     events_seen += 1;
