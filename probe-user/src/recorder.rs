@@ -262,9 +262,9 @@ impl LiveSession {
             }
         }
         self.last_drained = out.len() - first_new;
-        self.adopt_stacks(&mut out[first_new..]);
-        self.govern_write_hook(&out[first_new..]);
-        self.govern_offcpu_sampling(&out[first_new..]);
+        let served = self.take_in(&mut out[first_new..]);
+        self.govern_write_hook(served);
+        self.govern_offcpu_sampling();
         self.free_kernel_stacks()
     }
 
@@ -275,14 +275,10 @@ impl LiveSession {
     }
 
     /// Attaches or detaches the response-write hook by the rate of requests (`request_end`).
-    fn govern_write_hook(&mut self, new_events: &[RawEvent]) {
+    fn govern_write_hook(&mut self, served: u64) {
         let Some(governor) = self.write_hook.as_mut() else {
             return;
         };
-        let served = new_events
-            .iter()
-            .filter(|e| e.kind == EventKind::RequestServed as u32)
-            .count() as u64;
         let now = monotonic_ns();
         let Some(attach) = governor.observe(now, served) else {
             return;
@@ -300,17 +296,10 @@ impl LiveSession {
 
     /// Sets the kernel's off-CPU stack-sampling threshold by the rate of reported intervals
     /// (`offcpu_sampling`).
-    fn govern_offcpu_sampling(&mut self, new_events: &[RawEvent]) {
+    fn govern_offcpu_sampling(&mut self) {
         let Some(governor) = self.offcpu_sampling.as_mut() else {
             return;
         };
-        for event in new_events
-            .iter()
-            .filter(|e| e.kind == EventKind::OffCpu as u32)
-            .filter_map(Event::from_raw)
-        {
-            governor.count(&event);
-        }
         let now = monotonic_ns();
         let Some(threshold_ms) = governor.decide(now) else {
             return;
@@ -339,19 +328,35 @@ impl LiveSession {
         }
         let first_new = out.len();
         drain(self.ring.get_mut(), out);
-        self.adopt_stacks(&mut out[first_new..]);
+        self.take_in(&mut out[first_new..]);
     }
 
-    /// Copies the stacks that newly drained `events` name out of the kernel and renames them.
-    fn adopt_stacks(&mut self, events: &mut [RawEvent]) {
+    /// Copies the stacks that newly drained `events` name out of the kernel and renames them,
+    /// counts off-CPU intervals for their governor, and returns how many requests were served.
+    /// One pass: a busy drain's events outgrow the CPU's caches, and each pass over them was
+    /// a read from memory.
+    fn take_in(&mut self, events: &mut [RawEvent]) -> u64 {
         let kernel = &self.kernel_stacks;
         let read = |id: u32| {
             let trace = kernel.get(&id, 0).ok()?;
             Some(trace.frames().iter().map(|f| f.ip).collect())
         };
+        let mut served = 0;
         for event in events {
             self.stacks.adopt(event, read);
+            if event.kind == EventKind::RequestServed as u32 {
+                served += 1;
+            }
+            if event.kind != EventKind::OffCpu as u32 {
+                continue;
+            }
+            if let Some((governor, decoded)) =
+                self.offcpu_sampling.as_mut().zip(Event::from_raw(event))
+            {
+                governor.count(&decoded);
+            }
         }
+        served
     }
 
     /// Frees the kernel's stack entries that are copied out and did not recur, and (less
