@@ -5,14 +5,13 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use probe_common::RawEvent;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
 use crate::attach::{AttachReport, ProbeSettings};
 use crate::capture::{write_capture, CaptureRequest};
 use crate::error::ProbeError;
-use crate::events::external_latency;
+use crate::events::{external_latency, Drained};
 use crate::flight::FlightRecorder;
 use crate::histogram::human_ns;
 use crate::latency::{parse_feed_line, raw_request_latency, LatencyKind, SlidingLatency};
@@ -264,7 +263,7 @@ pub async fn attach_and_watch(
     let progress = status_line(opts.progress, probe.pid, session.hooks());
     let deadline = after(opts.duration);
     tokio::pin!(deadline, stop);
-    let mut batch: Vec<RawEvent> = Vec::new();
+    let mut batch = Drained::default();
     let mut pending: Option<Fire> = None;
     let mut target_exited = false;
     let mut events_seen = 0u64;
@@ -277,12 +276,19 @@ pub async fn attach_and_watch(
         tokio::select! {
             result = session.next_events(&mut batch) => {
                 result?;
-                for raw in batch.drain(..) {
+                events_seen += batch.len() as u64;
+                let trigger_kind = latency_kind.event_kind() as u32;
+                for timing in batch.timings.drain(..) {
+                    if timing.kind == trigger_kind {
+                        sliding.record(timing.ts_ns, timing.duration_ns);
+                    }
+                    flight.push_timing(timing);
+                }
+                for raw in batch.events.drain(..) {
                     if let Some((ts, latency)) = raw_request_latency(&raw, latency_kind) {
                         sliding.record(ts, latency);
                     }
                     flight.push(raw);
-                    events_seen += 1;
                 }
                 // Not a branch of this select: a feed faster than the drain interval restarted
                 // the drain's timeout on every line, so a quiet target's events were never
@@ -383,7 +389,10 @@ pub async fn attach_and_watch(
         }
     }
     session.drain_now(&mut batch);
-    for raw in batch.drain(..) {
+    for timing in batch.timings.drain(..) {
+        flight.push_timing(timing);
+    }
+    for raw in batch.events.drain(..) {
         flight.push(raw);
     }
     take_feed(&mut feed, |arrived_ns, latency| {

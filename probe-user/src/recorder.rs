@@ -15,7 +15,7 @@ use crate::attach::{
     attach, attach_err, kernel_map, take_kernel_map, AttachReport, AttachedProbes, ProbeSettings,
 };
 use crate::error::ProbeError;
-use crate::events::{decode_ring_record, stack_id, stacks_named, Event};
+use crate::events::{decode_ring_record, stack_id, stacks_named, Drained, Event, Timing};
 use crate::offcpu_sampling::{self, OffCpuSamplingGovernor};
 use crate::output::check_writable;
 use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
@@ -91,9 +91,9 @@ fn give_way_to_target() -> String {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, events: &mut Vec<RawEvent>) {
+fn drain(ring: &mut RingBuf<MapData>, out: &mut Drained) {
     while let Some(item) = ring.next() {
-        decode_ring_record(&item, events);
+        decode_ring_record(&item, out);
     }
 }
 
@@ -240,8 +240,8 @@ impl LiveSession {
     /// Waits until the kernel wakes us (its buffer is filling) or the poll interval passes,
     /// then drains every event into `out`. The kernel does not wake the agent per event: at
     /// hundreds of thousands of events a second those wakeups would cost more than the events.
-    pub async fn next_events(&mut self, out: &mut Vec<RawEvent>) -> Result<(), ProbeError> {
-        let first_new = out.len();
+    pub async fn next_events(&mut self, out: &mut Drained) -> Result<(), ProbeError> {
+        let (first_new_event, first_new_timing) = (out.events.len(), out.timings.len());
         let interval = if self.stacks.in_kernel() > CHURN_STACK_ENTRIES {
             CHURN_DRAIN_INTERVAL
         } else if !self.prompt && self.last_drained >= BUSY_DRAIN_EVENTS {
@@ -261,8 +261,12 @@ impl LiveSession {
                 drain(self.ring.get_mut(), out);
             }
         }
-        self.last_drained = out.len() - first_new;
-        let served = self.take_in(&mut out[first_new..]);
+        let (new_events, new_timings) = (
+            &mut out.events[first_new_event..],
+            &out.timings[first_new_timing..],
+        );
+        self.last_drained = new_events.len() + new_timings.len();
+        let served = self.take_in(new_events, new_timings);
         self.govern_write_hook(served);
         self.govern_offcpu_sampling();
         self.free_kernel_stacks()
@@ -322,20 +326,25 @@ impl LiveSession {
     }
 
     /// Drains everything the kernel holds, including partly filled request batches.
-    pub fn drain_now(&mut self, out: &mut Vec<RawEvent>) {
+    pub fn drain_now(&mut self, out: &mut Drained) {
         if let Err(e) = self.attached.flush_request_batches(u64::MAX) {
             log::warn!("request batches not flushed: {e}");
         }
-        let first_new = out.len();
+        let (first_new_event, first_new_timing) = (out.events.len(), out.timings.len());
         drain(self.ring.get_mut(), out);
-        self.take_in(&mut out[first_new..]);
+        self.take_in(
+            &mut out.events[first_new_event..],
+            &out.timings[first_new_timing..],
+        );
     }
 
     /// Copies the stacks that newly drained `events` name out of the kernel and renames them,
     /// counts off-CPU intervals for their governor, and returns how many requests were served.
     /// One pass: a busy drain's events outgrow the CPU's caches, and each pass over them was
     /// a read from memory.
-    fn take_in(&mut self, events: &mut [RawEvent]) -> u64 {
+    fn take_in(&mut self, events: &mut [RawEvent], timings: &[Timing]) -> u64 {
+        let served_kind = EventKind::RequestServed as u32;
+        let served_timings = timings.iter().filter(|t| t.kind == served_kind).count() as u64;
         let kernel = &self.kernel_stacks;
         let read = |id: u32| {
             let trace = kernel.get(&id, 0).ok()?;
@@ -344,7 +353,7 @@ impl LiveSession {
         let mut served = 0;
         for event in events {
             self.stacks.adopt(event, read);
-            if event.kind == EventKind::RequestServed as u32 {
+            if event.kind == served_kind {
                 served += 1;
             }
             if event.kind != EventKind::OffCpu as u32 {
@@ -356,7 +365,7 @@ impl LiveSession {
                 governor.count(&decoded);
             }
         }
-        served
+        served + served_timings
     }
 
     /// Frees the kernel's stack entries that are copied out and did not recur, and (less
@@ -535,14 +544,14 @@ pub async fn record(
     check_writable(&opts.out)?;
     let mut session = LiveSession::start(&opts.probe)?;
     let progress = status_line(opts.progress, opts.probe.pid, session.hooks());
-    let mut events: Vec<RawEvent> = Vec::new();
+    let mut drained = Drained::default();
     let deadline = after(opts.duration);
     tokio::pin!(deadline, stop);
     let mut poll = tokio::time::interval(Duration::from_millis(250));
     let mut target_exited = false;
     loop {
         tokio::select! {
-            result = session.next_events(&mut events) => result?,
+            result = session.next_events(&mut drained) => result?,
             _ = &mut deadline => break,
             _ = &mut stop => break,
             _ = poll.tick() => {
@@ -553,17 +562,22 @@ pub async fn record(
                 let elapsed = (monotonic_ns() - session.start_ns) as f64 / 1e9;
                 progress.set_message(format!(
                     "recording pid {} ({}): {elapsed:.1}s, {} events{}",
-                    session.pid, session.comm, events.len(),
+                    session.pid, session.comm, drained.len(),
                     offcpu_sampling::status(session.offcpu_sampling_threshold_ms())
                 ));
                 progress.tick();
             }
         }
     }
-    session.drain_now(&mut events);
+    session.drain_now(&mut drained);
     let end_ns = monotonic_ns();
     progress.finish_and_clear();
-    let pending = session.snapshot(events, session.start_ns, end_ns, target_exited)?;
+    let pending = session.snapshot(
+        drained.into_raw_events(),
+        session.start_ns,
+        end_ns,
+        target_exited,
+    )?;
     let hooks = session.hooks().clone();
     let offcpu_sampling_changes = std::mem::take(&mut session.offcpu_sampling_changes);
     // Detach before the slow part (symbolization) so the target runs unobserved again.

@@ -189,7 +189,7 @@ fn a_lone_request_reaches_the_live_agent_promptly() {
         })
         .unwrap();
         // Idle long enough for the agent to judge the request rate (and keep the hook).
-        let mut events = Vec::new();
+        let mut events = p99probe::events::Drained::default();
         let idle_until = monotonic_ns() + 3 * p99probe::request_end::DECIDE_EVERY_NS;
         while monotonic_ns() < idle_until {
             session.next_events(&mut events).await.unwrap();
@@ -209,8 +209,8 @@ fn a_lone_request_reaches_the_live_agent_promptly() {
         let seen = loop {
             session.next_events(&mut events).await.unwrap();
             let served = events
-                .iter()
-                .filter_map(Event::from_raw)
+                .raw_events()
+                .filter_map(|e| Event::from_raw(&e))
                 .any(|e| matches!(e, Event::RequestServed { .. }));
             if served || monotonic_ns() - answered > 2_000_000_000 {
                 break served.then(monotonic_ns);
