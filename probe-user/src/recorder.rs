@@ -241,7 +241,6 @@ impl LiveSession {
     /// then drains every event into `out`. The kernel does not wake the agent per event: at
     /// hundreds of thousands of events a second those wakeups would cost more than the events.
     pub async fn next_events(&mut self, out: &mut Drained) -> Result<(), ProbeError> {
-        let (first_new_event, first_new_timing) = (out.events.len(), out.timings.len());
         let interval = if self.stacks.in_kernel() > CHURN_STACK_ENTRIES {
             CHURN_DRAIN_INTERVAL
         } else if !self.prompt && self.last_drained >= BUSY_DRAIN_EVENTS {
@@ -251,22 +250,16 @@ impl LiveSession {
         };
         match tokio::time::timeout(interval, self.ring.readable_mut()).await {
             Ok(guard) => {
-                let mut guard = guard.map_err(|e| attach_err("EVENTS", e))?;
-                drain(guard.get_inner_mut(), out);
-                guard.clear_ready();
+                // Cleared before the drain, so that a wakeup during it is not lost.
+                guard.map_err(|e| attach_err("EVENTS", e))?.clear_ready();
             }
             Err(_) => {
                 let stale_before = monotonic_ns().saturating_sub(BATCH_STALE_NS);
                 self.attached.flush_request_batches(stale_before)?;
-                drain(self.ring.get_mut(), out);
             }
         }
-        let (new_events, new_timings) = (
-            &mut out.events[first_new_event..],
-            &out.timings[first_new_timing..],
-        );
-        self.last_drained = new_events.len() + new_timings.len();
-        let served = self.take_in(new_events, new_timings);
+        let (drained, served) = self.drain_into(out);
+        self.last_drained = drained;
         self.govern_write_hook(served);
         self.govern_offcpu_sampling();
         self.free_kernel_stacks()
@@ -330,12 +323,20 @@ impl LiveSession {
         if let Err(e) = self.attached.flush_request_batches(u64::MAX) {
             log::warn!("request batches not flushed: {e}");
         }
+        self.drain_into(out);
+    }
+
+    /// Drains the ring buffer into `out` and takes the new events in; returns how many came
+    /// and how many of them were served requests.
+    fn drain_into(&mut self, out: &mut Drained) -> (usize, u64) {
         let (first_new_event, first_new_timing) = (out.events.len(), out.timings.len());
         drain(self.ring.get_mut(), out);
-        self.take_in(
+        let (new_events, new_timings) = (
             &mut out.events[first_new_event..],
             &out.timings[first_new_timing..],
         );
+        let drained = new_events.len() + new_timings.len();
+        (drained, self.take_in(new_events, new_timings))
     }
 
     /// Copies the stacks that newly drained `events` name out of the kernel and renames them,
