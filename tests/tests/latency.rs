@@ -225,10 +225,17 @@ fn a_lone_request_reaches_the_live_agent_promptly() {
 
 /// Both ways of ending a request measure the same interval: every 10th request sleeps 5 ms in
 /// the server, and both runs must see a tenth of their requests at 5 ms and a bit more.
+///
+/// The two runs are compared by the 10th percentile of their stalled requests, not the
+/// median: the sleep's overshoot (the server's wakeup) differs between runs with the host's
+/// load, and in one CI run a disturbed stretch put a run's median 0.9 ms above the other's.
+/// Host noise delays some wakeups and moves the median more than the fastest requests. An end
+/// taken at the wrong moment (a delayed acknowledgement, the client's next request) would
+/// shift them all.
 #[test]
 fn requests_ended_at_the_write_or_by_the_acknowledgement_measure_the_same() {
     let _serial = serial();
-    let stalled_median_ns = |ends: Ends| -> u64 {
+    let stalled_fastest_tenth_ns = |ends: Ends| -> u64 {
         let server = go_server_on_cpu0(&["-stall-every", "10", "-stall-ms", "5"]);
         let (sent, served, latencies) = measure(server, &[], ends);
         check(sent, served, latencies.clone());
@@ -239,9 +246,10 @@ fn requests_ended_at_the_write_or_by_the_acknowledgement_measure_the_same() {
             .collect();
         let share = stalled.len() as f64 / latencies.len() as f64;
         let median_ns = median(&mut stalled);
+        let fastest_tenth_ns = stalled[stalled.len() / 10];
         eprintln!(
-            "{ends:?}: {:.3} of requests took 5 ms or more, median of those {median_ns} ns",
-            share
+            "{ends:?}: {share:.3} of requests took 5 ms or more; of those the median took \
+             {median_ns} ns, the 10th percentile {fastest_tenth_ns} ns"
         );
         assert!(
             (0.08..0.12).contains(&share),
@@ -251,13 +259,14 @@ fn requests_ended_at_the_write_or_by_the_acknowledgement_measure_the_same() {
             median_ns < 7_000_000,
             "{ends:?}: stalled requests took {median_ns} ns (median), not ~5 ms"
         );
-        median_ns
+        fastest_tenth_ns
     };
-    let at_write = stalled_median_ns(Ends::AtWrite);
-    let acknowledged = stalled_median_ns(Ends::WhenAcknowledged);
+    let at_write = stalled_fastest_tenth_ns(Ends::AtWrite);
+    let acknowledged = stalled_fastest_tenth_ns(Ends::WhenAcknowledged);
     let apart_ns = at_write.abs_diff(acknowledged);
     assert!(
         apart_ns < 500_000,
-        "stalled requests: {at_write} ns ended at the write, {acknowledged} ns by the acknowledgement"
+        "stalled requests, 10th percentile: {at_write} ns ended at the write, {acknowledged} ns \
+         by the acknowledgement"
     );
 }
