@@ -114,8 +114,7 @@ impl SlidingLatency {
                 // Same bounds, so adding cannot fail.
                 let _ = self.closed.add(closing);
             }
-            let mut histogram = self.spare.pop().unwrap_or_else(new_trigger_histogram);
-            histogram.saturating_record(latency_ns);
+            let histogram = self.new_slice_with(latency_ns);
             self.slices.push_back((slice_start, histogram));
             return;
         }
@@ -127,11 +126,17 @@ impl SlidingLatency {
         {
             Ok(found) => self.slices[found].1.saturating_record(latency_ns),
             Err(insert_at) => {
-                let mut histogram = self.spare.pop().unwrap_or_else(new_trigger_histogram);
-                histogram.saturating_record(latency_ns);
+                let histogram = self.new_slice_with(latency_ns);
                 self.slices.insert(insert_at, (slice_start, histogram));
             }
         }
+    }
+
+    /// A slice's histogram (a fallen-off one reused when there is one) holding `latency_ns`.
+    fn new_slice_with(&mut self, latency_ns: u64) -> Histogram<u64> {
+        let mut histogram = self.spare.pop().unwrap_or_else(new_trigger_histogram);
+        histogram.saturating_record(latency_ns);
+        histogram
     }
 
     /// Percentiles of the requests recorded so far that ended after `now - window`. Time only
