@@ -1,10 +1,9 @@
 //! Types shared by the kernel programs (`probe-ebpf`) and the agent (`probe-user`).
 //!
 //! Every record the kernel writes to the ring buffer is one fixed-size [`RawEvent`], tagged by
-//! [`EventKind`], except the most frequent, request latencies and run-queue waits, which come
-//! in an [`EventBatch`] (tagged [`EventKind::EventBatch`]) that the agent unpacks into
-//! `RawEvent`s. A single fixed layout keeps the kernel side trivial and lets the recording
-//! file store events as a flat array.
+//! [`EventKind`]. The most frequent, request latencies and run-queue waits, are kept in per-CPU
+//! timing rings instead ([`TimingRecord`]), which the agent maps. A single fixed layout keeps
+//! the kernel side trivial and lets the recording file store events as a flat array.
 #![no_std]
 
 /// What a [`RawEvent`] describes.
@@ -34,22 +33,16 @@ pub enum EventKind {
     /// `--synthetic-syscall-events`, to measure how many events per second the agent drains.
     /// Carries nothing to analyse.
     Synthetic = 9,
-    /// Ring buffer only: an [`EventBatch`] of `RequestServed`, `RequestDelivered` and
-    /// `RunQueue` records.
-    EventBatch = 10,
+    // 10 was a ring-buffer batch of timings, before the timing rings; never in a recording.
 }
 
-/// Records per [`EventBatch`]. One ring-buffer record per request cost the target about
-/// 3% of its throughput at 35k requests/s (the reserve in the kernel and the read in the
-/// agent, in equal parts); one per 32 makes both negligible. Run-queue waits, one per wakeup
-/// of a target thread, come as often as requests and are batched alike.
-pub const EVENT_BATCH_LEN: usize = 32;
-
-/// One request latency or run-queue wait, as compact as the ring buffer allows: the fields of
-/// a [`RawEvent`] these kinds use, but the CPU and thread group, which the batch holds.
+/// One request latency or run-queue wait, in its CPU's timing ring (the kernel's `TIMINGS`).
+/// These are the most frequent events, one or two per request, so they do not go through the
+/// ring buffer: the kernel keeps the last few seconds of them in place, and the agent reads
+/// them from its mapping of the rings, without a system call or a copy by the kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BatchedEvent {
+pub struct TimingRecord {
     pub ts_ns: u64,
     pub duration_ns: u64,
     pub tid: u32,
@@ -57,35 +50,18 @@ pub struct BatchedEvent {
     pub kind: u32,
 }
 
-/// Events observed on one CPU, sent together. The kernel fills one per CPU and sends it when
-/// it is full; the agent has the kernel send a partly filled one once its oldest event has
-/// waited too long.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct EventBatch {
-    /// Always `EventKind::EventBatch`: ring-buffer records are told apart by this first word.
-    pub kind: u32,
-    pub cpu: u32,
-    pub len: u32,
-    pub tgid: u32,
-    pub records: [BatchedEvent; EVENT_BATCH_LEN],
-}
-
-impl EventBatch {
-    pub const SIZE: usize = core::mem::size_of::<EventBatch>();
-}
-
-/// A CPU's batched events not yet sent (its entry in the kernel's `PENDING_REQUESTS`). The
-/// agent reads it only to decide which CPUs to flush. Cache-line aligned: the entries of
-/// neighbouring CPUs lie next to each other and must not share a line.
+/// Where a CPU's timing ring stands (its entry in the kernel's `TIMING_HEADS`). Cache-line
+/// aligned: the entries of neighbouring CPUs lie next to each other and must not share a line.
 #[repr(C, align(64))]
-#[derive(Clone, Copy, Debug)]
-pub struct PendingRequests {
-    /// Set while a program on this CPU fills or sends `batch`. Programs on one CPU do not
-    /// preempt each other, but an interrupt (a softirq's ACK, the agent's flush) can arrive
-    /// in the middle of one; the nested program then leaves the batch alone.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TimingHead {
+    /// Set while a program on this CPU writes its ring. Programs on one CPU do not preempt
+    /// each other, but an interrupt (a softirq's ACK) can arrive in the middle of one; the
+    /// nested program then sends its timing through the ring buffer instead.
     pub busy: u64,
-    pub batch: EventBatch,
+    /// Timings ever written to this CPU's ring; the next goes to slot `written % capacity`.
+    /// Stored after the slot it counts, so a reader that sees it sees the slot.
+    pub written: u64,
 }
 
 /// `state` of a [`EventKind::GoRuntime`] event: which runtime function was entered.
@@ -106,7 +82,6 @@ impl EventKind {
             7 => Some(Self::ExternalLatency),
             8 => Some(Self::GoRuntime),
             9 => Some(Self::Synthetic),
-            10 => Some(Self::EventBatch),
             _ => None,
         }
     }
@@ -258,7 +233,8 @@ pub struct ProbeConfig {
     /// 1: follow each response until the peer acknowledges it (`RequestDelivered` events);
     /// 0: stop at the response write, and `tcp_probe` is not attached.
     pub track_delivery: u32,
-    pub _reserved: u32,
+    /// Each CPU's timing ring holds `1 << timing_ring_bits` records.
+    pub timing_ring_bits: u32,
 }
 
 /// A thread's scheduling state, kept by the kernel programs in the `THREADS` map (keyed by tid)

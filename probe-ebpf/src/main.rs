@@ -32,9 +32,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    port_bit, BatchedEvent, Counter, EventBatch, EventKind, PendingRequests, ProbeConfig, RawEvent,
-    ThreadState, COUNTER_SLOTS, EVENT_BATCH_LEN, FLAG_PREEMPTED, GO_GC_MARK_TERMINATION,
-    GO_GC_START, GO_START_THE_WORLD, GO_STOP_THE_WORLD, NO_STACK, PORT_BITMAP_WORDS,
+    port_bit, Counter, EventKind, ProbeConfig, RawEvent, ThreadState, TimingHead, TimingRecord,
+    COUNTER_SLOTS, FLAG_PREEMPTED, GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD,
+    GO_STOP_THE_WORLD, NO_STACK, PORT_BITMAP_WORDS,
 };
 
 #[no_mangle]
@@ -61,7 +61,7 @@ static CONFIG: ProbeConfig = ProbeConfig {
         sk_hash: 0,
     },
     track_delivery: 0,
-    _reserved: 0,
+    timing_ring_bits: 0,
 };
 
 #[map]
@@ -73,13 +73,18 @@ static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// Each CPU's batch of request latencies and run-queue waits not yet sent, at the index of its
-/// CPU id (the agent sets the size to the number of possible CPUs). A plain array the agent
-/// maps into its memory rather than a per-CPU map: it looks for stale batches at every drain,
-/// and reading a per-CPU map took a system call and a copy each time, ~18% of an idle agent's
-/// CPU.
+/// Each CPU's ring of its last request latencies and run-queue waits: CPU `c` owns the
+/// `1 << timing_ring_bits` records from `c << timing_ring_bits` (the agent sizes the map). The
+/// kernel overwrites the oldest; the agent maps the rings and reads them in place, so the
+/// per-request path has no ring-buffer record, wakeup or copy, and a quiet agent costs the
+/// requests in flight nothing. A plain array rather than a per-CPU map: only a plain array
+/// can be mapped.
 #[map]
-static PENDING_REQUESTS: Array<PendingRequests> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+static TIMINGS: Array<TimingRecord> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Each CPU's position in its timing ring, at the index of its CPU id.
+#[map]
+static TIMING_HEADS: Array<TimingHead> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// tid → the thread's scheduling state. One entry per thread, created on first sight and
 /// updated in place afterwards: a hash insert or delete takes a bucket lock and allocates, and
@@ -191,10 +196,9 @@ fn wakeup_flags() -> u64 {
 }
 
 /// Unread bytes in the ring buffer before an event wakes the agent. Below it the agent is not
-/// woken per event (each wakeup costs it a context switch) but drains on its own timer. Large
-/// enough for a 200 ms busy drain at ~10 MB/s (two batched records per request at 200k
-/// requests/s), small enough to leave 14 MB for the agent to wake into: 70 ms of the
-/// synthetic 2.3 M events/s storm, which it drains with no drops.
+/// woken per event (each wakeup costs it a context switch) but drains on its own timer. Small
+/// enough to leave 14 MB for the agent to wake into: 70 ms of the synthetic 2.3 M events/s
+/// storm, which it drains with no drops.
 const WAKEUP_AT_BYTES: u64 = 2 << 20;
 
 /// Reserves an event in the ring buffer, zeroes it and lets `fill` set its fields in place.
@@ -392,7 +396,7 @@ fn switched_in<C: EbpfContext>(
         thread.runnable_since = 0;
         if now > since {
             waited = now - since;
-            record_batched(EventKind::RunQueue, tid, now, waited);
+            record_timing(EventKind::RunQueue, tid, now, waited);
         }
     }
     if thread.off_since != 0 {
@@ -664,84 +668,47 @@ unsafe fn read_field<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
     bpf_probe_read_kernel((base as *const u8).add(offset as usize) as *const T)
 }
 
-/// Runs `work` on this CPU's batch of events unless a program this one interrupted is using
-/// it; returns whether it ran.
+/// Adds a request latency or run-queue wait to this CPU's timing ring. When the ring is in
+/// use by the program this one interrupted, the timing goes out through the ring buffer.
 #[inline(always)]
-fn with_pending_batch(work: impl FnOnce(&mut EventBatch)) -> bool {
+fn record_timing(kind: EventKind, tid: u32, now: u64, duration: u64) {
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let Some(pending) = PENDING_REQUESTS.get_ptr_mut(cpu) else {
-        return false;
+    let Some(head) = TIMING_HEADS.get_ptr_mut(cpu) else {
+        return emit_timing(kind, tid, now, duration);
     };
-    let pending = unsafe { &mut *pending };
-    if unsafe { core::ptr::read_volatile(&pending.busy) } != 0 {
-        return false;
+    let head = unsafe { &mut *head };
+    if unsafe { core::ptr::read_volatile(&head.busy) } != 0 {
+        return emit_timing(kind, tid, now, duration);
     }
-    // Every write `work` makes to the batch is volatile: LLVM may move plain stores across
-    // the volatile ones that take and release `busy`, and BPF has no compiler fence.
-    unsafe { core::ptr::write_volatile(&mut pending.busy, 1) };
-    work(&mut pending.batch);
-    unsafe { core::ptr::write_volatile(&mut pending.busy, 0) };
-    true
-}
-
-/// Adds a request latency or run-queue wait to this CPU's batch, sending the batch when it is
-/// full. When the batch is in use by the program this one interrupted, the event goes out on
-/// its own.
-#[inline(always)]
-fn record_batched(kind: EventKind, tid: u32, now: u64, duration: u64) {
-    let batched = with_pending_batch(|batch| unsafe {
-        let len = batch.len as usize;
-        if len < EVENT_BATCH_LEN {
+    // Every access between taking and releasing `busy` is volatile: LLVM may move plain
+    // stores across the volatile ones, and BPF has no compiler fence.
+    unsafe { core::ptr::write_volatile(&mut head.busy, 1) };
+    let written = unsafe { core::ptr::read_volatile(&head.written) };
+    let bits = config().timing_ring_bits;
+    let slot = (cpu << bits) | (written as u32 & ((1u32 << bits) - 1));
+    if let Some(record) = TIMINGS.get_ptr_mut(slot) {
+        unsafe {
             core::ptr::write_volatile(
-                &mut batch.records[len],
-                BatchedEvent {
+                record,
+                TimingRecord {
                     ts_ns: now,
                     duration_ns: duration,
                     tid,
                     kind: kind as u32,
                 },
             );
-            core::ptr::write_volatile(&mut batch.len, len as u32 + 1);
+            // After the record: the agent reads `written` first and trusts the slots below it.
+            // Stores are not reordered with other stores on x86; on arm64 a reader could see
+            // the count before the record, which would make the newest record stale.
+            core::ptr::write_volatile(&mut head.written, written + 1);
         }
-        if batch.len as usize >= EVENT_BATCH_LEN {
-            send_batch(batch);
-        }
-    });
-    if !batched {
-        emit_unbatched(kind, tid, now, duration);
     }
+    unsafe { core::ptr::write_volatile(&mut head.busy, 0) };
 }
 
+/// One timing as a ring-buffer record of its own, for when this CPU's timing ring is in use.
 #[inline(always)]
-fn send_batch(batch: &mut EventBatch) {
-    if batch.len == 0 {
-        return;
-    }
-    batch.kind = EventKind::EventBatch as u32;
-    batch.cpu = unsafe { bpf_get_smp_processor_id() };
-    batch.tgid = config().target_tgid;
-    match EVENTS.output(batch, wakeup_flags()) {
-        Ok(()) => count_n(Counter::EventsSent, batch.len as u64),
-        Err(_) => count_n(Counter::RingBufferFull, batch.len as u64),
-    }
-    unsafe { core::ptr::write_volatile(&mut batch.len, 0) };
-}
-
-/// Never attached: the agent runs it (`BPF_PROG_TEST_RUN` pinned to a CPU) on the CPUs whose
-/// batch has waited too long, so a partly filled batch is sent whatever the request rate.
-#[raw_tracepoint(tracepoint = "p99probe_flush_requests")]
-pub fn flush_requests(_ctx: RawTracePointContext) -> i32 {
-    // A batch in use is left for the next flush.
-    if with_pending_batch(send_batch) {
-        0
-    } else {
-        1
-    }
-}
-
-/// One batchable event as a record of its own, for when this CPU's batch is in use.
-#[inline(always)]
-fn emit_unbatched(kind: EventKind, tid: u32, now: u64, duration: u64) {
+fn emit_timing(kind: EventKind, tid: u32, now: u64, duration: u64) {
     emit(|event| {
         event.kind = kind as u32;
         event.cpu = unsafe { bpf_get_smp_processor_id() };
@@ -838,7 +805,7 @@ fn served_if_acked(tcp: impl KernelPtr, socket: &mut SocketState) {
         count(Counter::RequestsUntimed);
         return;
     }
-    record_batched(
+    record_timing(
         EventKind::RequestServed,
         0,
         sent_ns,
@@ -881,7 +848,7 @@ fn on_send(sk: impl KernelPtr, sent: i32) {
     if unsafe { core::ptr::read_volatile(&socket.sk) } != sk.addr() {
         return;
     }
-    record_batched(
+    record_timing(
         EventKind::RequestServed,
         pid_tgid as u32,
         now,
@@ -947,7 +914,7 @@ fn on_tcp_probe(sk: impl KernelPtr, skb: u64) -> Result<(), i64> {
 #[inline(always)]
 fn delivered(socket: &mut SocketState) {
     let now = unsafe { bpf_ktime_get_ns() };
-    record_batched(
+    record_timing(
         EventKind::RequestDelivered,
         0,
         now,

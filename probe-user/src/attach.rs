@@ -13,7 +13,7 @@ use aya::{
     },
     Btf, Ebpf, EbpfLoader,
 };
-use probe_common::{port_bit, KernelOffsets, PendingRequests, ProbeConfig};
+use probe_common::{port_bit, KernelOffsets, ProbeConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::btf::KernelBtf;
@@ -22,6 +22,7 @@ use crate::listeners::Listeners;
 use crate::request_end::WriteHookPolicy;
 use crate::sampling::full_period_ns;
 use crate::target;
+use crate::timing_rings::{ring_bits, TimingRings};
 
 /// The compiled kernel programs, built by `build.rs` from `probe-ebpf`.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
@@ -170,9 +171,10 @@ pub struct AttachedProbes {
     pub ebpf: Ebpf,
     pub report: AttachReport,
     pub sched_hook: SchedHook,
-    /// Online CPUs: each holds a batch of request latencies in the kernel, and is sampled.
+    /// Online CPUs, each sampled.
     cpus: Vec<u32>,
-    pending: PendingBatches,
+    /// The last request latencies and run-queue waits of every CPU, as the kernel keeps them.
+    pub timings: TimingRings,
     listeners: Listeners,
     sampling: Option<Sampling>,
     /// The response-write hook (see `request_end`).
@@ -194,8 +196,6 @@ struct Sampling {
 }
 
 const SAMPLING_PROGRAM: &str = "on_cpu_sample";
-
-const FLUSH_PROGRAM: &str = "flush_requests";
 
 const OFFCPU_SAMPLING: &str = "OFFCPU_SAMPLING";
 
@@ -258,143 +258,31 @@ impl AttachedProbes {
     pub fn mark_listening_ports(&mut self) -> Result<usize, ProbeError> {
         mark_listening_ports(&mut self.ebpf, &mut self.listeners)
     }
-
-    /// Has the CPUs whose batch of request latencies holds a request that ended before
-    /// `older_than_ns` (CLOCK_MONOTONIC; `u64::MAX` for all) send it to the ring buffer.
-    ///
-    /// The kernel sends a CPU's batch when it is full; this bounds how long a request waits in
-    /// one at low rates. The flush program is never attached: `BPF_PROG_TEST_RUN` runs it on
-    /// the chosen CPU (in an IPI), the only way to touch another CPU's batch without racing
-    /// the programs that fill it. That IPI makes the agent wait for the CPU, so batches are
-    /// first read (a racy but harmless copy) and only CPUs with a stale batch are flushed: under
-    /// load batches fill long before they are stale and no CPU is interrupted.
-    pub fn flush_request_batches(&self, older_than_ns: u64) -> Result<(), ProbeError> {
-        use std::os::fd::{AsFd, AsRawFd};
-        let stale: Vec<u32> = self
-            .cpus
-            .iter()
-            .copied()
-            .filter(|&cpu| {
-                self.pending
-                    .oldest_ns(cpu)
-                    .is_some_and(|oldest| oldest < older_than_ns)
-            })
-            .collect();
-        if stale.is_empty() {
-            return Ok(());
-        }
-        let program: &RawTracePoint = self
-            .ebpf
-            .program(FLUSH_PROGRAM)
-            .ok_or_else(|| attach_err(FLUSH_PROGRAM, "program missing from the probe object"))?
-            .try_into()
-            .map_err(|e| attach_err(FLUSH_PROGRAM, e))?;
-        let fd = program.fd().map_err(|e| attach_err(FLUSH_PROGRAM, e))?;
-        for cpu in stale {
-            run_on_cpu(fd.as_fd().as_raw_fd(), cpu)
-                .map_err(|e| attach_err(FLUSH_PROGRAM, format!("run on CPU {cpu}: {e}")))?;
-        }
-        Ok(())
-    }
 }
 
-const PENDING_MAP: &str = "PENDING_REQUESTS";
+const TIMINGS_MAP: &str = "TIMINGS";
+const TIMING_HEADS_MAP: &str = "TIMING_HEADS";
 
-/// The kernel's batches of request latencies not yet sent, one per possible CPU, mapped
-/// read-only into the agent's memory: checking them at every drain costs no system call.
-struct PendingBatches {
-    memory: memmap2::Mmap,
-    cpus: usize,
-}
-
-impl PendingBatches {
-    fn map(ebpf: &Ebpf, possible_cpus: usize) -> Result<Self, ProbeError> {
-        use std::os::fd::{AsFd, AsRawFd};
-        let Some(aya::maps::Map::Array(data)) = ebpf.map(PENDING_MAP) else {
-            return Err(attach_err(PENDING_MAP, "array map missing"));
-        };
-        let len = possible_cpus * std::mem::size_of::<PendingRequests>();
-        // SAFETY: the kernel keeps the pages for as long as the mapping lives, and they are
-        // only ever read here through volatile loads of plain integers.
-        let memory = unsafe {
-            memmap2::MmapOptions::new()
-                .len(len)
-                .map(data.fd().as_fd().as_raw_fd())
-        }
-        .map_err(|e| attach_err(PENDING_MAP, format!("mmap: {e}")))?;
-        Ok(PendingBatches {
-            memory,
-            cpus: possible_cpus,
-        })
-    }
-
-    /// When the oldest request in `cpu`'s batch ended, if the batch holds any. Read while the
-    /// kernel may be writing it: a torn read only moves a flush by one drain.
-    fn oldest_ns(&self, cpu: u32) -> Option<u64> {
-        if cpu as usize >= self.cpus {
-            return None;
-        }
-        let entries = self.memory.as_ptr() as *const PendingRequests;
-        // SAFETY: in bounds (checked above); the mapping is page-aligned, so every entry is
-        // aligned too.
-        unsafe {
-            let batch = std::ptr::addr_of!((*entries.add(cpu as usize)).batch);
-            let len = std::ptr::read_volatile(std::ptr::addr_of!((*batch).len));
-            (len > 0)
-                .then(|| std::ptr::read_volatile(std::ptr::addr_of!((*batch).records[0].ts_ns)))
-        }
-    }
-}
-
-/// `union bpf_attr` as `BPF_PROG_TEST_RUN` reads it (linux/bpf.h); the kernel zero-fills the
-/// fields past the size it is given.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-}
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_F_TEST_RUN_ON_CPU: u32 = 1;
-
-/// Runs a loaded raw-tracepoint program once on `cpu`. aya 0.13 has no test-run call.
-fn run_on_cpu(program_fd: i32, cpu: u32) -> std::io::Result<()> {
-    let mut attr = TestRunAttr {
-        prog_fd: program_fd as u32,
-        flags: BPF_F_TEST_RUN_ON_CPU,
-        cpu,
-        ..Default::default()
+/// Maps the kernel's timing rings into the agent's memory.
+fn map_timing_rings(
+    ebpf: &Ebpf,
+    possible_cpus: usize,
+    bits: u32,
+    tgid: u32,
+) -> Result<TimingRings, ProbeError> {
+    use std::os::fd::AsFd;
+    let fd_of = |name: &str| match ebpf.map(name) {
+        Some(aya::maps::Map::Array(data)) => Ok(data.fd().as_fd()),
+        _ => Err(attach_err(name, "array map missing")),
     };
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>() as u32,
-        )
-    };
-    if result < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn load_flush_program(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    let p: &mut RawTracePoint = program_mut(ebpf, FLUSH_PROGRAM)?;
-    p.load().map_err(|e| attach_err(FLUSH_PROGRAM, chain(&e)))
+    TimingRings::map(
+        fd_of(TIMINGS_MAP)?,
+        fd_of(TIMING_HEADS_MAP)?,
+        possible_cpus,
+        bits,
+        tgid,
+    )
+    .map_err(|e| attach_err(TIMINGS_MAP, format!("mmap: {e}")))
 }
 
 const CAP_SYS_ADMIN: u32 = 21;
@@ -825,20 +713,24 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         path: "/sys/kernel/btf/vmlinux".into(),
         reason: e.to_string(),
     })?;
+    let possible_cpus = aya::util::nr_cpus()
+        .map_err(|(what, e)| attach_err(TIMINGS_MAP, format!("{what}: {e}")))?;
     let config = ProbeConfig {
         target_tgid: settings.pid,
         debug: settings.debug_ebpf as u32,
         min_offcpu_ns: settings.min_offcpu_ns,
         offsets: kernel_offsets(&layout)?,
         track_delivery: settings.track_delivery as u32,
-        _reserved: 0,
+        timing_ring_bits: ring_bits(possible_cpus),
     };
-    let possible_cpus = aya::util::nr_cpus()
-        .map_err(|(what, e)| attach_err(PENDING_MAP, format!("{what}: {e}")))?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .set_global("CONFIG", &config, true)
-        .set_max_entries(PENDING_MAP, possible_cpus as u32)
+        .set_max_entries(
+            TIMINGS_MAP,
+            (possible_cpus << config.timing_ring_bits) as u32,
+        )
+        .set_max_entries(TIMING_HEADS_MAP, possible_cpus as u32)
         .load(PROBE_OBJECT)
         .map_err(|e| attach_err("probe object", chain(&e)))?;
     if settings.debug_ebpf {
@@ -893,8 +785,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         write_hook.detach(&mut ebpf)?;
     }
     let go = attach_go(&mut ebpf, settings.pid);
-    load_flush_program(&mut ebpf)?;
-    let pending = PendingBatches::map(&ebpf, possible_cpus)?;
+    let timings = map_timing_rings(&ebpf, possible_cpus, config.timing_ring_bits, settings.pid)?;
     let synthetic = if settings.synthetic_syscall_events {
         let name = "synthetic_sys_enter";
         let p: &mut BtfTracePoint = program_mut(&mut ebpf, name)?;
@@ -909,7 +800,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         ebpf,
         sched_hook: chosen,
         cpus,
-        pending,
+        timings,
         listeners,
         sampling,
         write_hook,

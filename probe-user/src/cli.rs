@@ -329,12 +329,19 @@ fn run_attach(args: AttachArgs) -> anyhow::Result<()> {
         eprintln!("target {} exited", args.pid);
     }
     println!(
-        "{} capture(s); {} events sent, {} dropped in the kernel, {} stacks missing",
+        "{} capture(s); {} events sent, {} dropped in the kernel, {} stacks missing ({})",
         summary.captures.len(),
-        summary.counters.events_sent,
-        summary.counters.ring_buffer_full,
-        summary.counters.stacks_missing
+        summary.counters.produced(),
+        summary.counters.lost(),
+        summary.counters.stacks_missing,
+        summary.counters.breakdown()
     );
+    if summary.timing_history_cut > 0 {
+        println!(
+            "{} capture(s) started after the kernel's timing rings had lost the start of their baseline",
+            summary.timing_history_cut
+        );
+    }
     if let Some(line) = crate::offcpu_sampling::summary_line(&summary.offcpu_sampling_changes) {
         println!("{line}");
     }
@@ -421,13 +428,13 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
             args.pid
         );
     }
-    let drops = summary.counters.ring_buffer_full;
     println!(
-        "wrote {} ({} events, {} dropped in the kernel, {} stacks missing)",
+        "wrote {} ({} events, {} dropped in the kernel, {} stacks missing; {})",
         summary.path.display(),
         summary.events,
-        drops,
-        summary.counters.stacks_missing
+        summary.counters.lost(),
+        summary.counters.stacks_missing,
+        summary.counters.breakdown()
     );
     if let Some(line) = crate::offcpu_sampling::summary_line(&summary.offcpu_sampling_changes) {
         println!("{line}");
@@ -537,8 +544,11 @@ fn run_info(args: InfoArgs) -> anyhow::Result<()> {
     println!("hooks: {}", meta.hooks);
     println!("events: {counts:?}");
     println!(
-        "kernel: {} sent, {} dropped (ring buffer full), {} stacks missing",
-        meta.counters.events_sent, meta.counters.ring_buffer_full, meta.counters.stacks_missing
+        "kernel: {} sent, {} dropped, {} stacks missing ({})",
+        meta.counters.produced(),
+        meta.counters.lost(),
+        meta.counters.stacks_missing,
+        meta.counters.breakdown()
     );
     if let Some(line) = sampled.summary() {
         println!("{line}");

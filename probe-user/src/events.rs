@@ -2,9 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use probe_common::{
-    BatchedEvent, EventBatch, EventKind, RawEvent, EVENT_BATCH_LEN, FLAG_PREEMPTED, NO_STACK,
-};
+use probe_common::{EventKind, RawEvent, FLAG_PREEMPTED, NO_STACK};
 use serde::Serialize;
 
 /// Stack-map id as written by the kernel; `None` when no stack was captured.
@@ -212,7 +210,7 @@ impl Event {
                 tid: raw.tid,
                 which: raw.state,
             },
-            EventKind::Synthetic | EventKind::EventBatch => return None,
+            EventKind::Synthetic => return None,
         })
     }
 }
@@ -285,8 +283,8 @@ pub fn decode_raw(bytes: &[u8]) -> Option<RawEvent> {
 }
 
 /// An event that is nothing but a time, a duration and whose it was: request latencies and
-/// run-queue waits, nine in ten of the events under load, which the kernel sends in
-/// [`EventBatch`]es. The agent keeps them in a third of a [`RawEvent`]'s 96 bytes: building,
+/// run-queue waits, nine in ten of the events under load, which the kernel keeps in its timing
+/// rings (`timing_rings`). The agent keeps them in a third of a [`RawEvent`]'s 96 bytes: building,
 /// passing and storing 96 bytes per request was most of its work under a 120k requests/s
 /// load, and holding them most of its memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -329,7 +327,8 @@ impl Timing {
     }
 }
 
-/// What drains of the ring buffer brought: the batched timings apart from every other event.
+/// What drains brought: the timing rings' timings apart from every other event (the ring
+/// buffer's).
 #[derive(Debug, Default)]
 pub struct Drained {
     pub events: Vec<RawEvent>,
@@ -366,84 +365,34 @@ impl Drained {
     }
 }
 
-/// Adds the events of one ring-buffer record: a [`RawEvent`], or the timings of an
-/// [`EventBatch`]. Records of neither shape are dropped.
+/// Adds the event of one ring-buffer record; a record of another shape is dropped.
 pub fn decode_ring_record(bytes: &[u8], out: &mut Drained) {
-    let u32_at = |o: usize| {
-        bytes
-            .get(o..o + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    };
-    if u32_at(0) != Some(EventKind::EventBatch as u32) {
-        out.events.extend(decode_raw(bytes));
-        return;
-    }
-    if bytes.len() < EventBatch::SIZE {
-        return;
-    }
-    let (cpu, len, tgid) = (u32_at(4).unwrap(), u32_at(8).unwrap(), u32_at(12).unwrap());
-    let records = &bytes[16..EventBatch::SIZE];
-    let record_size = std::mem::size_of::<BatchedEvent>();
-    for record in records
-        .chunks_exact(record_size)
-        .take((len as usize).min(EVENT_BATCH_LEN))
-    {
-        let u64_at = |o: usize| u64::from_le_bytes(record[o..o + 8].try_into().unwrap());
-        let u32_at = |o: usize| u32::from_le_bytes(record[o..o + 4].try_into().unwrap());
-        out.timings.push(Timing {
-            ts_ns: u64_at(0),
-            duration_ns: u64_at(8),
-            tid: u32_at(16),
-            tgid,
-            cpu,
-            kind: u32_at(20),
-        });
-    }
+    out.events.extend(decode_raw(bytes));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn batch_bytes(batch: &EventBatch) -> &[u8] {
-        unsafe {
-            std::slice::from_raw_parts(batch as *const EventBatch as *const u8, EventBatch::SIZE)
-        }
-    }
-
     #[test]
-    fn an_event_batch_unpacks_into_its_events_only() {
-        let mut batch = EventBatch {
-            kind: EventKind::EventBatch as u32,
-            cpu: 1,
-            len: 3,
+    fn timings_become_the_events_they_stand_for() {
+        let timing = |ts_ns, duration_ns, tid, kind: EventKind| Timing {
+            ts_ns,
+            duration_ns,
+            tid,
             tgid: 4242,
-            records: [BatchedEvent::default(); EVENT_BATCH_LEN],
+            cpu: 1,
+            kind: kind as u32,
         };
-        batch.records[0] = BatchedEvent {
-            ts_ns: 1_000,
-            duration_ns: 250,
-            tid: 4243,
-            kind: EventKind::RequestServed as u32,
+        let drained = Drained {
+            events: Vec::new(),
+            timings: vec![
+                timing(1_000, 250, 4243, EventKind::RequestServed),
+                timing(2_000, 6_000_000_000, 0, EventKind::RequestDelivered),
+                timing(3_000, 40_000, 4244, EventKind::RunQueue),
+            ],
         };
-        batch.records[1] = BatchedEvent {
-            ts_ns: 2_000,
-            duration_ns: 6_000_000_000,
-            tid: 0,
-            kind: EventKind::RequestDelivered as u32,
-        };
-        batch.records[2] = BatchedEvent {
-            ts_ns: 3_000,
-            duration_ns: 40_000,
-            tid: 4244,
-            kind: EventKind::RunQueue as u32,
-        };
-        // A stale record past `len` is not an event.
-        batch.records[3].kind = EventKind::RequestServed as u32;
-        let mut out = Drained::default();
-        decode_ring_record(batch_bytes(&batch), &mut out);
-        assert!(out.events.is_empty());
-        let events: Vec<Event> = out
+        let events: Vec<Event> = drained
             .raw_events()
             .filter_map(|e| Event::from_raw(&e))
             .collect();
@@ -459,7 +408,7 @@ mod tests {
                     ts_ns: 2_000,
                     latency_ns: 6_000_000_000
                 },
-                // The batch's CPU is the wait's: each CPU fills its own batch.
+                // The ring's CPU is the wait's: each CPU writes its own ring.
                 Event::RunQueue {
                     ts_ns: 3_000,
                     cpu: 1,
@@ -468,21 +417,14 @@ mod tests {
                 },
             ]
         );
-        assert!(out.raw_events().all(|raw| raw.cpu == 1 && raw.tgid == 4242));
+        assert!(drained
+            .raw_events()
+            .all(|raw| raw.cpu == 1 && raw.tgid == 4242));
         // Each timing is what its event would be compacted to.
-        assert!(out
+        assert!(drained
             .timings
             .iter()
             .all(|t| Timing::of(&t.to_raw()) == Some(*t)));
-
-        // A length the kernel never writes is clamped; a truncated batch yields nothing.
-        batch.len = u32::MAX;
-        out.clear();
-        decode_ring_record(batch_bytes(&batch), &mut out);
-        assert_eq!(out.len(), EVENT_BATCH_LEN);
-        out.clear();
-        decode_ring_record(&batch_bytes(&batch)[..100], &mut out);
-        assert!(out.is_empty());
     }
 
     #[test]

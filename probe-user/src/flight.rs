@@ -1,9 +1,11 @@
 //! The flight recorder: the last few seconds of events in bounded memory, so a capture holds
-//! what happened before the threshold was crossed.
+//! what happened before the threshold was crossed. Request latencies and run-queue waits are
+//! the exception: the kernel keeps their last seconds (`timing_rings`), and the recorder holds
+//! them only from a capture's start to its end.
 
 use std::collections::{hash_map::Entry, HashMap, VecDeque};
 
-use probe_common::RawEvent;
+use probe_common::{EventKind, RawEvent};
 
 use crate::events::{stacks_named, Timing};
 
@@ -52,6 +54,21 @@ impl FlightRecorder {
     pub fn push_timing(&mut self, timing: Timing) {
         self.make_room();
         self.timings.push_back(timing);
+    }
+
+    /// Holds `timings`, the kernel's copy of the request latencies and run-queue waits since
+    /// a capture's start (read back from its rings), in place of any held before; keeps the
+    /// external latencies, which only the agent has. The agent holds timings only while a
+    /// capture is waiting for its post-window: the kernel keeps them otherwise.
+    pub fn hold_timings(&mut self, mut timings: Vec<Timing>) {
+        let external = EventKind::ExternalLatency as u32;
+        timings.extend(self.timings.iter().filter(|t| t.kind == external));
+        timings.sort_unstable_by_key(|t| t.ts_ns);
+        self.timings = timings.into();
+        while self.len() > self.max_events {
+            self.pop_oldest();
+            self.evicted_for_memory += 1;
+        }
     }
 
     fn make_room(&mut self) {
@@ -138,7 +155,7 @@ impl FlightRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use probe_common::{EventKind, NO_STACK};
+    use probe_common::NO_STACK;
 
     fn named_stacks(flight: &FlightRecorder) -> Vec<u32> {
         let mut ids: Vec<u32> = flight.stacks_named().collect();
@@ -233,5 +250,51 @@ mod tests {
         flight.evict(1_120, None);
         assert_eq!(flight.snapshot(0, 1_000), [retransmit, at(200)]);
         assert_eq!(named_stacks(&flight), [] as [u32; 0]);
+    }
+
+    #[test]
+    fn held_timings_replace_the_kernel_kinds_and_keep_external_latencies() {
+        let timing = |ts_ns, kind: EventKind| Timing {
+            ts_ns,
+            duration_ns: 1,
+            tid: 1,
+            tgid: 1,
+            cpu: 0,
+            kind: kind as u32,
+        };
+        let mut flight = FlightRecorder::new(u64::MAX, 4);
+        flight.push_timing(timing(10, EventKind::RequestServed));
+        flight.push_timing(timing(20, EventKind::ExternalLatency));
+        let mut off_cpu = at(30);
+        off_cpu.kind = EventKind::OffCpu as u32;
+        off_cpu.kernel_stack_id = 9;
+        flight.push(off_cpu);
+        flight.hold_timings(vec![
+            timing(40, EventKind::RunQueue),
+            timing(5, EventKind::RequestServed),
+        ]);
+        let held: Vec<(u64, u32)> = flight
+            .snapshot(0, 100)
+            .iter()
+            .map(|e| (e.ts_ns, e.kind))
+            .collect();
+        assert_eq!(
+            held,
+            [
+                (5, EventKind::RequestServed as u32),
+                (20, EventKind::ExternalLatency as u32),
+                (30, EventKind::OffCpu as u32),
+                (40, EventKind::RunQueue as u32)
+            ]
+        );
+        // Beyond the memory bound the oldest go.
+        flight.hold_timings(vec![
+            timing(1, EventKind::RunQueue),
+            timing(2, EventKind::RunQueue),
+            timing(3, EventKind::RunQueue),
+        ]);
+        assert_eq!(flight.len(), 4);
+        assert_eq!(flight.evicted_for_memory, 1);
+        assert_eq!(flight.snapshot(0, 100)[0].ts_ns, 2);
     }
 }

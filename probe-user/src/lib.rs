@@ -32,6 +32,7 @@ pub mod svg;
 pub mod symbolize;
 pub mod target;
 pub mod timeline;
+pub mod timing_rings;
 pub mod trigger;
 pub mod verdict;
 pub mod window;

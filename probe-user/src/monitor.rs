@@ -81,6 +81,8 @@ pub struct AttachSummary {
     pub counters: KernelCounters,
     pub target_exited: bool,
     pub evicted_for_memory: u64,
+    /// Captures whose start the kernel's timing rings no longer reached back to.
+    pub timing_history_cut: usize,
     /// Kernel stack-map entries freed: copied out and not recurring, or named by no event.
     pub stacks_freed: u64,
     /// When on-CPU sampling changed rate (CLOCK_MONOTONIC ns) and to what: `true` for calm.
@@ -143,6 +145,14 @@ fn take_feed(feed: &mut Option<mpsc::Receiver<(u64, u64)>>, mut each: impl FnMut
     }
 }
 
+/// Where the capture of `fire` starts: its baseline's start, or the start of tracing.
+fn capture_start(opts: &AttachOptions, session: &LiveSession, fire: &Fire) -> u64 {
+    let ahead = opts.pre + opts.baseline;
+    fire.at_ns
+        .saturating_sub(ahead.as_nanos() as u64)
+        .max(session.start_ns)
+}
+
 struct Capturer<'a> {
     opts: &'a AttachOptions,
     /// What the trigger watches: the feed's latencies when there is a feed.
@@ -162,10 +172,7 @@ impl Capturer<'_> {
         target_exited: bool,
     ) -> Result<(), ProbeError> {
         let ns = |d: Duration| d.as_nanos() as u64;
-        let from = fire
-            .at_ns
-            .saturating_sub(ns(self.opts.pre) + ns(self.opts.baseline))
-            .max(session.start_ns);
+        let from = capture_start(self.opts, session, &fire);
         let spike = Window::new(
             fire.at_ns.saturating_sub(ns(self.opts.window)).max(from),
             end_ns,
@@ -272,17 +279,22 @@ pub async fn attach_and_watch(
     let mut last_prune = monotonic_ns();
     let mut last_check = 0u64;
     let mut drops = 0u64;
+    let mut timing_history_cut = 0usize;
     loop {
         tokio::select! {
             result = session.next_events(&mut batch) => {
                 result?;
                 events_seen += batch.len() as u64;
                 let trigger_kind = latency_kind.event_kind() as u32;
+                // The kernel keeps the timings (its rings); the agent holds them only for a
+                // capture in progress.
                 for timing in batch.timings.drain(..) {
                     if timing.kind == trigger_kind {
                         sliding.record(timing.ts_ns, timing.duration_ns);
                     }
-                    flight.push_timing(timing);
+                    if pending.is_some() {
+                        flight.push_timing(timing);
+                    }
                 }
                 for raw in batch.events.drain(..) {
                     if let Some((ts, latency)) = raw_request_latency(&raw, latency_kind) {
@@ -317,6 +329,7 @@ pub async fn attach_and_watch(
                 let hold = pending.map(|f| f.at_ns.saturating_sub(ns(opts.pre) + ns(opts.baseline)));
                 flight.evict(now, hold);
                 let current = sliding.percentiles(now);
+                let mut fired_now = false;
                 if pending.is_none() {
                     if let Some(fire) = trigger.observe(now, &current) {
                         if opts.progress {
@@ -330,6 +343,7 @@ pub async fn attach_and_watch(
                             ));
                         }
                         pending = Some(fire);
+                        fired_now = true;
                     }
                 }
                 session.drain_promptly(pending.is_some());
@@ -348,10 +362,23 @@ pub async fn attach_and_watch(
                         }
                     }
                 }
+                // After the switch to full-rate sampling, which should not wait for this copy
+                // (tens of ms with full rings).
+                if let Some(fire) = pending.filter(|_| fired_now) {
+                    let mut held = Vec::new();
+                    let read = session.read_back_timings(capture_start(opts, &session, &fire), &mut held);
+                    flight.hold_timings(held);
+                    if read.truncated {
+                        timing_history_cut += 1;
+                        progress.suspend(|| eprintln!(
+                            "p99probe: the kernel's timing rings no longer reach back to the capture's start; its earliest request latencies and run-queue waits are missing"
+                        ));
+                    }
+                }
                 if now.saturating_sub(rate_mark.0) >= 1_000_000_000 {
                     events_per_s = (events_seen - rate_mark.1) as f64 * 1e9 / (now - rate_mark.0) as f64;
                     rate_mark = (now, events_seen);
-                    drops = session.counters().map(|c| c.ring_buffer_full).unwrap_or(drops);
+                    drops = session.counters().map(|c| c.lost()).unwrap_or(drops);
                     if !session.refresh_target() {
                         target_exited = true;
                         break;
@@ -389,8 +416,10 @@ pub async fn attach_and_watch(
         }
     }
     session.drain_now(&mut batch);
-    for timing in batch.timings.drain(..) {
-        flight.push_timing(timing);
+    if pending.is_some() {
+        for timing in batch.timings.drain(..) {
+            flight.push_timing(timing);
+        }
     }
     for raw in batch.events.drain(..) {
         flight.push(raw);
@@ -416,6 +445,7 @@ pub async fn attach_and_watch(
         counters,
         target_exited,
         evicted_for_memory: flight.evicted_for_memory,
+        timing_history_cut,
         stacks_freed,
         sampling_changes,
         write_hook_changes,

@@ -23,6 +23,7 @@ use crate::request_end::WriteHookGovernor;
 use crate::stacks::StackStore;
 use crate::symbolize::{symbolize_stacks, trim_tracing_frames};
 use crate::target::{self, MemoryMap};
+use crate::timing_rings::{ReadBack, RingCursors};
 
 #[derive(Clone, Debug)]
 pub struct RecordOptions {
@@ -68,10 +69,6 @@ const BUSY_DRAIN_EVENTS: usize = 2_000;
 const CHURN_DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 const CHURN_STACK_ENTRIES: usize = 128;
 
-/// How long a request may wait in a CPU's batch in the kernel before the agent has it sent.
-/// With the drain interval, the trigger sees a request at most ~100 ms after it ended.
-const BATCH_STALE_NS: u64 = 50_000_000;
-
 /// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -111,6 +108,8 @@ fn read_counters(ebpf: &Ebpf) -> Result<KernelCounters, ProbeError> {
         stacks_missing: sum(Counter::StackMissing),
         state_map_full: sum(Counter::StateMapFull),
         requests_untimed: sum(Counter::RequestsUntimed),
+        timings_recorded: 0,
+        timings_overwritten: 0,
     })
 }
 
@@ -164,6 +163,10 @@ pub struct LiveSession {
     offcpu_sampling: Option<OffCpuSamplingGovernor>,
     /// When the off-CPU stack-sampling threshold changed and to what (ms; 0: every interval).
     pub offcpu_sampling_changes: Vec<(u64, u32)>,
+    /// Where drains have read the kernel's timing rings up to.
+    timing_cursors: RingCursors,
+    /// Timings the kernel overwrote before a drain read them.
+    timings_overwritten: u64,
     /// Events the last drain found.
     last_drained: usize,
     /// Whether a capture is waiting for events, so drains keep to `DRAIN_INTERVAL`.
@@ -227,6 +230,8 @@ impl LiveSession {
                 probe.offcpu_stack_budget,
             )),
             offcpu_sampling_changes: Vec::new(),
+            timing_cursors: attached.timings.cursors(),
+            timings_overwritten: 0,
             last_drained: 0,
             prompt: false,
             attached,
@@ -248,15 +253,9 @@ impl LiveSession {
         } else {
             DRAIN_INTERVAL
         };
-        match tokio::time::timeout(interval, self.ring.readable_mut()).await {
-            Ok(guard) => {
-                // Cleared before the drain, so that a wakeup during it is not lost.
-                guard.map_err(|e| attach_err("EVENTS", e))?.clear_ready();
-            }
-            Err(_) => {
-                let stale_before = monotonic_ns().saturating_sub(BATCH_STALE_NS);
-                self.attached.flush_request_batches(stale_before)?;
-            }
+        if let Ok(guard) = tokio::time::timeout(interval, self.ring.readable_mut()).await {
+            // Cleared before the drain, so that a wakeup during it is not lost.
+            guard.map_err(|e| attach_err("EVENTS", e))?.clear_ready();
         }
         let (drained, served) = self.drain_into(out);
         self.last_drained = drained;
@@ -318,19 +317,29 @@ impl LiveSession {
             .map_or(0, OffCpuSamplingGovernor::threshold_ms)
     }
 
-    /// Drains everything the kernel holds, including partly filled request batches.
+    /// Appends the timings drains have already read that ended at or after `from_ns`, as far
+    /// back as the kernel's rings still hold them: a capture starting now takes its history
+    /// from there, as the agent keeps no copy of timings.
+    pub fn read_back_timings(&self, from_ns: u64, out: &mut Vec<Timing>) -> ReadBack {
+        self.attached
+            .timings
+            .read_back(&self.timing_cursors, from_ns, out)
+    }
+
+    /// Drains everything the kernel holds.
     pub fn drain_now(&mut self, out: &mut Drained) {
-        if let Err(e) = self.attached.flush_request_batches(u64::MAX) {
-            log::warn!("request batches not flushed: {e}");
-        }
         self.drain_into(out);
     }
 
-    /// Drains the ring buffer into `out` and takes the new events in; returns how many came
-    /// and how many of them were served requests.
+    /// Drains the ring buffer and the new timings of the timing rings into `out` and takes
+    /// the new events in; returns how many came and how many of them were served requests.
     fn drain_into(&mut self, out: &mut Drained) -> (usize, u64) {
         let (first_new_event, first_new_timing) = (out.events.len(), out.timings.len());
         drain(self.ring.get_mut(), out);
+        self.timings_overwritten += self
+            .attached
+            .timings
+            .read_new(&mut self.timing_cursors, &mut out.timings);
         let (new_events, new_timings) = (
             &mut out.events[first_new_event..],
             &out.timings[first_new_timing..],
@@ -457,6 +466,8 @@ impl LiveSession {
     pub fn counters(&self) -> Result<KernelCounters, ProbeError> {
         let mut counters = read_counters(&self.attached.ebpf)?;
         counters.stacks_missing += self.stacks.unreadable;
+        counters.timings_recorded = self.attached.timings.written();
+        counters.timings_overwritten = self.timings_overwritten;
         Ok(counters)
     }
 

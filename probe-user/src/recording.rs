@@ -29,6 +29,33 @@ pub struct KernelCounters {
     /// Requests not timed because another connection took their socket's slot.
     #[serde(default)]
     pub requests_untimed: u64,
+    /// Request latencies and run-queue waits written to the kernel's timing rings (not in
+    /// `events_sent`, which counts the ring buffer's events).
+    #[serde(default)]
+    pub timings_recorded: u64,
+    /// Timings the kernel overwrote in its rings before the agent read them.
+    #[serde(default)]
+    pub timings_overwritten: u64,
+}
+
+impl KernelCounters {
+    /// Events the kernel produced: through the ring buffer and into the timing rings.
+    pub fn produced(&self) -> u64 {
+        self.events_sent + self.timings_recorded
+    }
+
+    /// Events lost before the agent read them: the ring buffer full, or a timing overwritten.
+    pub fn lost(&self) -> u64 {
+        self.ring_buffer_full + self.timings_overwritten
+    }
+
+    /// How the totals split, for the end of a summary line.
+    pub fn breakdown(&self) -> String {
+        format!(
+            "ring buffer: {} sent, {} lost to it full; timing rings: {} written, {} overwritten unread",
+            self.events_sent, self.ring_buffer_full, self.timings_recorded, self.timings_overwritten
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -317,8 +317,8 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "\n## Data quality\n\n{} events lost in the kernel (ring buffer full), {} stacks missing, {} requests untimed (their connection's slot was taken by another).",
-            self.drops.ring_buffer_full, self.drops.stacks_missing, self.drops.requests_untimed
+            "\n## Data quality\n\n{} events lost in the kernel (ring buffer full, or timings overwritten before the agent read them), {} stacks missing, {} requests untimed (their connection's slot was taken by another).",
+            self.drops.lost(), self.drops.stacks_missing, self.drops.requests_untimed
         );
         let sampled = &self.off_cpu_sampled_below_ms;
         if sampled.spike > 0 || sampled.baseline > 0 {

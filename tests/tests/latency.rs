@@ -165,8 +165,9 @@ fn connection_close_requests_ended_by_the_close_are_all_counted() {
     check(sent, served, latencies);
 }
 
-/// Request latencies wait in a per-CPU batch in the kernel until it fills; at a trickle of
-/// requests the agent must still get each one promptly, or a spike at low load goes unseen.
+/// Request latencies stay in the kernel's per-CPU timing rings until the agent reads them; at a
+/// trickle of requests, which never wake it, it must still get each one promptly, or a spike
+/// at low load goes unseen.
 /// Server latency only, as `attach` measures it: at a trickle the write hook must be attached,
 /// or a request on a connection that then sits idle would not end until its next request.
 #[test]

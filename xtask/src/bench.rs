@@ -1848,7 +1848,6 @@ fn times_requests(program: &str) -> bool {
         "sock_send_length",
         "tcp_probe",
         "inet_sock_set_state",
-        "flush_requests",
     ]
     .iter()
     .any(|hook| program.starts_with(hook))
