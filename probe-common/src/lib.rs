@@ -62,6 +62,58 @@ pub struct TimingHead {
     /// Timings ever written to this CPU's ring; the next goes to slot `written % capacity`.
     /// Stored after the slot it counts, so a reader that sees it sees the slot.
     pub written: u64,
+    /// Of those, `EventKind::RequestServed`: the request rate, without reading the ring.
+    pub served: u64,
+}
+
+/// Buckets of the kernel's latency histograms ([`LatencySlice`]): one per nanosecond below
+/// 16 ns, then 16 per power of two, so a bucket is at most 1/16 of its lower bound wide.
+pub const LATENCY_BUCKETS: usize = 976;
+
+/// The histogram bucket of `value` (ns). Shifts and compares only: BPF has no
+/// count-leading-zeros instruction.
+#[inline(always)]
+pub const fn latency_bucket(value: u64) -> usize {
+    if value < 16 {
+        return value as usize;
+    }
+    let mut msb = 0;
+    let mut rest = value;
+    let mut step = 32;
+    while step > 0 {
+        if rest >> step != 0 {
+            rest >>= step;
+            msb += step;
+        }
+        step /= 2;
+    }
+    ((msb - 3) * 16 + ((value >> (msb - 4)) & 15) as u32) as usize
+}
+
+/// The smallest value in histogram bucket `index` (ns); the bucket ends where the next begins.
+pub const fn latency_bucket_start(index: usize) -> u64 {
+    if index < 16 {
+        return index as u64;
+    }
+    let msb = index as u32 / 16 + 3;
+    (16 + (index as u64 % 16)) << (msb - 4)
+}
+
+/// Slices each CPU keeps of the trigger's latency histogram; a power of two, and more than a
+/// window's worth (at most 21 slices) plus the agent's slowest read.
+pub const LATENCY_SLICES_PER_CPU: u32 = 32;
+
+/// One CPU's histogram of the trigger's request latency over one slice of time (a tenth to a
+/// twentieth of the trigger's window), in the kernel's `LATENCY_SLICES`. The kernel counts each request
+/// into the histogram of the slice it ended in; the agent sums the slices of the window from
+/// its mapping of them, so it needs no copy of each request to know the P99.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LatencySlice {
+    /// The slice's number (its start time / slice length) + 1; 0 for never used. Stored after
+    /// the buckets are cleared for a new slice.
+    pub slice: u64,
+    pub buckets: [u32; LATENCY_BUCKETS],
 }
 
 /// `state` of a [`EventKind::GoRuntime`] event: which runtime function was entered.
@@ -235,6 +287,11 @@ pub struct ProbeConfig {
     pub track_delivery: u32,
     /// Each CPU's timing ring holds `1 << timing_ring_bits` records.
     pub timing_ring_bits: u32,
+    /// The `EventKind` the trigger watches, counted into `LATENCY_SLICES`; 0 for none.
+    pub trigger_kind: u32,
+    /// A `LatencySlice` is `1 << trigger_slice_shift` ns long: a shift, not a division, on
+    /// every request.
+    pub trigger_slice_shift: u32,
 }
 
 /// A thread's scheduling state, kept by the kernel programs in the `THREADS` map (keyed by tid)
@@ -265,6 +322,29 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_buckets_cover_every_value_in_order_within_a_sixteenth() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(15), 15);
+        assert_eq!(latency_bucket(16), 16);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+        for index in 0..LATENCY_BUCKETS {
+            let start = latency_bucket_start(index);
+            assert_eq!(latency_bucket(start), index, "start of {index}");
+            if index > 0 {
+                assert_eq!(latency_bucket(start - 1), index - 1, "before {index}");
+            }
+            if index + 1 < LATENCY_BUCKETS {
+                let width = latency_bucket_start(index + 1) - start;
+                assert!(width == 1 || width * 16 <= start, "bucket {index} too wide");
+            }
+        }
+        for value in [17, 1_000, 130_000, 5_000_000, 10_000_000_000] {
+            let start = latency_bucket_start(latency_bucket(value));
+            assert!(start <= value && value - start <= start / 16);
+        }
+    }
 
     #[test]
     fn every_port_has_its_own_bit_inside_the_bitmap() {

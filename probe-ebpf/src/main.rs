@@ -32,9 +32,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    port_bit, Counter, EventKind, ProbeConfig, RawEvent, ThreadState, TimingHead, TimingRecord,
-    COUNTER_SLOTS, FLAG_PREEMPTED, GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD,
-    GO_STOP_THE_WORLD, NO_STACK, PORT_BITMAP_WORDS,
+    latency_bucket, port_bit, Counter, EventKind, LatencySlice, ProbeConfig, RawEvent,
+    ThreadState, TimingHead, TimingRecord, COUNTER_SLOTS, FLAG_PREEMPTED, GO_GC_MARK_TERMINATION,
+    GO_GC_START, GO_START_THE_WORLD, GO_STOP_THE_WORLD, LATENCY_BUCKETS, LATENCY_SLICES_PER_CPU,
+    NO_STACK, PORT_BITMAP_WORDS,
 };
 
 #[no_mangle]
@@ -62,6 +63,8 @@ static CONFIG: ProbeConfig = ProbeConfig {
     },
     track_delivery: 0,
     timing_ring_bits: 0,
+    trigger_kind: 0,
+    trigger_slice_shift: 0,
 };
 
 #[map]
@@ -85,6 +88,13 @@ static TIMINGS: Array<TimingRecord> = Array::with_max_entries(1, BPF_F_MMAPABLE)
 /// Each CPU's position in its timing ring, at the index of its CPU id.
 #[map]
 static TIMING_HEADS: Array<TimingHead> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Each CPU's histograms of the trigger's latency, `LATENCY_SLICES_PER_CPU` slices of time
+/// from `cpu * LATENCY_SLICES_PER_CPU`, reused round-robin (the agent sizes the map). Mapped by
+/// the agent, which sums a window of them ten times a second: the trigger then needs nothing
+/// from the agent per request.
+#[map]
+static LATENCY_SLICES: Array<LatencySlice> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// tid → the thread's scheduling state. One entry per thread, created on first sight and
 /// updated in place afterwards: a hash insert or delete takes a bucket lock and allocates, and
@@ -673,6 +683,9 @@ unsafe fn read_field<T: Copy>(base: u64, offset: u32) -> Result<T, i64> {
 #[inline(always)]
 fn record_timing(kind: EventKind, tid: u32, now: u64, duration: u64) {
     let cpu = unsafe { bpf_get_smp_processor_id() };
+    if kind as u32 == config().trigger_kind {
+        count_latency(cpu, now, duration);
+    }
     let Some(head) = TIMING_HEADS.get_ptr_mut(cpu) else {
         return emit_timing(kind, tid, now, duration);
     };
@@ -701,9 +714,42 @@ fn record_timing(kind: EventKind, tid: u32, now: u64, duration: u64) {
             // Stores are not reordered with other stores on x86; on arm64 a reader could see
             // the count before the record, which would make the newest record stale.
             core::ptr::write_volatile(&mut head.written, written + 1);
+            if kind == EventKind::RequestServed {
+                let served = core::ptr::read_volatile(&head.served);
+                core::ptr::write_volatile(&mut head.served, served + 1);
+            }
         }
     }
     unsafe { core::ptr::write_volatile(&mut head.busy, 0) };
+}
+
+/// Counts a latency of the trigger's kind into this CPU's histogram of the slice it ended in.
+/// Not guarded like the ring: a program interrupting this one on the same CPU can at worst
+/// lose one count, and the trigger reads a P99 of thousands.
+#[inline(always)]
+fn count_latency(cpu: u32, ended_ns: u64, duration: u64) {
+    let slice = (ended_ns >> config().trigger_slice_shift) + 1;
+    let index = cpu * LATENCY_SLICES_PER_CPU + (slice as u32 & (LATENCY_SLICES_PER_CPU - 1));
+    let Some(histogram) = LATENCY_SLICES.get_ptr_mut(index) else {
+        return;
+    };
+    let histogram = unsafe { &mut *histogram };
+    let held = unsafe { core::ptr::read_volatile(&histogram.slice) };
+    if held > slice {
+        // Ended so long ago that its slice's histogram has been reused: too late to count.
+        return;
+    }
+    if held < slice {
+        let words = histogram.buckets.as_mut_ptr() as *mut u64;
+        for i in 0..LATENCY_BUCKETS / 2 {
+            unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        }
+        unsafe { core::ptr::write_volatile(&mut histogram.slice, slice) };
+    }
+    let bucket = latency_bucket(duration);
+    if let Some(count) = histogram.buckets.get_mut(bucket) {
+        unsafe { core::ptr::write_volatile(count, core::ptr::read_volatile(count) + 1) };
+    }
 }
 
 /// One timing as a ring-buffer record of its own, for when this CPU's timing ring is in use.

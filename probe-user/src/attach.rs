@@ -13,11 +13,12 @@ use aya::{
     },
     Btf, Ebpf, EbpfLoader,
 };
-use probe_common::{port_bit, KernelOffsets, ProbeConfig};
+use probe_common::{port_bit, KernelOffsets, ProbeConfig, LATENCY_SLICES_PER_CPU};
 use serde::{Deserialize, Serialize};
 
 use crate::btf::KernelBtf;
 use crate::error::ProbeError;
+use crate::latency_slices::{self, LatencySlices};
 use crate::listeners::Listeners;
 use crate::request_end::WriteHookPolicy;
 use crate::sampling::full_period_ns;
@@ -165,6 +166,16 @@ pub struct ProbeSettings {
     pub write_hook: WriteHookPolicy,
     /// Benchmarks only: an event per system call of the target (`EventKind::Synthetic`).
     pub synthetic_syscall_events: bool,
+    /// The request latency the kernel sums into histograms for a trigger, and over what window.
+    pub trigger_latency: Option<TriggerLatency>,
+}
+
+/// What the kernel's trigger histograms count (see `latency_slices`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TriggerLatency {
+    /// `EventKind::RequestServed` or `EventKind::RequestDelivered`.
+    pub kind: probe_common::EventKind,
+    pub window_ns: u64,
 }
 
 pub struct AttachedProbes {
@@ -175,6 +186,8 @@ pub struct AttachedProbes {
     cpus: Vec<u32>,
     /// The last request latencies and run-queue waits of every CPU, as the kernel keeps them.
     pub timings: TimingRings,
+    /// The kernel's histograms of the trigger's latency, when it keeps them.
+    pub latency_slices: Option<LatencySlices>,
     listeners: Listeners,
     sampling: Option<Sampling>,
     /// The response-write hook (see `request_end`).
@@ -262,6 +275,29 @@ impl AttachedProbes {
 
 const TIMINGS_MAP: &str = "TIMINGS";
 const TIMING_HEADS_MAP: &str = "TIMING_HEADS";
+const LATENCY_SLICES_MAP: &str = "LATENCY_SLICES";
+
+fn array_map_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<std::os::fd::BorrowedFd<'a>, ProbeError> {
+    use std::os::fd::AsFd;
+    match ebpf.map(name) {
+        Some(aya::maps::Map::Array(data)) => Ok(data.fd().as_fd()),
+        _ => Err(attach_err(name, "array map missing")),
+    }
+}
+
+/// Maps the kernel's histograms of the trigger's latency into the agent's memory.
+fn map_latency_slices(
+    ebpf: &Ebpf,
+    possible_cpus: usize,
+    window_ns: u64,
+) -> Result<LatencySlices, ProbeError> {
+    LatencySlices::map(
+        array_map_fd(ebpf, LATENCY_SLICES_MAP)?,
+        possible_cpus,
+        window_ns,
+    )
+    .map_err(|e| attach_err(LATENCY_SLICES_MAP, format!("mmap: {e}")))
+}
 
 /// Maps the kernel's timing rings into the agent's memory.
 fn map_timing_rings(
@@ -270,14 +306,9 @@ fn map_timing_rings(
     bits: u32,
     tgid: u32,
 ) -> Result<TimingRings, ProbeError> {
-    use std::os::fd::AsFd;
-    let fd_of = |name: &str| match ebpf.map(name) {
-        Some(aya::maps::Map::Array(data)) => Ok(data.fd().as_fd()),
-        _ => Err(attach_err(name, "array map missing")),
-    };
     TimingRings::map(
-        fd_of(TIMINGS_MAP)?,
-        fd_of(TIMING_HEADS_MAP)?,
+        array_map_fd(ebpf, TIMINGS_MAP)?,
+        array_map_fd(ebpf, TIMING_HEADS_MAP)?,
         possible_cpus,
         bits,
         tgid,
@@ -722,6 +753,10 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         offsets: kernel_offsets(&layout)?,
         track_delivery: settings.track_delivery as u32,
         timing_ring_bits: ring_bits(possible_cpus),
+        trigger_kind: settings.trigger_latency.map_or(0, |t| t.kind as u32),
+        trigger_slice_shift: settings
+            .trigger_latency
+            .map_or(0, |t| latency_slices::slice_shift(t.window_ns)),
     };
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
@@ -731,6 +766,10 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
             (possible_cpus << config.timing_ring_bits) as u32,
         )
         .set_max_entries(TIMING_HEADS_MAP, possible_cpus as u32)
+        .set_max_entries(
+            LATENCY_SLICES_MAP,
+            possible_cpus as u32 * LATENCY_SLICES_PER_CPU,
+        )
         .load(PROBE_OBJECT)
         .map_err(|e| attach_err("probe object", chain(&e)))?;
     if settings.debug_ebpf {
@@ -786,6 +825,10 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     }
     let go = attach_go(&mut ebpf, settings.pid);
     let timings = map_timing_rings(&ebpf, possible_cpus, config.timing_ring_bits, settings.pid)?;
+    let latency_slices = match settings.trigger_latency {
+        Some(trigger) => Some(map_latency_slices(&ebpf, possible_cpus, trigger.window_ns)?),
+        None => None,
+    };
     let synthetic = if settings.synthetic_syscall_events {
         let name = "synthetic_sys_enter";
         let p: &mut BtfTracePoint = program_mut(&mut ebpf, name)?;
@@ -801,6 +844,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         sched_hook: chosen,
         cpus,
         timings,
+        latency_slices,
         listeners,
         sampling,
         write_hook,

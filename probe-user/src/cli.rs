@@ -178,6 +178,7 @@ impl ProbeArgs {
             track_delivery,
             write_hook: Default::default(),
             synthetic_syscall_events: self.synthetic_syscall_events,
+            trigger_latency: None,
         }
     }
 }

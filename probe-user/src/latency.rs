@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 
 use hdrhistogram::Histogram;
-use probe_common::{EventKind, RawEvent};
+use probe_common::EventKind;
 use serde::{Deserialize, Serialize};
 
 use crate::events::Event;
@@ -33,12 +33,6 @@ impl LatencyKind {
             LatencyKind::External => EventKind::ExternalLatency,
         }
     }
-}
-
-/// [`request_latency`] read straight from the kernel's record: the agent's per-event path,
-/// which has no other use for a decoded [`Event`].
-pub fn raw_request_latency(raw: &RawEvent, kind: LatencyKind) -> Option<(u64, u64)> {
-    (raw.kind == kind.event_kind() as u32).then_some((raw.ts_ns, raw.duration_ns))
 }
 
 /// `(end timestamp, latency)` of a request event of `kind`.
@@ -278,7 +272,7 @@ mod tests {
     }
 
     #[test]
-    fn raw_and_decoded_request_latencies_agree() {
+    fn each_latency_kind_is_carried_by_its_event_kind() {
         let kinds = [
             LatencyKind::Server,
             LatencyKind::Delivery,
@@ -290,15 +284,15 @@ mod tests {
             EventKind::ExternalLatency,
             EventKind::RunQueue,
         ] {
-            let mut raw = RawEvent::zeroed();
+            let mut raw = probe_common::RawEvent::zeroed();
             raw.kind = event_kind as u32;
             raw.ts_ns = 5_000;
             raw.duration_ns = 1_200;
             let event = Event::from_raw(&raw).expect("known kind");
             for kind in kinds {
                 assert_eq!(
-                    raw_request_latency(&raw, kind),
                     request_latency(&event, kind),
+                    (kind.event_kind() == event_kind).then_some((5_000, 1_200)),
                     "{event_kind:?} as {kind:?}"
                 );
             }

@@ -16,6 +16,7 @@ pub mod flight;
 pub mod goruntime;
 pub mod histogram;
 pub mod latency;
+pub mod latency_slices;
 pub mod listeners;
 pub mod monitor;
 pub mod offcpu_sampling;

@@ -8,13 +8,13 @@ use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
-use crate::attach::{AttachReport, ProbeSettings};
+use crate::attach::{AttachReport, ProbeSettings, TriggerLatency};
 use crate::capture::{write_capture, CaptureRequest};
 use crate::error::ProbeError;
 use crate::events::{external_latency, Drained};
 use crate::flight::FlightRecorder;
 use crate::histogram::human_ns;
-use crate::latency::{parse_feed_line, raw_request_latency, LatencyKind, SlidingLatency};
+use crate::latency::{parse_feed_line, LatencyKind, SlidingLatency};
 use crate::offcpu_sampling;
 use crate::recorder::{after, monotonic_ns, status_line, LiveSession};
 use crate::recording::KernelCounters;
@@ -242,12 +242,19 @@ pub async fn attach_and_watch(
     } else {
         opts.latency
     };
+    let ns = |d: Duration| d.as_nanos() as u64;
     let probe = ProbeSettings {
         track_delivery: opts.probe.track_delivery || latency_kind == LatencyKind::Delivery,
+        // Measured in the kernel: it keeps the trigger's histograms too. A feed's latencies
+        // come through the agent, which keeps their histograms itself (`sliding`).
+        trigger_latency: (latency_kind != LatencyKind::External).then(|| TriggerLatency {
+            kind: latency_kind.event_kind(),
+            window_ns: ns(opts.window),
+        }),
         ..opts.probe.clone()
     };
     let mut session = LiveSession::start(&probe)?;
-    let ns = |d: Duration| d.as_nanos() as u64;
+    session.leave_timings_in_kernel();
     let mut flight = FlightRecorder::new(
         ns(opts.pre) + ns(opts.baseline) + ns(opts.window) + 1_000_000_000,
         opts.max_buffered_events,
@@ -284,22 +291,13 @@ pub async fn attach_and_watch(
         tokio::select! {
             result = session.next_events(&mut batch) => {
                 result?;
-                events_seen += batch.len() as u64;
-                let trigger_kind = latency_kind.event_kind() as u32;
-                // The kernel keeps the timings (its rings); the agent holds them only for a
-                // capture in progress.
+                events_seen += batch.events.len() as u64;
+                // Timings come only while a capture is in progress: the kernel keeps them
+                // otherwise (its rings), and counts the trigger's latencies itself.
                 for timing in batch.timings.drain(..) {
-                    if timing.kind == trigger_kind {
-                        sliding.record(timing.ts_ns, timing.duration_ns);
-                    }
-                    if pending.is_some() {
-                        flight.push_timing(timing);
-                    }
+                    flight.push_timing(timing);
                 }
                 for raw in batch.events.drain(..) {
-                    if let Some((ts, latency)) = raw_request_latency(&raw, latency_kind) {
-                        sliding.record(ts, latency);
-                    }
                     flight.push(raw);
                 }
                 // Not a branch of this select: a feed faster than the drain interval restarted
@@ -321,6 +319,7 @@ pub async fn attach_and_watch(
                     if now >= fire.at_ns + ns(opts.post) {
                         capturer.start(&session, &flight, fire, now, false)?;
                         pending = None;
+                        session.leave_timings_in_kernel();
                         if !trigger.captures_left() {
                             break;
                         }
@@ -328,7 +327,9 @@ pub async fn attach_and_watch(
                 }
                 let hold = pending.map(|f| f.at_ns.saturating_sub(ns(opts.pre) + ns(opts.baseline)));
                 flight.evict(now, hold);
-                let current = sliding.percentiles(now);
+                let current = session
+                    .trigger_percentiles(now)
+                    .unwrap_or_else(|| sliding.percentiles(now));
                 let mut fired_now = false;
                 if pending.is_none() {
                     if let Some(fire) = trigger.observe(now, &current) {
@@ -366,7 +367,7 @@ pub async fn attach_and_watch(
                 // (tens of ms with full rings).
                 if let Some(fire) = pending.filter(|_| fired_now) {
                     let mut held = Vec::new();
-                    let read = session.read_back_timings(capture_start(opts, &session, &fire), &mut held);
+                    let read = session.hold_timings_from(capture_start(opts, &session, &fire), &mut held);
                     flight.hold_timings(held);
                     if read.truncated {
                         timing_history_cut += 1;
@@ -376,8 +377,9 @@ pub async fn attach_and_watch(
                     }
                 }
                 if now.saturating_sub(rate_mark.0) >= 1_000_000_000 {
-                    events_per_s = (events_seen - rate_mark.1) as f64 * 1e9 / (now - rate_mark.0) as f64;
-                    rate_mark = (now, events_seen);
+                    let events = events_seen + session.timings_written();
+                    events_per_s = (events - rate_mark.1) as f64 * 1e9 / (now - rate_mark.0) as f64;
+                    rate_mark = (now, events);
                     drops = session.counters().map(|c| c.lost()).unwrap_or(drops);
                     if !session.refresh_target() {
                         target_exited = true;
@@ -416,10 +418,8 @@ pub async fn attach_and_watch(
         }
     }
     session.drain_now(&mut batch);
-    if pending.is_some() {
-        for timing in batch.timings.drain(..) {
-            flight.push_timing(timing);
-        }
+    for timing in batch.timings.drain(..) {
+        flight.push_timing(timing);
     }
     for raw in batch.events.drain(..) {
         flight.push(raw);

@@ -16,6 +16,7 @@ use crate::attach::{
 };
 use crate::error::ProbeError;
 use crate::events::{decode_ring_record, stack_id, stacks_named, Drained, Event, Timing};
+use crate::histogram::Percentiles;
 use crate::offcpu_sampling::{self, OffCpuSamplingGovernor};
 use crate::output::check_writable;
 use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
@@ -163,8 +164,14 @@ pub struct LiveSession {
     offcpu_sampling: Option<OffCpuSamplingGovernor>,
     /// When the off-CPU stack-sampling threshold changed and to what (ms; 0: every interval).
     pub offcpu_sampling_changes: Vec<(u64, u32)>,
+    /// Whether drains read the kernel's timing rings: always for `record`; for `attach` only
+    /// while a capture is in progress (its trigger reads the kernel's histograms).
+    reading_timings: bool,
     /// Where drains have read the kernel's timing rings up to.
     timing_cursors: RingCursors,
+    /// Requests served and timings written as of the last drain, by the timing rings' counts.
+    served_in_rings: u64,
+    timings_written: u64,
     /// Timings the kernel overwrote before a drain read them.
     timings_overwritten: u64,
     /// Events the last drain found.
@@ -230,7 +237,10 @@ impl LiveSession {
                 probe.offcpu_stack_budget,
             )),
             offcpu_sampling_changes: Vec::new(),
+            reading_timings: true,
             timing_cursors: attached.timings.cursors(),
+            served_in_rings: 0,
+            timings_written: 0,
             timings_overwritten: 0,
             last_drained: 0,
             prompt: false,
@@ -317,13 +327,33 @@ impl LiveSession {
             .map_or(0, OffCpuSamplingGovernor::threshold_ms)
     }
 
-    /// Appends the timings drains have already read that ended at or after `from_ns`, as far
-    /// back as the kernel's rings still hold them: a capture starting now takes its history
-    /// from there, as the agent keeps no copy of timings.
-    pub fn read_back_timings(&self, from_ns: u64, out: &mut Vec<Timing>) -> ReadBack {
-        self.attached
-            .timings
-            .read_back(&self.timing_cursors, from_ns, out)
+    /// Stops drains from reading the kernel's timing rings until [`Self::hold_timings_from`]:
+    /// the trigger reads the kernel's histograms, and the rings keep the timings for a capture.
+    pub fn leave_timings_in_kernel(&mut self) {
+        self.reading_timings = false;
+    }
+
+    /// Appends the timings that ended at or after `from_ns`, as far back as the kernel's rings
+    /// still hold them, and has drains read every newer one from now on: a capture starting
+    /// now takes its history from the rings, as the agent keeps no copy of timings.
+    pub fn hold_timings_from(&mut self, from_ns: u64, out: &mut Vec<Timing>) -> ReadBack {
+        let rings = &self.attached.timings;
+        if !self.reading_timings {
+            rings.skip_to_end(&mut self.timing_cursors);
+            self.reading_timings = true;
+        }
+        rings.read_back(&self.timing_cursors, from_ns, out)
+    }
+
+    /// Timings written to the kernel's rings so far, read or not.
+    pub fn timings_written(&self) -> u64 {
+        self.attached.timings.written()
+    }
+
+    /// The P99 (and more) of the trigger's latency over its window up to `now_ns`, from the
+    /// kernel's histograms; `None` when the kernel keeps none (see `ProbeSettings`).
+    pub fn trigger_percentiles(&mut self, now_ns: u64) -> Option<Percentiles> {
+        Some(self.attached.latency_slices.as_mut()?.percentiles(now_ns))
     }
 
     /// Drains everything the kernel holds.
@@ -331,30 +361,36 @@ impl LiveSession {
         self.drain_into(out);
     }
 
-    /// Drains the ring buffer and the new timings of the timing rings into `out` and takes
-    /// the new events in; returns how many came and how many of them were served requests.
+    /// Drains the ring buffer (and the new timings of the timing rings, while reading them)
+    /// into `out` and takes the new events in; returns how many events came, timings read or
+    /// not, and how many of them were served requests.
     fn drain_into(&mut self, out: &mut Drained) -> (usize, u64) {
-        let (first_new_event, first_new_timing) = (out.events.len(), out.timings.len());
+        let first_new_event = out.events.len();
         drain(self.ring.get_mut(), out);
-        self.timings_overwritten += self
-            .attached
-            .timings
-            .read_new(&mut self.timing_cursors, &mut out.timings);
-        let (new_events, new_timings) = (
-            &mut out.events[first_new_event..],
-            &out.timings[first_new_timing..],
-        );
-        let drained = new_events.len() + new_timings.len();
-        (drained, self.take_in(new_events, new_timings))
+        if self.reading_timings {
+            self.timings_overwritten += self
+                .attached
+                .timings
+                .read_new(&mut self.timing_cursors, &mut out.timings);
+        }
+        let timings_written = self.attached.timings.written();
+        let new_timings = timings_written - self.timings_written;
+        self.timings_written = timings_written;
+        let new_events = &mut out.events[first_new_event..];
+        let drained = new_events.len() + new_timings as usize;
+        (drained, self.take_in(new_events))
     }
 
     /// Copies the stacks that newly drained `events` name out of the kernel and renames them,
     /// counts off-CPU intervals for their governor, and returns how many requests were served.
     /// One pass: a busy drain's events outgrow the CPU's caches, and each pass over them was
     /// a read from memory.
-    fn take_in(&mut self, events: &mut [RawEvent], timings: &[Timing]) -> u64 {
+    fn take_in(&mut self, events: &mut [RawEvent]) -> u64 {
         let served_kind = EventKind::RequestServed as u32;
-        let served_timings = timings.iter().filter(|t| t.kind == served_kind).count() as u64;
+        // Counted by the kernel for the rings, read or not.
+        let served_in_rings = self.attached.timings.served();
+        let served_timings = served_in_rings - self.served_in_rings;
+        self.served_in_rings = served_in_rings;
         let kernel = &self.kernel_stacks;
         let read = |id: u32| {
             let trace = kernel.get(&id, 0).ok()?;

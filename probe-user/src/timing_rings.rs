@@ -162,6 +162,24 @@ impl TimingRings {
         self.rings.iter().map(CpuRing::written).sum()
     }
 
+    /// Requests served (`EventKind::RequestServed`) written to every ring so far.
+    pub fn served(&self) -> u64 {
+        self.rings
+            .iter()
+            .map(|ring| {
+                // SAFETY: as in `CpuRing::written`.
+                unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*ring.head).served)) }
+            })
+            .sum()
+    }
+
+    /// Moves `cursors` past everything written so far, unread.
+    pub fn skip_to_end(&self, cursors: &mut RingCursors) {
+        for (ring, cursor) in self.rings.iter().zip(cursors.0.iter_mut()) {
+            *cursor = ring.written();
+        }
+    }
+
     /// Cursors at the start of every ring: the next [`Self::read_new`] reads all they hold.
     pub fn cursors(&self) -> RingCursors {
         RingCursors(vec![0; self.rings.len()])

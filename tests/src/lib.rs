@@ -147,6 +147,7 @@ pub fn settings(pid: u32) -> ProbeSettings {
         track_delivery: true,
         write_hook: Default::default(),
         synthetic_syscall_events: false,
+        trigger_latency: None,
     }
 }
 

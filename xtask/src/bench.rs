@@ -948,15 +948,33 @@ fn proc_cpu_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-fn proc_rss_kb(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// The agent's resident memory: its own (anonymous) and the kernel maps it has mapped (the
+/// timing rings and the trigger's histograms, resident in full from the moment they are
+/// mapped), in MB. VmRSS would add the two, and the pages of the binary besides.
+fn agent_memory_mb(pid: u32) -> (f64, f64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut own_kb, mut maps_kb, mut in_bpf_map) = (0u64, 0u64, false);
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            in_bpf_map = line.ends_with("anon_inode:bpf-map");
+            continue;
+        }
+        let kb = || {
+            fields
+                .clone()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        match first {
+            "Anonymous:" => own_kb += kb(),
+            "Rss:" if in_bpf_map => maps_kb += kb(),
+            _ => {}
+        }
+    }
+    (own_kb as f64 / 1024.0, maps_kb as f64 / 1024.0)
 }
 
 /// Per-round figures of the agent draining the kernel's events.
@@ -1015,6 +1033,8 @@ fn cpu_percent_during(pid: u32, span: Duration) -> f64 {
 struct Pipeline {
     switches: Drain,
     rss_full_mb: f64,
+    /// The kernel maps the agent had mapped then.
+    kernel_maps_mb: f64,
     storm: Storm,
 }
 
@@ -1052,9 +1072,7 @@ fn storm(root: &Path, scratch: &Path) -> Result<Storm> {
         let pid = agent.id();
         std::thread::sleep(Duration::from_secs(2));
         let cpu_percent = cpu_percent_during(pid, Duration::from_secs(4));
-        result
-            .rss_mb
-            .push(proc_rss_kb(pid).unwrap_or(0) as f64 / 1024.0);
+        result.rss_mb.push(agent_memory_mb(pid).0);
         let out = agent.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         // "0 capture(s); N events sent, M dropped in the kernel"
@@ -1096,6 +1114,7 @@ fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
     let mut result = Pipeline {
         switches: Drain::default(),
         rss_full_mb: 0.0,
+        kernel_maps_mb: 0.0,
         storm: storm(root, scratch)?,
     };
     for round in 0..ROUNDS {
@@ -1174,7 +1193,7 @@ fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
             .spawn()?,
     );
     std::thread::sleep(Duration::from_secs(15));
-    result.rss_full_mb = proc_rss_kb(attach.0.id()).unwrap_or(0) as f64 / 1024.0;
+    (result.rss_full_mb, result.kernel_maps_mb) = agent_memory_mb(attach.0.id());
     drop(attach);
     drop(pingpong);
     Ok(result)
@@ -1424,7 +1443,8 @@ pub fn run(root: &Path, go_binary: &Path, rounds: usize) -> Result<()> {
     pipeline
         .switches
         .write_rows(&mut md, "agent CPU % while draining");
-    let _ = writeln!(md, "| agent RSS with the flight recorder full (10 s of history, same target, `attach`) | {:.0} MB |", pipeline.rss_full_mb);
+    let _ = writeln!(md, "| agent's own memory (anonymous RSS) with the flight recorder full (10 s of history, same target, `attach`) | {:.0} MB |", pipeline.rss_full_mb);
+    let _ = writeln!(md, "| kernel maps the agent has mapped (the timing rings and the trigger's histograms: kernel memory, resident in the agent's RSS too) | {:.0} MB |", pipeline.kernel_maps_mb);
     let storm = &pipeline.storm;
     let (storm_eps, storm_cpu) = storm.drain.medians();
     let _ = writeln!(md, "\nDrain capacity: a target making `getppid()` calls as fast as it can on CPU 0, and `p99probe attach --synthetic-syscall-events` (a benchmark-only hook: one event per system call of the target, {STORM_SECONDS} s) pinned to CPU 1, so the agent runs on one core.\n");
@@ -1433,7 +1453,7 @@ pub fn run(root: &Path, go_binary: &Path, rounds: usize) -> Result<()> {
         .write_rows(&mut md, "agent CPU % of its core while draining");
     let _ = writeln!(
         md,
-        "| agent RSS at the end (flight recorder bounded at 4 M events; these bare ones take 32 bytes each, 128 MB) | {} MB |",
+        "| agent's own memory (anonymous RSS) at the end (flight recorder bounded at 4 M events; these bare ones take 32 bytes each, 128 MB) | {} MB |",
         fmt_stat(&storm.rss_mb, 0)
     );
     let _ = writeln!(md, "\n## Time to verdict\n\nGo server with a 20 ms stall on every 20th request under wrk; `attach --p99 5ms --post 1s`, three captures. Time from the end of the post-window to `report.json` (written last) on disk:\n");
