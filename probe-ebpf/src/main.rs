@@ -32,10 +32,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    latency_bucket, port_bit, Counter, EventKind, LatencySlice, ProbeConfig, RawEvent,
-    ThreadState, TimingHead, TimingRecord, COUNTER_SLOTS, FLAG_PREEMPTED, GO_GC_MARK_TERMINATION,
-    GO_GC_START, GO_START_THE_WORLD, GO_STOP_THE_WORLD, LATENCY_BUCKETS, LATENCY_SLICES_PER_CPU,
-    NO_STACK, PORT_BITMAP_WORDS,
+    latency_bucket, port_bit, Counter, EventKind, LatencySlice, ProbeConfig, RawEvent, ThreadState,
+    TimingHead, TimingRecord, COUNTER_SLOTS, FLAG_PREEMPTED, GO_GC_MARK_TERMINATION, GO_GC_START,
+    GO_START_THE_WORLD, GO_STOP_THE_WORLD, LATENCY_BUCKETS, LATENCY_SLICES_PER_CPU, NO_STACK,
+    PORT_BITMAP_WORDS,
 };
 
 #[no_mangle]
