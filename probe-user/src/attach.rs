@@ -772,6 +772,13 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         )
         .load(PROBE_OBJECT)
         .map_err(|e| attach_err("probe object", chain(&e)))?;
+    // Mapped before anything is attached: the kernel fills in the whole mapping of the rings
+    // at once (96 MiB here), which should not hold up requests that are already being timed.
+    let timings = map_timing_rings(&ebpf, possible_cpus, config.timing_ring_bits, settings.pid)?;
+    let latency_slices = match settings.trigger_latency {
+        Some(trigger) => Some(map_latency_slices(&ebpf, possible_cpus, trigger.window_ns)?),
+        None => None,
+    };
     if settings.debug_ebpf {
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
             log::warn!("kernel-side logging unavailable: {e}");
@@ -824,11 +831,6 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         write_hook.detach(&mut ebpf)?;
     }
     let go = attach_go(&mut ebpf, settings.pid);
-    let timings = map_timing_rings(&ebpf, possible_cpus, config.timing_ring_bits, settings.pid)?;
-    let latency_slices = match settings.trigger_latency {
-        Some(trigger) => Some(map_latency_slices(&ebpf, possible_cpus, trigger.window_ns)?),
-        None => None,
-    };
     let synthetic = if settings.synthetic_syscall_events {
         let name = "synthetic_sys_enter";
         let p: &mut BtfTracePoint = program_mut(&mut ebpf, name)?;

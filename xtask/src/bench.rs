@@ -1444,7 +1444,7 @@ pub fn run(root: &Path, go_binary: &Path, rounds: usize) -> Result<()> {
         .switches
         .write_rows(&mut md, "agent CPU % while draining");
     let _ = writeln!(md, "| agent's own memory (anonymous RSS) with the flight recorder full (10 s of history, same target, `attach`) | {:.0} MB |", pipeline.rss_full_mb);
-    let _ = writeln!(md, "| kernel maps the agent has mapped (the timing rings and the trigger's histograms: kernel memory, resident in the agent's RSS too) | {:.0} MB |", pipeline.kernel_maps_mb);
+    let _ = writeln!(md, "| kernel maps the agent has mapped (the timing rings, 96 MiB here; the 16 MiB event ring buffer, mapped twice over; the trigger's histograms): kernel memory, resident in the agent's RSS too | {:.0} MB |", pipeline.kernel_maps_mb);
     let storm = &pipeline.storm;
     let (storm_eps, storm_cpu) = storm.drain.medians();
     let _ = writeln!(md, "\nDrain capacity: a target making `getppid()` calls as fast as it can on CPU 0, and `p99probe attach --synthetic-syscall-events` (a benchmark-only hook: one event per system call of the target, {STORM_SECONDS} s) pinned to CPU 1, so the agent runs on one core.\n");
