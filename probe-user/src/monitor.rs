@@ -170,6 +170,7 @@ impl Capturer<'_> {
         fire: Fire,
         end_ns: u64,
         target_exited: bool,
+        timings_lost_before: Option<u64>,
     ) -> Result<(), ProbeError> {
         let ns = |d: Duration| d.as_nanos() as u64;
         let from = capture_start(self.opts, session, &fire);
@@ -185,8 +186,9 @@ impl Capturer<'_> {
             spike.start_ns
         };
         let baseline = Window::new(from, baseline_end);
-        let pending =
+        let mut pending =
             session.snapshot(flight.snapshot(from, end_ns), from, end_ns, target_exited)?;
+        pending.timings_lost_before(timings_lost_before);
         let out_dir = self.opts.out_dir.clone();
         let latency_kind = self.latency_kind;
         self.running.push(tokio::task::spawn_blocking(move || {
@@ -287,6 +289,8 @@ pub async fn attach_and_watch(
     let mut last_check = 0u64;
     let mut drops = 0u64;
     let mut timing_history_cut = 0usize;
+    // For the capture in progress: see `KernelCounters::timings_lost_before_ns`.
+    let mut timings_lost_before = None;
     loop {
         tokio::select! {
             result = session.next_events(&mut batch) => {
@@ -317,7 +321,7 @@ pub async fn attach_and_watch(
                 last_check = now;
                 if let Some(fire) = pending {
                     if now >= fire.at_ns + ns(opts.post) {
-                        capturer.start(&session, &flight, fire, now, false)?;
+                        capturer.start(&session, &flight, fire, now, false, timings_lost_before)?;
                         pending = None;
                         session.leave_timings_in_kernel();
                         if !trigger.captures_left() {
@@ -369,7 +373,8 @@ pub async fn attach_and_watch(
                     let mut held = Vec::new();
                     let read = session.hold_timings_from(capture_start(opts, &session, &fire), &mut held);
                     flight.hold_timings(held);
-                    if read.truncated {
+                    timings_lost_before = read.complete_from_ns;
+                    if timings_lost_before.is_some() {
                         timing_history_cut += 1;
                         progress.suspend(|| eprintln!(
                             "p99probe: the kernel's timing rings no longer reach back to the capture's start; its earliest request latencies and run-queue waits are missing"
@@ -429,7 +434,14 @@ pub async fn attach_and_watch(
     });
     if let Some(fire) = pending {
         // Ctrl-C, the duration or the target's exit cut the post-window short: keep what we have.
-        capturer.start(&session, &flight, fire, monotonic_ns(), target_exited)?;
+        capturer.start(
+            &session,
+            &flight,
+            fire,
+            monotonic_ns(),
+            target_exited,
+            timings_lost_before,
+        )?;
     }
     progress.finish_and_clear();
     let hooks = session.hooks().clone();

@@ -111,6 +111,7 @@ fn read_counters(ebpf: &Ebpf) -> Result<KernelCounters, ProbeError> {
         requests_untimed: sum(Counter::RequestsUntimed),
         timings_recorded: 0,
         timings_overwritten: 0,
+        timings_lost_before_ns: None,
     })
 }
 
@@ -553,6 +554,12 @@ pub struct PendingRecording {
 }
 
 impl PendingRecording {
+    /// Records that the timings from before `ns` were lost in the kernel's rings; see
+    /// [`KernelCounters::timings_lost_before_ns`].
+    pub fn timings_lost_before(&mut self, ns: Option<u64>) {
+        self.meta.counters.timings_lost_before_ns = ns;
+    }
+
     pub fn finish(mut self) -> Recording {
         self.meta.symbols = symbolize_stacks(&self.meta.stacks, &self.meta.maps, self.meta.pid);
         trim_tracing_frames(&mut self.meta.stacks, &self.meta.symbols);

@@ -36,6 +36,11 @@ pub struct KernelCounters {
     /// Timings the kernel overwrote in its rings before the agent read them.
     #[serde(default)]
     pub timings_overwritten: u64,
+    /// A capture only: when it fired, the kernel's timing rings had overwritten the request
+    /// latencies and run-queue waits from before this time (CLOCK_MONOTONIC ns), which is
+    /// after the capture's start: a busy CPU's ring filled up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings_lost_before_ns: Option<u64>,
 }
 
 impl KernelCounters {

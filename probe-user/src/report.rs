@@ -73,6 +73,10 @@ pub struct Report {
     pub on_cpu_top: Pair<Vec<TopStack>>,
     pub tcp_retransmits: Retransmits,
     pub drops: KernelCounters,
+    /// Seconds from the start of the recording before which request latencies and run-queue
+    /// waits are incomplete (see `KernelCounters::timings_lost_before_ns`); absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings_complete_from_s: Option<f64>,
     /// Go targets only.
     pub go: Option<GoReport>,
     pub verdict: Vec<Cause>,
@@ -161,6 +165,11 @@ impl Report {
                 events: spike_stats.retransmits.clone(),
             },
             drops: recording.meta.counters,
+            timings_complete_from_s: recording
+                .meta
+                .counters
+                .timings_lost_before_ns
+                .map(|ns| ns.saturating_sub(recording.meta.start_ns) as f64 / 1e9),
             go: match (&recording.meta.hooks.go, &spike_stats.go, &base_stats.go) {
                 (Some(info), Some(spike_go), Some(base_go)) => Some(GoReport {
                     version: info.version.clone(),
@@ -320,6 +329,12 @@ impl Report {
             "\n## Data quality\n\n{} events lost in the kernel (ring buffer full, or timings overwritten before the agent read them), {} stacks missing, {} requests untimed (their connection's slot was taken by another).",
             self.drops.lost(), self.drops.stacks_missing, self.drops.requests_untimed
         );
+        if let Some(from_s) = self.timings_complete_from_s {
+            let _ = writeln!(
+                md,
+                "\nWhen the capture fired, a busy CPU's timing ring in the kernel no longer held the request latencies and run-queue waits from before {from_s:.1} s into the recording: windows before that have fewer of them than happened."
+            );
+        }
         let sampled = &self.off_cpu_sampled_below_ms;
         if sampled.spike > 0 || sampled.baseline > 0 {
             let _ = writeln!(
@@ -329,5 +344,33 @@ impl Report {
             );
         }
         md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recording::tests::sample_recording;
+
+    #[test]
+    fn a_capture_whose_timings_were_cut_says_from_when_they_are_whole() {
+        let mut recording = sample_recording();
+        let build = |recording: &Recording| {
+            let spike = Window::new(1_500_000_000, 2_000_000_000);
+            let baseline = Window::new(1_000_000_000, 1_500_000_000);
+            Report::build(recording, spike, &[baseline], None, LatencyKind::Server).0
+        };
+        let whole = build(&recording);
+        assert_eq!(whole.timings_complete_from_s, None);
+        assert!(!whole.to_markdown().contains("timing ring"));
+        recording.meta.counters.timings_lost_before_ns = Some(1_250_000_000);
+        let cut = build(&recording);
+        assert_eq!(cut.timings_complete_from_s, Some(0.25));
+        assert!(cut
+            .to_markdown()
+            .contains("from before 0.2 s into the recording"));
+        let json = serde_json::to_value(&cut).unwrap();
+        assert_eq!(json["timings_complete_from_s"], 0.25);
+        assert!(serde_json::to_value(&whole).unwrap()["timings_complete_from_s"].is_null());
     }
 }

@@ -5,7 +5,8 @@
 //! buffer, every one was copied by the kernel, decoded and stored by the agent, and the agent's
 //! drains (1–2 ms every 200 ms under 120k requests/s) delayed the requests in flight on the CPU
 //! it shared with the load. Kept in the kernel, a timing costs the agent nothing until it reads
-//! it: `attach` reads each once for its trigger and copies them only around a capture.
+//! it: `attach` reads them only for a capture (its trigger sums the kernel's histograms, see
+//! `latency_slices`), and `record` reads them all.
 
 use probe_common::{TimingHead, TimingRecord};
 
@@ -102,8 +103,9 @@ pub struct RingCursors(Vec<u64>);
 pub struct ReadBack {
     /// Timings copied.
     pub timings: usize,
-    /// Some CPU's ring no longer reaches back to the time asked for.
-    pub truncated: bool,
+    /// Some CPU's ring no longer reaches back to the time asked for: the latest time before
+    /// which a ring has lost timings (its oldest record left).
+    pub complete_from_ns: Option<u64>,
 }
 
 /// The kernel's timing rings of every possible CPU.
@@ -116,7 +118,6 @@ pub struct TimingRings {
 
 // SAFETY: the pointers refer to mappings the struct owns, read only with volatile loads.
 unsafe impl Send for TimingRings {}
-unsafe impl Sync for TimingRings {}
 
 impl TimingRings {
     /// Maps the kernel's `records` (the `TIMINGS` map) and `heads` (`TIMING_HEADS`) maps,
@@ -207,17 +208,26 @@ impl TimingRings {
         out: &mut Vec<Timing>,
     ) -> ReadBack {
         let first = out.len();
-        let mut truncated = false;
+        let mut complete_from_ns = None;
         for (ring, &cursor) in self.rings.iter().zip(cursors.0.iter()) {
             let from_seq = cursor.saturating_sub(ring.capacity);
             let first_of_ring = out.len();
             let read = ring.read(from_seq, cursor, self.tgid, out);
             // Something older is gone, and what is left starts after the time asked for.
-            let oldest_kept = from_seq + read.lost;
-            truncated |= oldest_kept > 0
-                && out
-                    .get(first_of_ring)
-                    .is_none_or(|oldest| oldest.ts_ns > from_ns);
+            if from_seq + read.lost > 0 {
+                // Nothing left of what the cursor passed: the ring's oldest record now says
+                // from when it is whole.
+                let oldest_left = out.get(first_of_ring).map_or_else(
+                    || {
+                        ring.record(ring.written().saturating_sub(ring.capacity))
+                            .ts_ns
+                    },
+                    |t| t.ts_ns,
+                );
+                if oldest_left > from_ns {
+                    complete_from_ns = complete_from_ns.max(Some(oldest_left));
+                }
+            }
             let mut kept = first_of_ring;
             for i in first_of_ring..out.len() {
                 if out[i].ts_ns >= from_ns {
@@ -229,7 +239,7 @@ impl TimingRings {
         }
         ReadBack {
             timings: out.len() - first,
-            truncated,
+            complete_from_ns,
         }
     }
 }
@@ -346,7 +356,7 @@ mod tests {
             read,
             ReadBack {
                 timings: 4,
-                truncated: false
+                complete_from_ns: None
             }
         );
     }
@@ -361,10 +371,16 @@ mod tests {
         rings.read_new(&mut cursors, &mut Vec::new());
         let mut back = Vec::new();
         // 4 slots: 10 and 20 are gone.
-        assert!(rings.read_back(&cursors, 15, &mut back).truncated);
+        assert_eq!(
+            rings.read_back(&cursors, 15, &mut back).complete_from_ns,
+            Some(30)
+        );
         assert_eq!(times(&back), [30, 40, 50, 60]);
         back.clear();
-        assert!(!rings.read_back(&cursors, 30, &mut back).truncated);
+        assert_eq!(
+            rings.read_back(&cursors, 30, &mut back).complete_from_ns,
+            None
+        );
         assert_eq!(times(&back), [30, 40, 50, 60]);
     }
 
