@@ -29,6 +29,8 @@ pub struct LatencySlices {
     sums: Vec<u64>,
     /// One slice's counts, as read.
     scratch: Vec<u64>,
+    /// Reused by each read: the sums as a histogram, for their percentiles.
+    histogram: Histogram<u64>,
     _memory: Option<memmap2::Mmap>,
 }
 
@@ -55,6 +57,7 @@ impl LatencySlices {
             window_ns,
             sums: vec![0; LATENCY_BUCKETS],
             scratch: vec![0; LATENCY_BUCKETS],
+            histogram: bucket_histogram(),
             _memory: Some(memory),
         })
     }
@@ -64,15 +67,15 @@ impl LatencySlices {
     }
 
     /// Adds the counts of `cpu`'s histogram of slice `number` to the sums, if the kernel still
-    /// holds that slice there; returns whether it did.
-    fn add_slice(&mut self, cpu: usize, number: u64) -> bool {
+    /// holds that slice there.
+    fn add_slice(&mut self, cpu: usize, number: u64) {
         let index = cpu * LATENCY_SLICES_PER_CPU as usize
             + (number % LATENCY_SLICES_PER_CPU as u64) as usize;
         // SAFETY: in bounds: `cpu` is below `cpus` and the slot below the slices per CPU.
         let slice = unsafe { self.slices.add(index) };
         let held = || unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*slice).slice)) };
         if held() != number {
-            return false;
+            return;
         }
         for (bucket, read) in self.scratch.iter_mut().enumerate() {
             // SAFETY: as above; a count the kernel is adding to reads as before or after.
@@ -81,13 +84,11 @@ impl LatencySlices {
             };
         }
         // Reused for a newer slice while we read (the agent stalled for seconds): not ours.
-        let ours = held() == number;
-        if ours {
+        if held() == number {
             for (sum, read) in self.sums.iter_mut().zip(&self.scratch) {
                 *sum += read;
             }
         }
-        ours
     }
 
     /// Percentiles of the requests that ended in the window up to `now_ns`, to within a
@@ -102,14 +103,20 @@ impl LatencySlices {
                 self.add_slice(cpu, number);
             }
         }
-        percentiles_of_buckets(&self.sums)
+        percentiles_of_buckets(&self.sums, &mut self.histogram)
     }
 }
 
-/// Percentiles of bucket counts, each bucket standing at its middle.
-pub fn percentiles_of_buckets(counts: &[u64]) -> Percentiles {
-    let mut histogram =
-        Histogram::<u64>::new_with_bounds(1, u64::MAX / 2, 2).expect("valid bounds");
+/// A histogram for [`percentiles_of_buckets`]: made once, as a fresh one each check would
+/// allocate and clear ~60 KB ten times a second.
+pub fn bucket_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, u64::MAX / 2, 2).expect("valid bounds")
+}
+
+/// Percentiles of bucket counts, each bucket standing at its middle; `histogram` (from
+/// [`bucket_histogram`]) is cleared and reused.
+pub fn percentiles_of_buckets(counts: &[u64], histogram: &mut Histogram<u64>) -> Percentiles {
+    histogram.reset();
     for (index, &count) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
         let start = latency_bucket_start(index);
         let end = if index + 1 < LATENCY_BUCKETS {
@@ -120,7 +127,7 @@ pub fn percentiles_of_buckets(counts: &[u64]) -> Percentiles {
         let middle = start + (end - start) / 2;
         histogram.saturating_record_n(middle.clamp(1, u64::MAX / 2), count);
     }
-    Percentiles::of(&histogram)
+    Percentiles::of(histogram)
 }
 
 #[cfg(test)]
@@ -145,6 +152,7 @@ mod tests {
                 window_ns,
                 sums: vec![0; LATENCY_BUCKETS],
                 scratch: vec![0; LATENCY_BUCKETS],
+                histogram: bucket_histogram(),
                 _memory: None,
             },
             memory,
@@ -221,10 +229,15 @@ mod tests {
         let mut counts = vec![0u64; LATENCY_BUCKETS];
         counts[latency_bucket(1_000)] = 99;
         counts[latency_bucket(1_000_000)] = 1;
-        let p = percentiles_of_buckets(&counts);
+        let mut histogram = bucket_histogram();
+        let p = percentiles_of_buckets(&counts, &mut histogram);
         assert_eq!(p.count, 100);
         assert!(p.p50_ns.abs_diff(1_000) <= 1_000 / 16, "{p:?}");
         assert!(p.max_ns.abs_diff(1_000_000) <= 1_000_000 / 16, "{p:?}");
-        assert_eq!(percentiles_of_buckets(&vec![0; LATENCY_BUCKETS]).count, 0);
+        // Reused: nothing of the last counts remains.
+        assert_eq!(
+            percentiles_of_buckets(&vec![0; LATENCY_BUCKETS], &mut histogram).count,
+            0
+        );
     }
 }

@@ -949,8 +949,8 @@ fn proc_cpu_ticks(pid: u32) -> Option<u64> {
 }
 
 /// The agent's resident memory: its own (anonymous) and the kernel maps it has mapped (the
-/// timing rings and the trigger's histograms, resident in full from the moment they are
-/// mapped), in MB. VmRSS would add the two, and the pages of the binary besides.
+/// timing rings, the event ring buffer and the trigger's histograms, resident in full from the
+/// moment they are mapped), in MB. VmRSS would add the two, and the pages of the binary besides.
 fn agent_memory_mb(pid: u32) -> (f64, f64) {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
     let (mut own_kb, mut maps_kb, mut in_bpf_map) = (0u64, 0u64, false);
