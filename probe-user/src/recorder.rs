@@ -18,8 +18,9 @@ use crate::error::ProbeError;
 use crate::events::{decode_ring_record, stack_id, stacks_named, Drained, Event, Timing};
 use crate::histogram::Percentiles;
 use crate::offcpu_sampling::{self, OffCpuSamplingGovernor};
-use crate::output::check_writable;
-use crate::recording::{KernelCounters, RecordSettings, Recording, RecordingMeta, FORMAT_VERSION};
+use crate::recording::{
+    KernelCounters, RecordSettings, Recording, RecordingMeta, RecordingWriter, FORMAT_VERSION,
+};
 use crate::request_end::WriteHookGovernor;
 use crate::stacks::StackStore;
 use crate::symbolize::{symbolize_stacks, trim_tracing_frames};
@@ -113,15 +114,6 @@ fn read_counters(ebpf: &Ebpf) -> Result<KernelCounters, ProbeError> {
         timings_overwritten: 0,
         timings_lost_before_ns: None,
     })
-}
-
-/// The frames of every stack `events` name, from the agent's store.
-fn stacks_named_by(store: &StackStore, events: &[RawEvent]) -> BTreeMap<u32, Vec<u64>> {
-    events
-        .iter()
-        .flat_map(stacks_named)
-        .filter_map(|id| Some((id, store.frames(id)?.to_vec())))
-        .collect()
 }
 
 fn merge_maps(known: &mut Vec<MemoryMap>, current: Vec<MemoryMap>) {
@@ -517,34 +509,54 @@ impl LiveSession {
         end_ns: u64,
         target_exited: bool,
     ) -> Result<PendingRecording, ProbeError> {
-        let stacks = stacks_named_by(&self.stacks, &events);
+        let stack_ids: BTreeSet<u32> = events.iter().flat_map(stacks_named).collect();
         let mut events = events;
         // Kernel timestamps are taken before the ring-buffer reservation, so CPUs interleave.
         events.sort_by_key(|e| e.ts_ns);
         Ok(PendingRecording {
-            meta: RecordingMeta {
-                format_version: FORMAT_VERSION,
-                tool_version: env!("CARGO_PKG_VERSION").into(),
-                pid: self.pid,
-                comm: self.comm.clone(),
-                exe: self.exe.clone(),
-                cmdline: self.cmdline.clone(),
-                start_ns,
-                end_ns,
-                start_unix_ms: self.start_unix_ms
-                    + start_ns.saturating_sub(self.start_ns) / 1_000_000,
-                target_exited,
-                hooks: self.attached.report.clone(),
-                settings: self.settings.clone(),
-                counters: self.counters()?,
-                threads: self.threads.clone(),
-                maps: self.maps.clone(),
-                stacks,
-                symbols: Default::default(),
-            },
+            meta: self.recording_meta(&stack_ids, start_ns, end_ns, target_exited)?,
             events,
         })
     }
+
+    /// A recording's metadata, with the frames of the `stack_ids` its events name and no
+    /// symbols yet (see [`symbolize`]).
+    pub fn recording_meta(
+        &self,
+        stack_ids: &BTreeSet<u32>,
+        start_ns: u64,
+        end_ns: u64,
+        target_exited: bool,
+    ) -> Result<RecordingMeta, ProbeError> {
+        Ok(RecordingMeta {
+            format_version: FORMAT_VERSION,
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            pid: self.pid,
+            comm: self.comm.clone(),
+            exe: self.exe.clone(),
+            cmdline: self.cmdline.clone(),
+            start_ns,
+            end_ns,
+            start_unix_ms: self.start_unix_ms + start_ns.saturating_sub(self.start_ns) / 1_000_000,
+            target_exited,
+            hooks: self.attached.report.clone(),
+            settings: self.settings.clone(),
+            counters: self.counters()?,
+            threads: self.threads.clone(),
+            maps: self.maps.clone(),
+            stacks: stack_ids
+                .iter()
+                .filter_map(|&id| Some((id, self.stacks.frames(id)?.to_vec())))
+                .collect(),
+            symbols: Default::default(),
+        })
+    }
+}
+
+/// Resolves the stacks of `meta` to names (slow; no kernel needed, so done after detaching).
+fn symbolize(meta: &mut RecordingMeta) {
+    meta.symbols = symbolize_stacks(&meta.stacks, &meta.maps, meta.pid);
+    trim_tracing_frames(&mut meta.stacks, &meta.symbols);
 }
 
 /// A recording whose stacks are read but not yet symbolized.
@@ -561,8 +573,7 @@ impl PendingRecording {
     }
 
     pub fn finish(mut self) -> Recording {
-        self.meta.symbols = symbolize_stacks(&self.meta.stacks, &self.meta.maps, self.meta.pid);
-        trim_tracing_frames(&mut self.meta.stacks, &self.meta.symbols);
+        symbolize(&mut self.meta);
         Recording {
             meta: self.meta,
             raw_events: self.events,
@@ -596,9 +607,11 @@ pub async fn record(
     opts: &RecordOptions,
     stop: impl Future<Output = ()>,
 ) -> Result<RecordSummary, ProbeError> {
-    check_writable(&opts.out)?;
+    // Created before attaching, so that an unwritable output fails with nothing attached.
+    let mut recording = RecordingWriter::create(&opts.out, opts.probe.pid)?;
     let mut session = LiveSession::start(&opts.probe)?;
     let progress = status_line(opts.progress, opts.probe.pid, session.hooks());
+    // Each drain goes to disk and is cleared: the agent holds one drain's events at a time.
     let mut drained = Drained::default();
     let deadline = after(opts.duration);
     tokio::pin!(deadline, stop);
@@ -606,7 +619,11 @@ pub async fn record(
     let mut target_exited = false;
     loop {
         tokio::select! {
-            result = session.next_events(&mut drained) => result?,
+            result = session.next_events(&mut drained) => {
+                result?;
+                recording.append(&drained)?;
+                drained.clear();
+            }
             _ = &mut deadline => break,
             _ = &mut stop => break,
             _ = poll.tick() => {
@@ -617,7 +634,7 @@ pub async fn record(
                 let elapsed = (monotonic_ns() - session.start_ns) as f64 / 1e9;
                 progress.set_message(format!(
                     "recording pid {} ({}): {elapsed:.1}s, {} events{}",
-                    session.pid, session.comm, drained.len(),
+                    session.pid, session.comm, recording.events(),
                     offcpu_sampling::status(session.offcpu_sampling_threshold_ms())
                 ));
                 progress.tick();
@@ -625,10 +642,11 @@ pub async fn record(
         }
     }
     session.drain_now(&mut drained);
+    recording.append(&drained)?;
     let end_ns = monotonic_ns();
     progress.finish_and_clear();
-    let pending = session.snapshot(
-        drained.into_raw_events(),
+    let mut meta = session.recording_meta(
+        recording.stack_ids(),
         session.start_ns,
         end_ns,
         target_exited,
@@ -637,12 +655,12 @@ pub async fn record(
     let offcpu_sampling_changes = std::mem::take(&mut session.offcpu_sampling_changes);
     // Detach before the slow part (symbolization) so the target runs unobserved again.
     drop(session);
-    let recording = pending.finish();
-    recording.save(&opts.out)?;
+    symbolize(&mut meta);
+    let events = recording.finish(&meta)?;
     Ok(RecordSummary {
         path: opts.out.clone(),
-        events: recording.raw_events.len(),
-        counters: recording.meta.counters,
+        events: events as usize,
+        counters: meta.counters,
         hooks,
         target_exited,
         offcpu_sampling_changes,

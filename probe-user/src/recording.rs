@@ -2,7 +2,8 @@
 //! names, memory maps kept) so it can be analysed later on another machine or after the target
 //! has exited. The format is documented in docs/recording-format.md.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::path::Path;
 
 use probe_common::RawEvent;
@@ -10,13 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::attach::AttachReport;
 use crate::error::ProbeError;
-use crate::events::{decode_raw, encode_raw, Event};
-use crate::output::write_atomic;
+use crate::events::{decode_raw, encode_raw, stacks_named, Drained, Event, Timing};
+use crate::output::{unwritable, write_atomic, AtomicFile};
 use crate::symbolize::SymbolTable;
 use crate::target::MemoryMap;
 
 pub const MAGIC: &[u8; 8] = b"P99PROBE";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Kernel-side counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,20 +119,20 @@ impl Recording {
         self.meta.end_ns.saturating_sub(self.meta.start_ns)
     }
 
+    /// The recording as the bytes of a file, in the current format.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let meta = serde_json::to_vec(&self.meta).expect("metadata serializes");
-        let mut out = Vec::with_capacity(32 + meta.len() + self.raw_events.len() * RawEvent::SIZE);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
-        out.extend_from_slice(&meta);
-        out.extend_from_slice(&(self.raw_events.len() as u64).to_le_bytes());
-        for raw in &self.raw_events {
-            encode_raw(raw, &mut out);
-        }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        let (timings, events): (Vec<RawEvent>, Vec<RawEvent>) = self
+            .raw_events
+            .iter()
+            .partition(|raw| Timing::of(raw).is_some());
+        let timings: Vec<Timing> = timings.iter().filter_map(Timing::of).collect();
+        let write = || -> std::io::Result<Vec<u8>> {
+            let mut body = Body::start(Vec::new(), self.meta.pid)?;
+            body.events(&events)?;
+            body.timings(&timings)?;
+            body.end(&self.meta)
+        };
+        write().expect("writing to memory does not fail")
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Recording, String> {
@@ -143,34 +144,22 @@ impl Recording {
         }
         let (body, crc) = bytes.split_at(bytes.len() - 4);
         let version = u32::from_le_bytes(body[8..12].try_into().unwrap());
-        if version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&version) {
             return Err(format!(
-                "format version {version}, this p99probe reads version {FORMAT_VERSION}"
+                "format version {version}, this p99probe reads versions 1 to {FORMAT_VERSION}"
             ));
         }
         if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
             return Err("checksum mismatch (truncated or modified file)".into());
         }
-        let meta_len = u64::from_le_bytes(body[12..20].try_into().unwrap()) as usize;
-        let meta_end = 20usize
-            .checked_add(meta_len)
-            .filter(|&end| end + 8 <= body.len())
-            .ok_or("metadata length exceeds the file")?;
-        let meta: RecordingMeta =
-            serde_json::from_slice(&body[20..meta_end]).map_err(|e| format!("metadata: {e}"))?;
-        let count = u64::from_le_bytes(body[meta_end..meta_end + 8].try_into().unwrap()) as usize;
-        let events = &body[meta_end + 8..];
-        if count.checked_mul(RawEvent::SIZE) != Some(events.len()) {
-            return Err(format!(
-                "{count} events declared but {} bytes of events present",
-                events.len()
-            ));
-        }
-        let raw_events = events
-            .chunks_exact(RawEvent::SIZE)
-            .map(|chunk| decode_raw(chunk).expect("chunk has record size"))
-            .collect();
-        Ok(Recording { meta, raw_events })
+        let mut recording = match version {
+            1 => read_version_1(&body[12..])?,
+            _ => read_chunks(&body[12..])?,
+        };
+        // Streamed chunks follow the drains, which interleave CPUs and deliver some timings
+        // late; analysis wants time order.
+        recording.raw_events.sort_by_key(|e| e.ts_ns);
+        Ok(recording)
     }
 
     pub fn save(&self, path: &Path) -> Result<(), ProbeError> {
@@ -186,6 +175,269 @@ impl Recording {
             path: path.display().to_string(),
             reason,
         })
+    }
+}
+
+/// Chunk tags of a version-2 file.
+const CHUNK_END: u32 = 0;
+const CHUNK_EVENTS: u32 = 1;
+const CHUNK_TIMINGS: u32 = 2;
+/// A timing in a version-2 file: time, duration, thread, CPU, kind.
+const TIMING_SIZE: usize = 24;
+/// Records per chunk at most: a chunk's count is a u32, and a chunk is built in memory.
+const CHUNK_RECORDS: usize = 1 << 14;
+
+/// The writing side of a version-2 file: the header, chunks of events as they come, then the
+/// metadata (known only at the end: stacks, symbols, counters) and the checksum of it all.
+struct Body<W: Write> {
+    out: W,
+    crc: crc32fast::Hasher,
+    /// The target: a timing of another process is written as a whole event.
+    pid: u32,
+    events: u64,
+    chunk: Vec<u8>,
+}
+
+impl<W: Write> Body<W> {
+    fn start(out: W, pid: u32) -> std::io::Result<Self> {
+        let mut body = Body {
+            out,
+            crc: crc32fast::Hasher::new(),
+            pid,
+            events: 0,
+            chunk: Vec::new(),
+        };
+        body.put(MAGIC)?;
+        body.put(&FORMAT_VERSION.to_le_bytes())?;
+        Ok(body)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.crc.update(bytes);
+        self.out.write_all(bytes)
+    }
+
+    /// Writes the chunk built in `self.chunk`.
+    fn put_chunk(&mut self, tag: u32, records: usize) -> std::io::Result<()> {
+        let chunk = std::mem::take(&mut self.chunk);
+        self.put(&tag.to_le_bytes())?;
+        self.put(&(records as u32).to_le_bytes())?;
+        let result = self.put(&chunk);
+        self.chunk = chunk;
+        self.chunk.clear();
+        self.events += records as u64;
+        result
+    }
+
+    fn events(&mut self, events: &[RawEvent]) -> std::io::Result<()> {
+        for records in events.chunks(CHUNK_RECORDS) {
+            records
+                .iter()
+                .for_each(|raw| encode_raw(raw, &mut self.chunk));
+            self.put_chunk(CHUNK_EVENTS, records.len())?;
+        }
+        Ok(())
+    }
+
+    fn timings(&mut self, timings: &[Timing]) -> std::io::Result<()> {
+        let (compact, whole): (Vec<&Timing>, Vec<&Timing>) = timings
+            .iter()
+            .partition(|t| compact_timing(t, self.pid).is_some());
+        for records in compact.chunks(CHUNK_RECORDS) {
+            for timing in records {
+                let compact = compact_timing(timing, self.pid).expect("partitioned");
+                self.chunk.extend_from_slice(&compact);
+            }
+            self.put_chunk(CHUNK_TIMINGS, records.len())?;
+        }
+        let whole: Vec<RawEvent> = whole.into_iter().map(Timing::to_raw).collect();
+        self.events(&whole)
+    }
+
+    /// Writes the metadata and the checksum; returns the output.
+    fn end(mut self, meta: &RecordingMeta) -> std::io::Result<W> {
+        let meta = serde_json::to_vec(meta).expect("metadata serializes");
+        self.put(&CHUNK_END.to_le_bytes())?;
+        self.put(&(meta.len() as u64).to_le_bytes())?;
+        self.put(&meta)?;
+        let crc = self.crc.clone().finalize();
+        self.out.write_all(&crc.to_le_bytes())?;
+        Ok(self.out)
+    }
+}
+
+/// `timing` in a version-2 file's 24 bytes, if they hold it: it is the target's, and its CPU
+/// and kind fit 16 bits.
+fn compact_timing(timing: &Timing, pid: u32) -> Option<[u8; TIMING_SIZE]> {
+    if timing.tgid != pid {
+        return None;
+    }
+    let cpu = u16::try_from(timing.cpu).ok()?;
+    let kind = u16::try_from(timing.kind).ok()?;
+    let mut out = [0u8; TIMING_SIZE];
+    out[0..8].copy_from_slice(&timing.ts_ns.to_le_bytes());
+    out[8..16].copy_from_slice(&timing.duration_ns.to_le_bytes());
+    out[16..20].copy_from_slice(&timing.tid.to_le_bytes());
+    out[20..22].copy_from_slice(&cpu.to_le_bytes());
+    out[22..24].copy_from_slice(&kind.to_le_bytes());
+    Some(out)
+}
+
+fn timing_of_compact(bytes: &[u8], pid: u32) -> RawEvent {
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+    let u16_at = |o: usize| u16::from_le_bytes(bytes[o..o + 2].try_into().unwrap());
+    Timing {
+        ts_ns: u64_at(0),
+        duration_ns: u64_at(8),
+        tid: u32::from_le_bytes(bytes[16..20].try_into().unwrap()),
+        tgid: pid,
+        cpu: u16_at(20).into(),
+        kind: u16_at(22).into(),
+    }
+    .to_raw()
+}
+
+/// Splits `n` bytes off the front of `bytes`.
+fn take<'a>(bytes: &mut &'a [u8], n: usize, what: &str) -> Result<&'a [u8], String> {
+    if bytes.len() < n {
+        return Err(format!("{what} runs past the end of the file"));
+    }
+    let (head, rest) = bytes.split_at(n);
+    *bytes = rest;
+    Ok(head)
+}
+
+fn take_u32(bytes: &mut &[u8], what: &str) -> Result<u32, String> {
+    Ok(u32::from_le_bytes(
+        take(bytes, 4, what)?.try_into().unwrap(),
+    ))
+}
+
+fn take_u64(bytes: &mut &[u8], what: &str) -> Result<u64, String> {
+    Ok(u64::from_le_bytes(
+        take(bytes, 8, what)?.try_into().unwrap(),
+    ))
+}
+
+fn metadata(bytes: &[u8]) -> Result<RecordingMeta, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("metadata: {e}"))
+}
+
+/// A version-2 file after its version, without the checksum.
+fn read_chunks(mut bytes: &[u8]) -> Result<Recording, String> {
+    let mut chunks = Vec::new();
+    loop {
+        let tag = take_u32(&mut bytes, "a chunk's header")?;
+        if tag == CHUNK_END {
+            break;
+        }
+        let count = take_u32(&mut bytes, "a chunk's header")? as usize;
+        let size = match tag {
+            CHUNK_EVENTS => RawEvent::SIZE,
+            CHUNK_TIMINGS => TIMING_SIZE,
+            _ => return Err(format!("unknown chunk tag {tag}")),
+        };
+        chunks.push((tag, take(&mut bytes, count * size, "a chunk")?));
+    }
+    let meta_len = take_u64(&mut bytes, "the metadata's length")?;
+    let meta_len = usize::try_from(meta_len).map_err(|_| "metadata length exceeds the file")?;
+    let meta = metadata(take(&mut bytes, meta_len, "the metadata")?)?;
+    if !bytes.is_empty() {
+        return Err(format!("{} stray bytes after the metadata", bytes.len()));
+    }
+    let mut raw_events = Vec::with_capacity(
+        chunks
+            .iter()
+            .map(|(tag, records)| match *tag {
+                CHUNK_EVENTS => records.len() / RawEvent::SIZE,
+                _ => records.len() / TIMING_SIZE,
+            })
+            .sum(),
+    );
+    for (tag, records) in chunks {
+        match tag {
+            CHUNK_EVENTS => raw_events.extend(
+                records
+                    .chunks_exact(RawEvent::SIZE)
+                    .map(|r| decode_raw(r).expect("chunk has record size")),
+            ),
+            _ => raw_events.extend(
+                records
+                    .chunks_exact(TIMING_SIZE)
+                    .map(|r| timing_of_compact(r, meta.pid)),
+            ),
+        }
+    }
+    Ok(Recording { meta, raw_events })
+}
+
+/// A version-1 file after its version, without the checksum: the metadata, then every event
+/// as a whole record.
+fn read_version_1(mut bytes: &[u8]) -> Result<Recording, String> {
+    let meta_len = take_u64(&mut bytes, "the metadata's length")?;
+    let meta_len = usize::try_from(meta_len).map_err(|_| "metadata length exceeds the file")?;
+    let meta = metadata(take(&mut bytes, meta_len, "the metadata")?)?;
+    let count = take_u64(&mut bytes, "the event count")? as usize;
+    if count.checked_mul(RawEvent::SIZE) != Some(bytes.len()) {
+        return Err(format!(
+            "{count} events declared but {} bytes of events present",
+            bytes.len()
+        ));
+    }
+    let raw_events = bytes
+        .chunks_exact(RawEvent::SIZE)
+        .map(|chunk| decode_raw(chunk).expect("chunk has record size"))
+        .collect();
+    Ok(Recording { meta, raw_events })
+}
+
+/// A recording written to disk as it is captured, so that a long one does not have to fit in
+/// the agent's memory: events go out in chunks as they are drained, the metadata at the end.
+/// The file appears under its name only once finished; dropped unfinished, it is removed.
+pub struct RecordingWriter {
+    body: Body<AtomicFile>,
+    /// The stacks the written events name, which the metadata must hold.
+    stack_ids: BTreeSet<u32>,
+}
+
+impl RecordingWriter {
+    pub fn create(path: &Path, pid: u32) -> Result<RecordingWriter, ProbeError> {
+        let file = AtomicFile::create(path)?;
+        let path = file.path().to_owned();
+        let body = Body::start(file, pid).map_err(|e| unwritable(&path, e))?;
+        Ok(RecordingWriter {
+            body,
+            stack_ids: BTreeSet::new(),
+        })
+    }
+
+    /// Writes `drained` out (not necessarily to disk yet).
+    pub fn append(&mut self, drained: &Drained) -> Result<(), ProbeError> {
+        self.stack_ids
+            .extend(drained.events.iter().flat_map(stacks_named));
+        let result = self
+            .body
+            .events(&drained.events)
+            .and_then(|()| self.body.timings(&drained.timings));
+        result.map_err(|e| unwritable(self.body.out.path(), e))
+    }
+
+    /// Events written so far.
+    pub fn events(&self) -> u64 {
+        self.body.events
+    }
+
+    pub fn stack_ids(&self) -> &BTreeSet<u32> {
+        &self.stack_ids
+    }
+
+    /// Writes the metadata and puts the file in place; returns how many events it holds.
+    pub fn finish(self, meta: &RecordingMeta) -> Result<u64, ProbeError> {
+        let events = self.body.events;
+        let path = self.body.out.path().to_owned();
+        let file = self.body.end(meta).map_err(|e| unwritable(&path, e))?;
+        file.commit()?;
+        Ok(events)
     }
 }
 
@@ -255,6 +507,97 @@ pub(crate) mod tests {
         assert_eq!(recording.stack_names(Some(1)), vec!["main", "stall_here"]);
     }
 
+    /// `recording` as version 1 wrote it: the metadata first, then every event whole.
+    fn version_1_bytes(recording: &Recording) -> Vec<u8> {
+        let meta = serde_json::to_vec(&recording.meta).unwrap();
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(&(recording.raw_events.len() as u64).to_le_bytes());
+        recording
+            .raw_events
+            .iter()
+            .for_each(|raw| encode_raw(raw, &mut out));
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    fn timing(ts_ns: u64, tgid: u32, kind: EventKind) -> Timing {
+        Timing {
+            ts_ns,
+            duration_ns: 250_000,
+            tid: 43,
+            tgid,
+            cpu: 1,
+            kind: kind as u32,
+        }
+    }
+
+    #[test]
+    fn version_1_files_still_load() {
+        let recording = sample_recording();
+        assert_eq!(
+            Recording::from_bytes(&version_1_bytes(&recording)).unwrap(),
+            recording
+        );
+    }
+
+    #[test]
+    fn a_streamed_recording_holds_every_drain_in_time_order_and_timings_in_24_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("streamed.p99");
+        let sample = sample_recording();
+        let mut writer = RecordingWriter::create(&path, 42).unwrap();
+        // Nothing under the name until it is finished.
+        assert!(!path.exists());
+        let first = Drained {
+            events: sample.raw_events[5..].to_vec(),
+            timings: vec![
+                timing(1_000_000_500, 42, EventKind::RequestServed),
+                // Another process's: kept whole.
+                timing(1_000_000_600, 7, EventKind::RunQueue),
+            ],
+        };
+        // A later drain can bring earlier events (a timing recorded at an acknowledgement).
+        let second = Drained {
+            events: sample.raw_events[..5].to_vec(),
+            timings: vec![timing(999_000_000, 42, EventKind::RequestDelivered)],
+        };
+        writer.append(&first).unwrap();
+        writer.append(&second).unwrap();
+        assert_eq!(writer.events(), 13);
+        assert_eq!(writer.stack_ids(), &BTreeSet::from([1]));
+        assert_eq!(writer.finish(&sample.meta).unwrap(), 13);
+
+        let loaded = Recording::load(&path).unwrap();
+        assert_eq!(loaded.meta, sample.meta);
+        let mut expected: Vec<RawEvent> = first.raw_events().chain(second.raw_events()).collect();
+        expected.sort_by_key(|e| e.ts_ns);
+        assert_eq!(loaded.raw_events, expected);
+        // 10 events whole, one other process's timing whole, two timings compact, in five
+        // chunks: each drain's events and compact timings, and the first drain's whole timing.
+        let bytes = std::fs::read(&path).unwrap();
+        let meta_len = serde_json::to_vec(&sample.meta).unwrap().len();
+        let chunk_headers = 5 * 8;
+        assert_eq!(
+            bytes.len(),
+            12 + chunk_headers + 11 * RawEvent::SIZE + 2 * TIMING_SIZE + 4 + 8 + meta_len + 4
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn an_unfinished_recording_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("unfinished.p99");
+        let mut writer = RecordingWriter::create(&path, 42).unwrap();
+        writer.append(&Drained::default()).unwrap();
+        drop(writer);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
     #[test]
     fn corruption_is_detected_with_a_reason() {
         let bytes = sample_recording().to_bytes();
@@ -274,6 +617,13 @@ pub(crate) mod tests {
         assert!(Recording::from_bytes(&future)
             .unwrap_err()
             .contains("version 9"));
+        let mut unknown_chunk = bytes[..bytes.len() - 4].to_vec();
+        unknown_chunk[12] = 9;
+        let crc = crc32fast::hash(&unknown_chunk);
+        unknown_chunk.extend_from_slice(&crc.to_le_bytes());
+        assert!(Recording::from_bytes(&unknown_chunk)
+            .unwrap_err()
+            .contains("unknown chunk tag 9"));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.p99");
         std::fs::write(&path, &flipped).unwrap();
