@@ -62,6 +62,82 @@ fn unwritable_output_fails_before_attaching() {
     assert_one_line_error(&output, "cannot write output /proc/no-such-dir/x.p99");
 }
 
+/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "p99probe-test",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs failed");
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn full_disk_ends_a_recording_with_one_line_and_detaches() {
+    let _serial = serial();
+    // Context switches as fast as two threads can: well over a megabyte of events a second.
+    let storm = target(&["pingpong", "--duration", "30"]);
+    let disk = SmallDisk::mount("1m");
+    let out = disk.dir.path().join("full.p99");
+    let started = std::time::Instant::now();
+    let output = p99probe(&[
+        "record",
+        "--pid",
+        &storm.pid().to_string(),
+        "--duration",
+        "20s",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    // Past the announcement that tracing has started, one line says what went wrong.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "exit 0; stderr: {stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("p99probe: tracing pid"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("No space left on device"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the recording went on for {:?} after the disk filled",
+        started.elapsed()
+    );
+    // Neither a half-written recording nor its temporary file is left to fill the disk.
+    let left: Vec<_> = std::fs::read_dir(disk.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(
+        !loaded_program_names()
+            .iter()
+            .any(|n| n.starts_with("sched_switch")),
+        "programs still loaded after the error: {:?}",
+        loaded_program_names()
+    );
+}
+
 #[test]
 fn unprivileged_user_is_told_to_use_root() {
     let _serial = serial();
