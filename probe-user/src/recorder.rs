@@ -510,9 +510,6 @@ impl LiveSession {
         target_exited: bool,
     ) -> Result<PendingRecording, ProbeError> {
         let stack_ids: BTreeSet<u32> = events.iter().flat_map(stacks_named).collect();
-        let mut events = events;
-        // Kernel timestamps are taken before the ring-buffer reservation, so CPUs interleave.
-        events.sort_by_key(|e| e.ts_ns);
         Ok(PendingRecording {
             meta: self.recording_meta(&stack_ids, start_ns, end_ns, target_exited)?,
             events,
@@ -574,10 +571,7 @@ impl PendingRecording {
 
     pub fn finish(mut self) -> Recording {
         symbolize(&mut self.meta);
-        Recording {
-            meta: self.meta,
-            raw_events: self.events,
-        }
+        Recording::new(self.meta, self.events)
     }
 }
 

@@ -99,13 +99,67 @@ pub struct RecordingMeta {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Recording {
     pub meta: RecordingMeta,
-    /// In time order.
+    /// The events that are more than a [`Timing`], in time order.
     pub raw_events: Vec<RawEvent>,
+    /// Request latencies and run-queue waits, in time order: most of a recording under load,
+    /// held in a third of a [`RawEvent`]'s space.
+    pub timings: Vec<Timing>,
 }
 
 impl Recording {
+    /// A recording of `events`, in any order.
+    pub fn new(meta: RecordingMeta, events: impl IntoIterator<Item = RawEvent>) -> Recording {
+        let mut recording = Recording {
+            meta,
+            raw_events: Vec::new(),
+            timings: Vec::new(),
+        };
+        events.into_iter().for_each(|raw| recording.push(raw));
+        recording.sort();
+        recording
+    }
+
+    /// Adds `raw` where it belongs; [`Self::sort`] restores time order.
+    fn push(&mut self, raw: RawEvent) {
+        match Timing::of(&raw) {
+            Some(timing) => self.timings.push(timing),
+            None => self.raw_events.push(raw),
+        }
+    }
+
+    /// Puts both kinds of event in time order. Unstable (in place): a stable sort would
+    /// allocate half of a recording that can run to gigabytes.
+    fn sort(&mut self) {
+        self.raw_events.sort_unstable_by_key(|e| e.ts_ns);
+        self.timings.sort_unstable_by_key(|t| t.ts_ns);
+    }
+
+    /// Every event, in time order.
     pub fn events(&self) -> impl Iterator<Item = Event> + '_ {
-        self.raw_events.iter().filter_map(Event::from_raw)
+        let mut events = self.raw_events.iter().peekable();
+        let mut timings = self.timings.iter().peekable();
+        std::iter::from_fn(move || {
+            let timing_first = match (events.peek(), timings.peek()) {
+                (Some(event), Some(timing)) => timing.ts_ns < event.ts_ns,
+                (None, Some(_)) => true,
+                (_, None) => false,
+            };
+            if timing_first {
+                timings.next().map(Timing::to_raw)
+            } else {
+                events.next().copied()
+            }
+        })
+        .filter_map(|raw| Event::from_raw(&raw))
+    }
+
+    /// How many events the recording holds.
+    pub fn len(&self) -> usize {
+        self.raw_events.len() + self.timings.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Root-first function names for a stack id (empty when the stack was not captured).
@@ -121,15 +175,10 @@ impl Recording {
 
     /// The recording as the bytes of a file, in the current format.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let (timings, events): (Vec<RawEvent>, Vec<RawEvent>) = self
-            .raw_events
-            .iter()
-            .partition(|raw| Timing::of(raw).is_some());
-        let timings: Vec<Timing> = timings.iter().filter_map(Timing::of).collect();
         let write = || -> std::io::Result<Vec<u8>> {
             let mut body = Body::start(Vec::new(), self.meta.pid)?;
-            body.events(&events)?;
-            body.timings(&timings)?;
+            body.events(&self.raw_events)?;
+            body.timings(&self.timings)?;
             body.end(&self.meta)
         };
         write().expect("writing to memory does not fail")
@@ -158,7 +207,7 @@ impl Recording {
         };
         // Streamed chunks follow the drains, which interleave CPUs and deliver some timings
         // late; analysis wants time order.
-        recording.raw_events.sort_by_key(|e| e.ts_ns);
+        recording.sort();
         Ok(recording)
     }
 
@@ -167,10 +216,11 @@ impl Recording {
     }
 
     pub fn load(path: &Path) -> Result<Recording, ProbeError> {
-        let bytes = std::fs::read(path).map_err(|e| ProbeError::UnreadableRecording {
+        let unreadable = |e: std::io::Error| ProbeError::UnreadableRecording {
             path: path.display().to_string(),
             reason: e.to_string(),
-        })?;
+        };
+        let bytes = std::fs::read(path).map_err(unreadable)?;
         Recording::from_bytes(&bytes).map_err(|reason| ProbeError::CorruptRecording {
             path: path.display().to_string(),
             reason,
@@ -283,7 +333,7 @@ fn compact_timing(timing: &Timing, pid: u32) -> Option<[u8; TIMING_SIZE]> {
     Some(out)
 }
 
-fn timing_of_compact(bytes: &[u8], pid: u32) -> RawEvent {
+fn timing_of_compact(bytes: &[u8], pid: u32) -> Timing {
     let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
     let u16_at = |o: usize| u16::from_le_bytes(bytes[o..o + 2].try_into().unwrap());
     Timing {
@@ -294,7 +344,6 @@ fn timing_of_compact(bytes: &[u8], pid: u32) -> RawEvent {
         cpu: u16_at(20).into(),
         kind: u16_at(22).into(),
     }
-    .to_raw()
 }
 
 /// Splits `n` bytes off the front of `bytes`.
@@ -345,30 +394,26 @@ fn read_chunks(mut bytes: &[u8]) -> Result<Recording, String> {
     if !bytes.is_empty() {
         return Err(format!("{} stray bytes after the metadata", bytes.len()));
     }
-    let mut raw_events = Vec::with_capacity(
-        chunks
-            .iter()
-            .map(|(tag, records)| match *tag {
-                CHUNK_EVENTS => records.len() / RawEvent::SIZE,
-                _ => records.len() / TIMING_SIZE,
-            })
-            .sum(),
-    );
+    let mut recording = Recording {
+        meta,
+        raw_events: Vec::new(),
+        timings: Vec::new(),
+    };
     for (tag, records) in chunks {
-        match tag {
-            CHUNK_EVENTS => raw_events.extend(
-                records
-                    .chunks_exact(RawEvent::SIZE)
-                    .map(|r| decode_raw(r).expect("chunk has record size")),
-            ),
-            _ => raw_events.extend(
+        if tag == CHUNK_EVENTS {
+            records
+                .chunks_exact(RawEvent::SIZE)
+                .for_each(|r| recording.push(decode_raw(r).expect("chunk has record size")));
+        } else {
+            let pid = recording.meta.pid;
+            recording.timings.extend(
                 records
                     .chunks_exact(TIMING_SIZE)
-                    .map(|r| timing_of_compact(r, meta.pid)),
-            ),
+                    .map(|r| timing_of_compact(r, pid)),
+            );
         }
     }
-    Ok(Recording { meta, raw_events })
+    Ok(recording)
 }
 
 /// A version-1 file after its version, without the checksum: the metadata, then every event
@@ -384,11 +429,10 @@ fn read_version_1(mut bytes: &[u8]) -> Result<Recording, String> {
             bytes.len()
         ));
     }
-    let raw_events = bytes
+    let events = bytes
         .chunks_exact(RawEvent::SIZE)
-        .map(|chunk| decode_raw(chunk).expect("chunk has record size"))
-        .collect();
-    Ok(Recording { meta, raw_events })
+        .map(|chunk| decode_raw(chunk).expect("chunk has record size"));
+    Ok(Recording::new(meta, events))
 }
 
 /// A recording written to disk as it is captured, so that a long one does not have to fit in
@@ -466,31 +510,36 @@ pub(crate) mod tests {
             .into_iter()
             .collect(),
         };
-        Recording {
-            meta: RecordingMeta {
-                format_version: FORMAT_VERSION,
-                tool_version: "test".into(),
-                pid: 42,
-                comm: "server".into(),
-                exe: Some("/usr/bin/server".into()),
-                cmdline: vec!["server".into()],
-                start_ns: 1_000_000_000,
-                end_ns: 2_000_000_000,
-                start_unix_ms: 0,
-                target_exited: false,
-                hooks: AttachReport::default(),
-                settings: RecordSettings {
-                    sample_hz: 499,
-                    min_offcpu_ns: 1_000_000,
-                },
-                counters: KernelCounters::default(),
-                threads: [(42, "server".to_string())].into_iter().collect(),
-                maps: vec![],
-                stacks: [(1, vec![0x1000, 0x2000])].into_iter().collect(),
-                symbols,
+        let meta = RecordingMeta {
+            format_version: FORMAT_VERSION,
+            tool_version: "test".into(),
+            pid: 42,
+            comm: "server".into(),
+            exe: Some("/usr/bin/server".into()),
+            cmdline: vec!["server".into()],
+            start_ns: 1_000_000_000,
+            end_ns: 2_000_000_000,
+            start_unix_ms: 0,
+            target_exited: false,
+            hooks: AttachReport::default(),
+            settings: RecordSettings {
+                sample_hz: 499,
+                min_offcpu_ns: 1_000_000,
             },
-            raw_events: events,
-        }
+            counters: KernelCounters::default(),
+            threads: [(42, "server".to_string())].into_iter().collect(),
+            maps: vec![],
+            stacks: [(1, vec![0x1000, 0x2000])].into_iter().collect(),
+            symbols,
+        };
+        let mut served = RawEvent::zeroed();
+        served.kind = EventKind::RequestServed as u32;
+        served.ts_ns = 1_000_500_000;
+        served.duration_ns = 30_000;
+        served.tid = 42;
+        served.tgid = 42;
+        events.push(served);
+        Recording::new(meta, events)
     }
 
     #[test]
@@ -514,11 +563,14 @@ pub(crate) mod tests {
         out.extend_from_slice(&1u32.to_le_bytes());
         out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
         out.extend_from_slice(&meta);
-        out.extend_from_slice(&(recording.raw_events.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(recording.len() as u64).to_le_bytes());
+        let timings = recording.timings.iter().map(Timing::to_raw);
         recording
             .raw_events
             .iter()
-            .for_each(|raw| encode_raw(raw, &mut out));
+            .copied()
+            .chain(timings)
+            .for_each(|raw| encode_raw(&raw, &mut out));
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -549,6 +601,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("streamed.p99");
         let sample = sample_recording();
+        assert_eq!(sample.timings.len(), 1);
         let mut writer = RecordingWriter::create(&path, 42).unwrap();
         // Nothing under the name until it is finished.
         assert!(!path.exists());
@@ -572,10 +625,11 @@ pub(crate) mod tests {
         assert_eq!(writer.finish(&sample.meta).unwrap(), 13);
 
         let loaded = Recording::load(&path).unwrap();
-        assert_eq!(loaded.meta, sample.meta);
-        let mut expected: Vec<RawEvent> = first.raw_events().chain(second.raw_events()).collect();
-        expected.sort_by_key(|e| e.ts_ns);
-        assert_eq!(loaded.raw_events, expected);
+        let written = first.raw_events().chain(second.raw_events());
+        assert_eq!(loaded, Recording::new(sample.meta.clone(), written));
+        let times: Vec<u64> = loaded.events().map(|e| e.ts_ns()).collect();
+        assert!(times.is_sorted(), "{times:?}");
+        assert_eq!(times.len(), 13);
         // 10 events whole, one other process's timing whole, two timings compact, in five
         // chunks: each drain's events and compact timings, and the first drain's whole timing.
         let bytes = std::fs::read(&path).unwrap();
