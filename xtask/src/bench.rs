@@ -735,16 +735,11 @@ fn paired(
             if running.is_empty() {
                 std::thread::sleep(SETTLE);
             }
-            let tool_ticks = || -> u64 {
-                running
-                    .iter()
-                    .filter_map(|k| proc_cpu_ticks(k.0.id()))
-                    .sum()
-            };
-            let (t0, ticks0) = (Instant::now(), tool_ticks());
+            let tool_cpu_ns =
+                || -> u64 { running.iter().filter_map(|k| proc_cpu_ns(k.0.id())).sum() };
+            let (t0, cpu0) = (Instant::now(), tool_cpu_ns());
             let during = generator.phase(PHASE)?;
-            let tool_cpu_percent =
-                cpu_percent_of(tool_ticks().saturating_sub(ticks0), t0.elapsed());
+            let tool_cpu_percent = cpu_percent_of(tool_cpu_ns().saturating_sub(cpu0), t0.elapsed());
             drop(running);
             std::thread::sleep(Duration::from_millis(300));
             let after = generator.phase(PHASE)?;
@@ -942,10 +937,18 @@ impl Paired {
     }
 }
 
-fn proc_cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+/// CPU time of process `pid`'s threads, ns, from their schedstat (the scheduler's ns count;
+/// /proc/PID/stat counts 10 ms ticks, too coarse for an agent using a fraction of a percent).
+/// A thread that has exited no longer counts: the tools measured keep theirs.
+fn proc_cpu_ns(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+            .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
+            .sum(),
+    )
 }
 
 /// The agent's resident memory: its own (anonymous) and the kernel maps it has mapped (the
@@ -1014,24 +1017,28 @@ impl Drain {
     }
 }
 
-/// CPU % of one CPU that `ticks` of /proc/PID/stat (user + system) are over `span`.
-fn cpu_percent_of(ticks: u64, span: Duration) -> f64 {
-    const USER_HZ: f64 = 100.0;
-    ticks as f64 / USER_HZ / span.as_secs_f64() * 100.0
+/// CPU % of one CPU that `cpu_ns` of CPU time are over `span`.
+fn cpu_percent_of(cpu_ns: u64, span: Duration) -> f64 {
+    cpu_ns as f64 / span.as_nanos() as f64 * 100.0
 }
 
 /// CPU % of process `pid` over `span`, starting now.
 fn cpu_percent_during(pid: u32, span: Duration) -> f64 {
-    let (t0, c0) = (Instant::now(), proc_cpu_ticks(pid).unwrap_or(0));
+    let (t0, c0) = (Instant::now(), proc_cpu_ns(pid).unwrap_or(0));
     std::thread::sleep(span);
     cpu_percent_of(
-        proc_cpu_ticks(pid).unwrap_or(0).saturating_sub(c0),
+        proc_cpu_ns(pid).unwrap_or(0).saturating_sub(c0),
         t0.elapsed(),
     )
 }
 
 struct Pipeline {
     switches: Drain,
+    /// `record`'s own memory 2 s and 5 s into each recording, MB: it streams to disk, so the
+    /// two should match.
+    record_memory_mb: (Vec<f64>, Vec<f64>),
+    /// The recording's size on disk per event, bytes.
+    record_bytes_per_event: Vec<f64>,
     rss_full_mb: f64,
     /// The kernel maps the agent had mapped then.
     kernel_maps_mb: f64,
@@ -1113,6 +1120,8 @@ fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
     let agent = bin(root, "p99probe");
     let mut result = Pipeline {
         switches: Drain::default(),
+        record_memory_mb: (Vec::new(), Vec::new()),
+        record_bytes_per_event: Vec::new(),
         rss_full_mb: 0.0,
         kernel_maps_mb: 0.0,
         storm: storm(root, scratch)?,
@@ -1147,7 +1156,9 @@ fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
             .spawn()?;
         let pid = recorder.id();
         std::thread::sleep(Duration::from_secs(2));
+        result.record_memory_mb.0.push(agent_memory_mb(pid).0);
         let cpu_percent = cpu_percent_during(pid, Duration::from_secs(3));
+        result.record_memory_mb.1.push(agent_memory_mb(pid).0);
         drop(Killed(recorder));
         result.switches.cpu_percent.push(cpu_percent);
         let info = Command::new(&agent).arg("info").arg(&out).output()?;
@@ -1160,6 +1171,8 @@ fn pipeline(root: &Path, scratch: &Path) -> Result<Pipeline> {
             .and_then(|l| l.trim_end_matches('s').parse::<f64>().ok())
             .unwrap_or(6.0);
         result.switches.events_per_s.push(sent / length);
+        let bytes = std::fs::metadata(&out).map_or(f64::NAN, |m| m.len() as f64);
+        result.record_bytes_per_event.push(bytes / sent);
         result.switches.drops.push(dropped);
         drop(pingpong);
     }
@@ -1374,7 +1387,7 @@ pub fn run(root: &Path, go_binary: &Path, rounds: usize) -> Result<()> {
 
     let mut md = String::new();
     let _ = writeln!(md, "# p99probe benchmarks\n");
-    let _ = writeln!(md, "Written by `cargo xtask bench`. Overhead is measured two ways. **Interleaved phases** (the figure the goals use): one server under one continuous load, with {rounds} rounds of {}-second phases — nothing, a tool (measured once it reports tracing), nothing, the next tool, ... The load is `p99probe-target load`: like `wrk -t1 -c8`, one thread keeping 8 keep-alive connections busy in a closed loop (HTTP `GET /` for Go, redis `GET` for redis-server), but it reports throughput and latency percentiles for each phase, which wrk and redis-benchmark cannot (they report once, at exit). Each tool phase's throughput and P99 are divided by the mean of the nothing-phases on either side, so drift slower than a few seconds cancels; P99.9 likewise, where short bursts of a tool's work on a CPU it shares show first. A \"nothing attached\" phase (no tool started) is the null control. The last column is the CPU the tool's own processes used during its phases, as /proc/PID/stat counts it (10 ms ticks), which leaves out its programs' time in the kernel's hooks. The calibration row traces nothing: a process that spins 1 ms every 50 ms on the load generator's CPU shows how much this machine's closed loop amplifies any work that shares that CPU, against which a tool's own CPU can be read. **Separate runs** give absolute throughput and latency percentiles: every configuration runs {ROUNDS} times with its own server, alternating configurations round by round, with a nothing-attached run before and after each run; each cell is the median and, in brackets, the min–max, and the P99 ratio divides each run's P99 by the mean P99 of the two nothing-attached runs either side (for the nothing-attached row, each inner run against its two neighbours: the null control). On this VM separate runs differ by up to 30% from minute to minute, so their throughput ratios cannot resolve a few percent.\n", PHASE.as_secs());
+    let _ = writeln!(md, "Written by `cargo xtask bench`. Overhead is measured two ways. **Interleaved phases** (the figure the goals use): one server under one continuous load, with {rounds} rounds of {}-second phases — nothing, a tool (measured once it reports tracing), nothing, the next tool, ... The load is `p99probe-target load`: like `wrk -t1 -c8`, one thread keeping 8 keep-alive connections busy in a closed loop (HTTP `GET /` for Go, redis `GET` for redis-server), but it reports throughput and latency percentiles for each phase, which wrk and redis-benchmark cannot (they report once, at exit). Each tool phase's throughput and P99 are divided by the mean of the nothing-phases on either side, so drift slower than a few seconds cancels; P99.9 likewise, where short bursts of a tool's work on a CPU it shares show first. A \"nothing attached\" phase (no tool started) is the null control. The last column is the CPU the tool's own processes used during its phases, as its threads' schedstat counts it (ns), which leaves out its programs' time in the kernel's hooks. The calibration row traces nothing: a process that spins 1 ms every 50 ms on the load generator's CPU shows how much this machine's closed loop amplifies any work that shares that CPU, against which a tool's own CPU can be read. **Separate runs** give absolute throughput and latency percentiles: every configuration runs {ROUNDS} times with its own server, alternating configurations round by round, with a nothing-attached run before and after each run; each cell is the median and, in brackets, the min–max, and the P99 ratio divides each run's P99 by the mean P99 of the two nothing-attached runs either side (for the nothing-attached row, each inner run against its two neighbours: the null control). On this VM separate runs differ by up to 30% from minute to minute, so their throughput ratios cannot resolve a few percent.\n", PHASE.as_secs());
     let _ = writeln!(md, "## Machine\n");
     for (label, value) in [
         ("kernel", version("uname", &["-r"])),
@@ -1443,6 +1456,8 @@ pub fn run(root: &Path, go_binary: &Path, rounds: usize) -> Result<()> {
     pipeline
         .switches
         .write_rows(&mut md, "agent CPU % while draining");
+    let _ = writeln!(md, "| `record`'s own memory (anonymous RSS) 2 s / 5 s into the recording: it writes each drain to disk | {} / {} MB |", fmt_stat(&pipeline.record_memory_mb.0, 0), fmt_stat(&pipeline.record_memory_mb.1, 0));
+    let _ = writeln!(md, "| the recording on disk, bytes per event (24 for a run-queue wait, 96 for an off-CPU interval, plus the metadata) | {} |", fmt_stat(&pipeline.record_bytes_per_event, 1));
     let _ = writeln!(md, "| agent's own memory (anonymous RSS) with the flight recorder full (10 s of history, same target, `attach`) | {:.0} MB |", pipeline.rss_full_mb);
     let _ = writeln!(md, "| kernel maps the agent has mapped (the timing rings, 96 MiB here; the 16 MiB event ring buffer, mapped twice over; the trigger's histograms): kernel memory, resident in the agent's RSS too | {:.0} MB |", pipeline.kernel_maps_mb);
     let storm = &pipeline.storm;
@@ -1632,23 +1647,23 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
             let running = start_tool(result.tool, pid, root, scratch)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", result.tool.name()))?;
             std::thread::sleep(Duration::from_secs(2));
-            let own_ticks = || {
+            let own_cpu_ns = || {
                 running
                     .iter()
-                    .filter_map(|k| proc_cpu_ticks(k.0.id()))
+                    .filter_map(|k| proc_cpu_ns(k.0.id()))
                     .sum::<u64>()
             };
             let (t0, w0, c0, before) = (
                 Instant::now(),
                 server_writes(pid)?,
-                own_ticks(),
+                own_cpu_ns(),
                 bpf_programs_since(&others)?,
             );
             std::thread::sleep(KERNEL_COST_SPAN);
             let (t1, w1, c1, after) = (
                 Instant::now(),
                 server_writes(pid)?,
-                own_ticks(),
+                own_cpu_ns(),
                 bpf_programs_since(&others)?,
             );
             drop(running);
