@@ -356,13 +356,6 @@ impl Drained {
             .copied()
             .chain(self.timings.iter().map(Timing::to_raw))
     }
-
-    /// [`Self::raw_events`], consuming.
-    pub fn into_raw_events(self) -> Vec<RawEvent> {
-        let mut events = self.events;
-        events.extend(self.timings.iter().map(Timing::to_raw));
-        events
-    }
 }
 
 /// Adds the event of one ring-buffer record; a record of another shape is dropped.
