@@ -639,12 +639,9 @@ pub async fn record(
     recording.append(&drained)?;
     let end_ns = monotonic_ns();
     progress.finish_and_clear();
-    let mut meta = session.recording_meta(
-        recording.stack_ids(),
-        session.start_ns,
-        end_ns,
-        target_exited,
-    )?;
+    // Nothing prunes the store while recording: it holds the stacks of every event written.
+    let stack_ids = session.stacks.ids().collect();
+    let mut meta = session.recording_meta(&stack_ids, session.start_ns, end_ns, target_exited)?;
     let hooks = session.hooks().clone();
     let offcpu_sampling_changes = std::mem::take(&mut session.offcpu_sampling_changes);
     // Detach before the slow part (symbolization) so the target runs unobserved again.

@@ -2,7 +2,7 @@
 //! names, memory maps kept) so it can be analysed later on another machine or after the target
 //! has exited. The format is documented in docs/recording-format.md.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attach::AttachReport;
 use crate::error::ProbeError;
-use crate::events::{decode_raw, encode_raw, stacks_named, Drained, Event, Timing};
+use crate::events::{decode_raw, raw_event_bytes, Drained, Event, Timing};
 use crate::output::{unwritable, write_atomic, AtomicFile};
 use crate::symbolize::SymbolTable;
 use crate::target::MemoryMap;
@@ -245,6 +245,7 @@ struct Body<W: Write> {
     /// The target: a timing of another process is written as a whole event.
     pid: u32,
     events: u64,
+    /// Where a chunk of timings is built, kept for the next.
     chunk: Vec<u8>,
 }
 
@@ -267,40 +268,39 @@ impl<W: Write> Body<W> {
         self.out.write_all(bytes)
     }
 
-    /// Writes the chunk built in `self.chunk`.
-    fn put_chunk(&mut self, tag: u32, records: usize) -> std::io::Result<()> {
-        let chunk = std::mem::take(&mut self.chunk);
+    fn put_chunk_header(&mut self, tag: u32, records: usize) -> std::io::Result<()> {
         self.put(&tag.to_le_bytes())?;
         self.put(&(records as u32).to_le_bytes())?;
-        let result = self.put(&chunk);
-        self.chunk = chunk;
-        self.chunk.clear();
         self.events += records as u64;
-        result
+        Ok(())
     }
 
     fn events(&mut self, events: &[RawEvent]) -> std::io::Result<()> {
         for records in events.chunks(CHUNK_RECORDS) {
-            records
-                .iter()
-                .for_each(|raw| encode_raw(raw, &mut self.chunk));
-            self.put_chunk(CHUNK_EVENTS, records.len())?;
+            self.put_chunk_header(CHUNK_EVENTS, records.len())?;
+            self.put(&raw_event_bytes(records))?;
         }
         Ok(())
     }
 
     fn timings(&mut self, timings: &[Timing]) -> std::io::Result<()> {
-        let (compact, whole): (Vec<&Timing>, Vec<&Timing>) = timings
-            .iter()
-            .partition(|t| compact_timing(t, self.pid).is_some());
-        for records in compact.chunks(CHUNK_RECORDS) {
+        let mut whole = Vec::new();
+        for records in timings.chunks(CHUNK_RECORDS) {
+            let mut chunk = std::mem::take(&mut self.chunk);
+            chunk.clear();
             for timing in records {
-                let compact = compact_timing(timing, self.pid).expect("partitioned");
-                self.chunk.extend_from_slice(&compact);
+                match compact_timing(timing, self.pid) {
+                    Some(compact) => chunk.extend_from_slice(&compact),
+                    None => whole.push(timing.to_raw()),
+                }
             }
-            self.put_chunk(CHUNK_TIMINGS, records.len())?;
+            let compact = chunk.len() / TIMING_SIZE;
+            if compact > 0 {
+                self.put_chunk_header(CHUNK_TIMINGS, compact)?;
+                self.put(&chunk)?;
+            }
+            self.chunk = chunk;
         }
-        let whole: Vec<RawEvent> = whole.into_iter().map(Timing::to_raw).collect();
         self.events(&whole)
     }
 
@@ -440,8 +440,6 @@ fn read_version_1(mut bytes: &[u8]) -> Result<Recording, String> {
 /// The file appears under its name only once finished; dropped unfinished, it is removed.
 pub struct RecordingWriter {
     body: Body<AtomicFile>,
-    /// The stacks the written events name, which the metadata must hold.
-    stack_ids: BTreeSet<u32>,
 }
 
 impl RecordingWriter {
@@ -449,16 +447,11 @@ impl RecordingWriter {
         let file = AtomicFile::create(path)?;
         let path = file.path().to_owned();
         let body = Body::start(file, pid).map_err(|e| unwritable(&path, e))?;
-        Ok(RecordingWriter {
-            body,
-            stack_ids: BTreeSet::new(),
-        })
+        Ok(RecordingWriter { body })
     }
 
     /// Writes `drained` out (not necessarily to disk yet).
     pub fn append(&mut self, drained: &Drained) -> Result<(), ProbeError> {
-        self.stack_ids
-            .extend(drained.events.iter().flat_map(stacks_named));
         let result = self
             .body
             .events(&drained.events)
@@ -469,10 +462,6 @@ impl RecordingWriter {
     /// Events written so far.
     pub fn events(&self) -> u64 {
         self.body.events
-    }
-
-    pub fn stack_ids(&self) -> &BTreeSet<u32> {
-        &self.stack_ids
     }
 
     /// Writes the metadata and puts the file in place; returns how many events it holds.
@@ -570,7 +559,7 @@ pub(crate) mod tests {
             .iter()
             .copied()
             .chain(timings)
-            .for_each(|raw| encode_raw(&raw, &mut out));
+            .for_each(|raw| crate::events::encode_raw(&raw, &mut out));
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -621,7 +610,6 @@ pub(crate) mod tests {
         writer.append(&first).unwrap();
         writer.append(&second).unwrap();
         assert_eq!(writer.events(), 13);
-        assert_eq!(writer.stack_ids(), &BTreeSet::from([1]));
         assert_eq!(writer.finish(&sample.meta).unwrap(), 13);
 
         let loaded = Recording::load(&path).unwrap();

@@ -147,6 +147,11 @@ impl StackStore {
         self.frames.get(&id).map(|f| &f[..])
     }
 
+    /// Every id the store holds a stack under.
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.frames.keys().copied()
+    }
+
     pub fn len(&self) -> usize {
         self.frames.len()
     }
