@@ -13,6 +13,19 @@ fn p99probe(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `p99probe record --pid PID --duration DURATION --out OUT`.
+fn p99probe_record(pid: impl ToString, duration: &str, out: &str) -> Output {
+    p99probe(&[
+        "record",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        duration,
+        "--out",
+        out,
+    ])
+}
+
 fn assert_one_line_error(output: &Output, expected: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -32,15 +45,7 @@ fn unknown_pid_is_one_line_and_nonzero() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.p99");
-    let output = p99probe(&[
-        "record",
-        "--pid",
-        "999999999",
-        "--duration",
-        "1s",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let output = p99probe_record("999999999", "1s", out.to_str().unwrap());
     assert_one_line_error(&output, "no process with PID 999999999");
     assert!(!out.exists());
 }
@@ -49,16 +54,7 @@ fn unknown_pid_is_one_line_and_nonzero() {
 fn unwritable_output_fails_before_attaching() {
     let _serial = serial();
     let sleeper = target(&["sleeper", "--duration", "20"]);
-    let pid = sleeper.pid().to_string();
-    let output = p99probe(&[
-        "record",
-        "--pid",
-        &pid,
-        "--duration",
-        "1s",
-        "--out",
-        "/proc/no-such-dir/x.p99",
-    ]);
+    let output = p99probe_record(sleeper.pid(), "1s", "/proc/no-such-dir/x.p99");
     assert_one_line_error(&output, "cannot write output /proc/no-such-dir/x.p99");
 }
 
@@ -100,15 +96,7 @@ fn full_disk_ends_a_recording_with_one_line_and_detaches() {
     let disk = SmallDisk::mount("1m");
     let out = disk.dir.path().join("full.p99");
     let started = std::time::Instant::now();
-    let output = p99probe(&[
-        "record",
-        "--pid",
-        &storm.pid().to_string(),
-        "--duration",
-        "20s",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let output = p99probe_record(storm.pid(), "20s", out.to_str().unwrap());
     // Past the announcement that tracing has started, one line says what went wrong.
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "exit 0; stderr: {stderr}");
@@ -188,15 +176,7 @@ fn target_exiting_mid_capture_keeps_what_was_captured() {
     let sleeper = target(&["sleeper", "--stall-ms", "20", "--duration", "1.5"]);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("exit.p99");
-    let output = p99probe(&[
-        "record",
-        "--pid",
-        &sleeper.pid().to_string(),
-        "--duration",
-        "10s",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let output = p99probe_record(sleeper.pid(), "10s", out.to_str().unwrap());
     assert!(
         output.status.success(),
         "{}",
@@ -224,15 +204,7 @@ fn analysis_commands_write_their_files() {
     let dir = tempfile::tempdir().unwrap();
     let rec = dir.path().join("r.p99");
     let rec_s = rec.to_str().unwrap();
-    let output = p99probe(&[
-        "record",
-        "--pid",
-        &sleeper.pid().to_string(),
-        "--duration",
-        "1s",
-        "--out",
-        rec_s,
-    ]);
+    let output = p99probe_record(sleeper.pid(), "1s", rec_s);
     assert!(
         output.status.success(),
         "{}",
