@@ -509,9 +509,10 @@ impl LiveSession {
         end_ns: u64,
         target_exited: bool,
     ) -> Result<PendingRecording, ProbeError> {
+        // Deduplicated first: each id's frames are copied once, not once per event.
         let stack_ids: BTreeSet<u32> = events.iter().flat_map(stacks_named).collect();
         Ok(PendingRecording {
-            meta: self.recording_meta(&stack_ids, start_ns, end_ns, target_exited)?,
+            meta: self.recording_meta(stack_ids, start_ns, end_ns, target_exited)?,
             events,
         })
     }
@@ -520,7 +521,7 @@ impl LiveSession {
     /// symbols yet (see [`symbolize`]).
     pub fn recording_meta(
         &self,
-        stack_ids: &BTreeSet<u32>,
+        stack_ids: impl IntoIterator<Item = u32>,
         start_ns: u64,
         end_ns: u64,
         target_exited: bool,
@@ -542,8 +543,8 @@ impl LiveSession {
             threads: self.threads.clone(),
             maps: self.maps.clone(),
             stacks: stack_ids
-                .iter()
-                .filter_map(|&id| Some((id, self.stacks.frames(id)?.to_vec())))
+                .into_iter()
+                .filter_map(|id| Some((id, self.stacks.frames(id)?.to_vec())))
                 .collect(),
             symbols: Default::default(),
         })
@@ -640,8 +641,12 @@ pub async fn record(
     let end_ns = monotonic_ns();
     progress.finish_and_clear();
     // Nothing prunes the store while recording: it holds the stacks of every event written.
-    let stack_ids = session.stacks.ids().collect();
-    let mut meta = session.recording_meta(&stack_ids, session.start_ns, end_ns, target_exited)?;
+    let mut meta = session.recording_meta(
+        session.stacks.ids(),
+        session.start_ns,
+        end_ns,
+        target_exited,
+    )?;
     let hooks = session.hooks().clone();
     let offcpu_sampling_changes = std::mem::take(&mut session.offcpu_sampling_changes);
     // Detach before the slow part (symbolization) so the target runs unobserved again.

@@ -109,13 +109,19 @@ pub struct Recording {
 impl Recording {
     /// A recording of `events`, in any order.
     pub fn new(meta: RecordingMeta, events: impl IntoIterator<Item = RawEvent>) -> Recording {
+        let mut recording = Recording::unsorted(meta, events);
+        recording.sort();
+        recording
+    }
+
+    /// A recording of `events` left in their order, for a reader that sorts once at the end.
+    fn unsorted(meta: RecordingMeta, events: impl IntoIterator<Item = RawEvent>) -> Recording {
         let mut recording = Recording {
             meta,
             raw_events: Vec::new(),
             timings: Vec::new(),
         };
         events.into_iter().for_each(|raw| recording.push(raw));
-        recording.sort();
         recording
     }
 
@@ -216,11 +222,10 @@ impl Recording {
     }
 
     pub fn load(path: &Path) -> Result<Recording, ProbeError> {
-        let unreadable = |e: std::io::Error| ProbeError::UnreadableRecording {
+        let bytes = std::fs::read(path).map_err(|e| ProbeError::UnreadableRecording {
             path: path.display().to_string(),
             reason: e.to_string(),
-        };
-        let bytes = std::fs::read(path).map_err(unreadable)?;
+        })?;
         Recording::from_bytes(&bytes).map_err(|reason| ProbeError::CorruptRecording {
             path: path.display().to_string(),
             reason,
@@ -368,11 +373,15 @@ fn take_u64(bytes: &mut &[u8], what: &str) -> Result<u64, String> {
     ))
 }
 
-fn metadata(bytes: &[u8]) -> Result<RecordingMeta, String> {
-    serde_json::from_slice(bytes).map_err(|e| format!("metadata: {e}"))
+/// Splits the metadata (its u64 length, then its JSON) off the front of `bytes`.
+fn take_metadata(bytes: &mut &[u8]) -> Result<RecordingMeta, String> {
+    let length = take_u64(bytes, "the metadata's length")?;
+    let length = usize::try_from(length).map_err(|_| "metadata length exceeds the file")?;
+    serde_json::from_slice(take(bytes, length, "the metadata")?)
+        .map_err(|e| format!("metadata: {e}"))
 }
 
-/// A version-2 file after its version, without the checksum.
+/// A version-2 file after its version, without the checksum; its events as they come.
 fn read_chunks(mut bytes: &[u8]) -> Result<Recording, String> {
     let mut chunks = Vec::new();
     loop {
@@ -388,17 +397,11 @@ fn read_chunks(mut bytes: &[u8]) -> Result<Recording, String> {
         };
         chunks.push((tag, take(&mut bytes, count * size, "a chunk")?));
     }
-    let meta_len = take_u64(&mut bytes, "the metadata's length")?;
-    let meta_len = usize::try_from(meta_len).map_err(|_| "metadata length exceeds the file")?;
-    let meta = metadata(take(&mut bytes, meta_len, "the metadata")?)?;
+    let meta = take_metadata(&mut bytes)?;
     if !bytes.is_empty() {
         return Err(format!("{} stray bytes after the metadata", bytes.len()));
     }
-    let mut recording = Recording {
-        meta,
-        raw_events: Vec::new(),
-        timings: Vec::new(),
-    };
+    let mut recording = Recording::unsorted(meta, []);
     for (tag, records) in chunks {
         if tag == CHUNK_EVENTS {
             records
@@ -417,11 +420,9 @@ fn read_chunks(mut bytes: &[u8]) -> Result<Recording, String> {
 }
 
 /// A version-1 file after its version, without the checksum: the metadata, then every event
-/// as a whole record.
+/// as a whole record; its events as they come.
 fn read_version_1(mut bytes: &[u8]) -> Result<Recording, String> {
-    let meta_len = take_u64(&mut bytes, "the metadata's length")?;
-    let meta_len = usize::try_from(meta_len).map_err(|_| "metadata length exceeds the file")?;
-    let meta = metadata(take(&mut bytes, meta_len, "the metadata")?)?;
+    let meta = take_metadata(&mut bytes)?;
     let count = take_u64(&mut bytes, "the event count")? as usize;
     if count.checked_mul(RawEvent::SIZE) != Some(bytes.len()) {
         return Err(format!(
@@ -432,7 +433,7 @@ fn read_version_1(mut bytes: &[u8]) -> Result<Recording, String> {
     let events = bytes
         .chunks_exact(RawEvent::SIZE)
         .map(|chunk| decode_raw(chunk).expect("chunk has record size"));
-    Ok(Recording::new(meta, events))
+    Ok(Recording::unsorted(meta, events))
 }
 
 /// A recording written to disk as it is captured, so that a long one does not have to fit in
