@@ -582,8 +582,9 @@ struct LoadPhase {
 impl LoadPhase {
     /// The whole machine's busy CPU time per request: the server's, the load generator's, the
     /// kernel's (network stack, a tool's programs and its interrupts) and a tool's own
-    /// process. In a closed loop this moves less than throughput with the VM's moods, and it
-    /// is what sets the throughput of a server that saturates its CPU.
+    /// process. It is what sets the throughput of a server that saturates its CPU. In a closed
+    /// loop it still moves with the host (a CPU woken from idle for each request costs more
+    /// than a busy one): in the runs so far its intervals were about as wide as throughput's.
     fn cpu_ns_per_request(&self) -> f64 {
         self.machine_busy_ns as f64 / self.requests
     }
@@ -680,9 +681,10 @@ fn parse_load_phase(line: &str) -> Result<LoadPhase> {
     if field("errors")? > 0.0 {
         bail!("the load generator's connections failed during a phase: {line:?}");
     }
+    let requests = field("requests")?;
     Ok(LoadPhase {
-        requests: field("requests")?,
-        requests_per_second: field("requests")? / field("seconds")?,
+        requests,
+        requests_per_second: requests / field("seconds")?,
         p99_us: field("p99_us")?,
         p999_us: field("p999_us")?,
         machine_busy_ns: 0,
@@ -774,11 +776,12 @@ fn paired(
             if running.is_empty() {
                 std::thread::sleep(SETTLE);
             }
-            let tool_cpu_ns =
-                || -> u64 { running.iter().filter_map(|k| proc_cpu_ns(k.0.id())).sum() };
-            let (t0, cpu0) = (Instant::now(), tool_cpu_ns());
+            let (t0, cpu0) = (Instant::now(), processes_cpu_ns(&running));
             let during = generator.phase(PHASE)?;
-            let tool_cpu_percent = cpu_percent_of(tool_cpu_ns().saturating_sub(cpu0), t0.elapsed());
+            let tool_cpu_percent = cpu_percent_of(
+                processes_cpu_ns(&running).saturating_sub(cpu0),
+                t0.elapsed(),
+            );
             drop(running);
             std::thread::sleep(Duration::from_millis(300));
             let after = generator.phase(PHASE)?;
@@ -1000,6 +1003,11 @@ fn proc_cpu_ns(pid: u32) -> Option<u64> {
             .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
             .sum(),
     )
+}
+
+/// CPU time of `processes` (a tool's), ns; see [`proc_cpu_ns`].
+fn processes_cpu_ns(processes: &[Killed]) -> u64 {
+    processes.iter().filter_map(|k| proc_cpu_ns(k.0.id())).sum()
 }
 
 /// The agent's resident memory: its own (anonymous) and the kernel maps it has mapped (the
@@ -1698,23 +1706,17 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
             let running = start_tool(result.tool, pid, root, scratch)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", result.tool.name()))?;
             std::thread::sleep(Duration::from_secs(2));
-            let own_cpu_ns = || {
-                running
-                    .iter()
-                    .filter_map(|k| proc_cpu_ns(k.0.id()))
-                    .sum::<u64>()
-            };
             let (t0, w0, c0, before) = (
                 Instant::now(),
                 server_writes(pid)?,
-                own_cpu_ns(),
+                processes_cpu_ns(&running),
                 bpf_programs_since(&others)?,
             );
             std::thread::sleep(KERNEL_COST_SPAN);
             let (t1, w1, c1, after) = (
                 Instant::now(),
                 server_writes(pid)?,
-                own_cpu_ns(),
+                processes_cpu_ns(&running),
                 bpf_programs_since(&others)?,
             );
             drop(running);
