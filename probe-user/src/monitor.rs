@@ -211,16 +211,34 @@ impl Capturer<'_> {
         Ok(())
     }
 
+    /// The captures whose writing has ended since the last call, written or not.
+    async fn ended(&mut self) -> Vec<Result<CaptureDone, ProbeError>> {
+        let (ended, running) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|task| task.is_finished());
+        self.running = running;
+        let mut results = Vec::new();
+        for task in ended {
+            results.push(joined(task).await);
+        }
+        results
+    }
+
+    /// Waits for the captures still being written.
     async fn finish(self) -> Result<Vec<CaptureDone>, ProbeError> {
         let mut done = Vec::new();
         for task in self.running {
-            done.push(
-                task.await
-                    .map_err(|e| ProbeError::InvalidArgument(format!("capture task: {e}")))??,
-            );
+            done.push(joined(task).await?);
         }
         Ok(done)
     }
+}
+
+async fn joined(
+    task: tokio::task::JoinHandle<Result<CaptureDone, ProbeError>>,
+) -> Result<CaptureDone, ProbeError> {
+    task.await
+        .map_err(|e| ProbeError::InvalidArgument(format!("capture task: {e}")))?
 }
 
 /// How often the live P99 is compared with the threshold (and a due capture started).
@@ -291,6 +309,8 @@ pub async fn attach_and_watch(
     let mut timing_history_cut = 0usize;
     // For the capture in progress: see `KernelCounters::timings_lost_before_ns`.
     let mut timings_lost_before = None;
+    let mut written = Vec::new();
+    let mut failed: Option<ProbeError> = None;
     loop {
         tokio::select! {
             result = session.next_events(&mut batch) => {
@@ -319,6 +339,24 @@ pub async fn attach_and_watch(
                     continue;
                 }
                 last_check = now;
+                // A capture that could not be written (a full disk) ends the run now rather
+                // than at its end, hours later perhaps; those written stay on disk.
+                for ended in capturer.ended().await {
+                    match ended {
+                        Ok(done) => {
+                            if opts.progress {
+                                progress.suspend(|| eprintln!("p99probe: capture written: {}", done.dir.display()));
+                            }
+                            written.push(done);
+                        }
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                }
+                if failed.is_some() {
+                    break;
+                }
                 if let Some(fire) = pending {
                     if now >= fire.at_ns + ns(opts.post) {
                         capturer.start(&session, &flight, fire, now, false, timings_lost_before)?;
@@ -413,7 +451,7 @@ pub async fn attach_and_watch(
                     if sampling.is_calm() { "calm" } else { "full rate" },
                     if session.write_hook_attached() { "at write" } else { "at next request" },
                     offcpu_sampling::status(session.offcpu_sampling_threshold_ms()),
-                    capturer.running.len(),
+                    written.len() + capturer.running.len(),
                     if pending.is_some() { " | capturing…" } else { "" }
                 ));
                 progress.tick();
@@ -432,6 +470,12 @@ pub async fn attach_and_watch(
     take_feed(&mut feed, |arrived_ns, latency| {
         flight.push(external_latency(arrived_ns, latency))
     });
+    if let Some(err) = failed {
+        drop(session);
+        // The other captures being written end before the error does (and likely fail too).
+        let _ = capturer.finish().await;
+        return Err(err);
+    }
     if let Some(fire) = pending {
         // Ctrl-C, the duration or the target's exit cut the post-window short: keep what we have.
         capturer.start(
@@ -450,9 +494,9 @@ pub async fn attach_and_watch(
     let write_hook_changes = std::mem::take(&mut session.write_hook_changes);
     let offcpu_sampling_changes = std::mem::take(&mut session.offcpu_sampling_changes);
     drop(session);
-    let captures = capturer.finish().await?;
+    written.extend(capturer.finish().await?);
     Ok(AttachSummary {
-        captures,
+        captures: written,
         hooks,
         counters,
         target_exited,

@@ -121,6 +121,76 @@ fn full_disk_ends_a_recording_with_one_line_and_detaches() {
 }
 
 #[test]
+fn full_disk_ends_attach_at_its_first_capture_with_one_line_and_detaches() {
+    let _serial = serial();
+    // Every 10th request stalls 30 ms from 3 s on: P99 crosses 10 ms as soon as `attach` arms.
+    let server = target(&[
+        "server",
+        "--stall-every",
+        "10",
+        "--stall-ms",
+        "30",
+        "--inject-after",
+        "3",
+        "--inject-for",
+        "60",
+        "--duration",
+        "60",
+    ]);
+    let port = server.port.unwrap().to_string();
+    let _client = target(&[
+        "client",
+        "--port",
+        &port,
+        "--conns",
+        "4",
+        "--duration",
+        "60",
+    ]);
+    // Room for the start-up write check, not for a capture's flame graphs and recording.
+    let disk = SmallDisk::mount("128k");
+    let started = std::time::Instant::now();
+    let output = p99probe(&[
+        "attach",
+        "--pid",
+        &server.pid().to_string(),
+        "--p99",
+        "10ms",
+        "--baseline",
+        "1s",
+        "--pre",
+        "1s",
+        "--post",
+        "1s",
+        "--duration",
+        "40s",
+        "--out",
+        disk.dir.path().to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "exit 0; stderr: {stderr}");
+    assert!(
+        stderr.contains("crossed 10.00ms"),
+        "the trigger never fired: {stderr}"
+    );
+    let last = stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(last.contains("No space left on device"), "{stderr}");
+    assert!(!stderr.contains("capture written"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "attach went on for {:?} after its capture failed",
+        started.elapsed()
+    );
+    // No half-written capture directory: captures are assembled under a hidden name.
+    let left: Vec<_> = std::fs::read_dir(disk.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_programs_unloaded("after the error");
+}
+
+#[test]
 fn unprivileged_user_is_told_to_use_root() {
     let _serial = serial();
     let sleeper = target(&["sleeper", "--duration", "20"]);
