@@ -229,8 +229,11 @@ fn cpu_hog_on_the_servers_cpu_is_run_queue_delay() {
 #[test]
 fn busy_loop_on_some_requests_is_on_cpu_in_that_function() {
     let _serial = serial();
-    let args = [&["-spin-every", "20", "-spin-ms", "10"][..], &INJECT].concat();
-    let spike = capture_go_spike(&[], &args, 5, LatencyKind::Server, nothing_from_outside);
+    // Sampling is calm only while P99 stays under half the threshold, 6 ms here: a lower
+    // threshold let this host's noisy stretches (P99s of several ms with nothing injected)
+    // keep sampling at full rate through the whole baseline.
+    let args = [&["-spin-every", "20", "-spin-ms", "20"][..], &INJECT].concat();
+    let spike = capture_go_spike(&[], &args, 12, LatencyKind::Server, nothing_from_outside);
     let top = &spike.report["verdict"][0];
     assert_eq!(top["cause"], "on_cpu");
     assert!(
