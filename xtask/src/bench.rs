@@ -657,7 +657,7 @@ impl CpuTimes {
 /// A phase in which the hypervisor took more than this share of either CPU is left out of the
 /// interleaved ratios, with the phases either side of it. This KVM guest has had 40–50% of both
 /// CPUs stolen for ten seconds at a time: in 1 s windows under redis with nothing attached,
-/// 8–35 k requests/s then, against 98 k on average (30–146 k) in 79 windows under 5% stolen. A
+/// 8–35 k requests/s then, against 98 k on average in 79 windows under 5% stolen. A
 /// tool phase or a nothing-phase caught in such a stretch made the ratios' widest outliers.
 const STEAL_LIMIT: f64 = 0.2;
 
