@@ -82,6 +82,16 @@ impl SmallDisk {
     }
 }
 
+impl SmallDisk {
+    fn assert_left_empty(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(self.dir.path()).status();
@@ -112,11 +122,7 @@ fn full_disk_ends_a_recording_with_one_line_and_detaches() {
         started.elapsed()
     );
     // Neither a half-written recording nor its temporary file is left to fill the disk.
-    let left: Vec<_> = std::fs::read_dir(disk.dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    disk.assert_left_empty();
     assert_programs_unloaded("after the error");
 }
 
@@ -182,11 +188,7 @@ fn full_disk_ends_attach_at_its_first_capture_with_one_line_and_detaches() {
         started.elapsed()
     );
     // No half-written capture directory: captures are assembled under a hidden name.
-    let left: Vec<_> = std::fs::read_dir(disk.dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    disk.assert_left_empty();
     assert_programs_unloaded("after the error");
 }
 
