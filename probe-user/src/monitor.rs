@@ -460,6 +460,12 @@ pub async fn attach_and_watch(
             _ = &mut stop => break,
         }
     }
+    if let Some(err) = failed {
+        drop(session);
+        // The other captures being written end before the error does (and likely fail too).
+        let _ = capturer.finish().await;
+        return Err(err);
+    }
     session.drain_now(&mut batch);
     for timing in batch.timings.drain(..) {
         flight.push_timing(timing);
@@ -470,12 +476,6 @@ pub async fn attach_and_watch(
     take_feed(&mut feed, |arrived_ns, latency| {
         flight.push(external_latency(arrived_ns, latency))
     });
-    if let Some(err) = failed {
-        drop(session);
-        // The other captures being written end before the error does (and likely fail too).
-        let _ = capturer.finish().await;
-        return Err(err);
-    }
     if let Some(fire) = pending {
         // Ctrl-C, the duration or the target's exit cut the post-window short: keep what we have.
         capturer.start(
