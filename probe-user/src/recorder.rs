@@ -148,7 +148,7 @@ pub struct LiveSession {
     stacks_swept_ns: u64,
     /// Entries freed from the kernel's stack map.
     pub stacks_freed: u64,
-    ports_read_ns: u64,
+    target_reread_ns: u64,
     /// `None` when the write hook stays attached throughout (delivery latency).
     write_hook: Option<WriteHookGovernor>,
     /// When the response-write hook was attached (`true`) or detached (CLOCK_MONOTONIC ns).
@@ -182,9 +182,10 @@ const STACK_RELEASE_NS: u64 = CHURN_DRAIN_INTERVAL.as_nanos() as u64;
 /// event was lost, or the interval was too short to report).
 const STACK_SWEEP_NS: u64 = 1_000_000_000;
 
-/// How often the target's listening ports are re-read while attached: a listener opened after
-/// attach has its connections timed from then on.
-const PORTS_REREAD_NS: u64 = 2_000_000_000;
+/// How often the target's listening ports and CPU affinity are re-read while attached: a
+/// listener opened after attach has its connections timed from then on, and a CPU the target
+/// may newly run on is sampled from then on.
+const TARGET_REREAD_NS: u64 = 2_000_000_000;
 
 impl LiveSession {
     pub fn start(probe: &ProbeSettings) -> Result<LiveSession, ProbeError> {
@@ -220,7 +221,7 @@ impl LiveSession {
             stacks_released_ns: monotonic_ns(),
             stacks_swept_ns: monotonic_ns(),
             stacks_freed: 0,
-            ports_read_ns: monotonic_ns(),
+            target_reread_ns: monotonic_ns(),
             write_hook: attached
                 .write_hook_adjustable()
                 .then(|| WriteHookGovernor::new(monotonic_ns(), attached.write_hook_attached())),
@@ -482,10 +483,17 @@ impl LiveSession {
         self.threads.extend(target::thread_names(self.pid));
         merge_maps(&mut self.maps, target::executable_maps(self.pid));
         let now = monotonic_ns();
-        if now.saturating_sub(self.ports_read_ns) >= PORTS_REREAD_NS {
-            self.ports_read_ns = now;
+        if now.saturating_sub(self.target_reread_ns) >= TARGET_REREAD_NS {
+            self.target_reread_ns = now;
             if let Err(e) = self.attached.mark_listening_ports() {
                 log::warn!("listening ports not re-read: {e}");
+            }
+            match self.attached.sample_newly_allowed_cpus() {
+                Ok(added) if !added.is_empty() => {
+                    log::info!("the target may now run on CPUs {added:?}: sampling them too")
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("CPUs the target may now run on not sampled: {e}"),
             }
         }
         true

@@ -1,7 +1,7 @@
 //! What /proc says about the target process: identity, threads, memory maps. (Its listening
 //! ports come from sock_diag: see [`crate::listeners`].)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::PathBuf;
 
@@ -80,6 +80,46 @@ pub fn thread_names(pid: u32) -> BTreeMap<u32, String> {
     names
 }
 
+/// The CPUs any thread of the target may run on (the union of their affinities, from each
+/// thread's `Cpus_allowed_list`); empty when /proc cannot say.
+pub fn allowed_cpus(pid: u32) -> BTreeSet<u32> {
+    let mut cpus = BTreeSet::new();
+    if let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for entry in dir.flatten() {
+            let Ok(status) = fs::read_to_string(entry.path().join("status")) else {
+                continue;
+            };
+            let list = status
+                .lines()
+                .find_map(|line| line.strip_prefix("Cpus_allowed_list:"));
+            if let Some(allowed) = list.and_then(parse_cpu_list) {
+                cpus.extend(allowed);
+            }
+        }
+    }
+    cpus
+}
+
+/// A kernel CPU list (`0-3,8,10-11`), as in `Cpus_allowed_list` and sysfs; `None` when it is
+/// not one.
+pub fn parse_cpu_list(text: &str) -> Option<Vec<u32>> {
+    let mut cpus = Vec::new();
+    for range in text.trim().split(',') {
+        let (first, last): (u32, u32) = match range.split_once('-') {
+            Some((first, last)) => (first.parse().ok()?, last.parse().ok()?),
+            None => {
+                let cpu = range.parse().ok()?;
+                (cpu, cpu)
+            }
+        };
+        if first > last {
+            return None;
+        }
+        cpus.extend(first..=last);
+    }
+    Some(cpus)
+}
+
 /// Executable file-backed mappings from /proc/PID/maps.
 pub fn executable_maps(pid: u32) -> Vec<MemoryMap> {
     fs::read_to_string(format!("/proc/{pid}/maps"))
@@ -115,6 +155,30 @@ pub fn parse_maps(text: &str) -> Vec<MemoryMap> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists_parse_as_the_kernel_writes_them() {
+        assert_eq!(parse_cpu_list("0\n"), Some(vec![0]));
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("0-x"), None);
+    }
+
+    #[test]
+    fn a_process_may_run_where_it_runs() {
+        let cpus = allowed_cpus(std::process::id());
+        let running_on = unsafe { libc::sched_getcpu() };
+        assert!(running_on >= 0);
+        assert!(
+            cpus.contains(&(running_on as u32)),
+            "{running_on} not in {cpus:?}"
+        );
+        assert!(allowed_cpus(u32::MAX).is_empty());
+    }
 
     #[test]
     fn maps_keep_only_executable_file_mappings() {

@@ -48,3 +48,53 @@ fn threads_started_after_attaching_are_sampled() {
         "only {spinning} samples in spin_here from a thread started after attaching"
     );
 }
+
+#[test]
+fn only_cpus_the_target_may_run_on_are_sampled_and_a_widened_affinity_is_followed() {
+    // Sampling a CPU the target cannot run on finds nothing of it, and its timer interrupts
+    // cost whoever runs there; a target that moves must still be sampled where it goes.
+    let _serial = serial();
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let online = p99probe::target::parse_cpu_list(&online).unwrap();
+    assert!(
+        online.contains(&0) && online.contains(&1),
+        "this test needs CPUs 0 and 1 online: {online:?}"
+    );
+    let spinner = target(&["spinner", "--duration", "30"]);
+    let pid = spinner.pid();
+    pin_all_threads(pid, "0");
+    let mover = std::thread::spawn(move || {
+        // Well after attaching; the agent re-reads the affinity every 2 s.
+        std::thread::sleep(Duration::from_secs(4));
+        pin_all_threads(pid, "1");
+    });
+    let recording = record_for(settings(pid), Duration::from_secs(8));
+    mover.join().unwrap();
+    let sampling = &recording.meta.hooks.sampling;
+    assert!(
+        sampling.contains("on CPU 0 (the target's affinity, 1 of "),
+        "{sampling}"
+    );
+    let mut spinning_on = [0u64; 2];
+    for event in recording.events() {
+        if let p99probe::events::Event::OnCpuSample { cpu, tid, .. } = event {
+            if tid != pid && (cpu as usize) < spinning_on.len() {
+                spinning_on[cpu as usize] += 1;
+            }
+        }
+    }
+    // 499 Hz: ~1 s on CPU 0 before the move, then ≥ 2 s on CPU 1 once it is sampled.
+    assert!(
+        spinning_on[0] >= 200 && spinning_on[1] >= 500,
+        "spinning thread's samples on CPUs 0 and 1: {spinning_on:?}"
+    );
+}
+
+fn pin_all_threads(pid: u32, cpus: &str) {
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "taskset -a -p -c {cpus} {pid}: {status}");
+}
