@@ -214,7 +214,7 @@ struct Sampling {
     sample_hz: u64,
     calm_divisor: u64,
     calm: bool,
-    /// The CPUs sampled, in step with `links`.
+    /// The CPUs sampled, in order.
     cpus: Vec<u32>,
     links: Vec<PerfEventLinkId>,
 }
@@ -223,6 +223,28 @@ impl Sampling {
     fn period_ns(&self) -> u64 {
         let divisor = if self.calm { self.calm_divisor } else { 1 };
         full_period_ns(self.sample_hz) * divisor
+    }
+
+    /// What the attach report says of it, out of `online` CPUs.
+    fn describe(&self, online: usize) -> String {
+        let hz = self.sample_hz;
+        let mut description = if self.cpus.len() < online {
+            let listed: Vec<String> = self.cpus.iter().map(u32::to_string).collect();
+            format!(
+                "perf_event cpu-clock {hz} Hz on CPU {} (the target's affinity, {} of {online} online)",
+                listed.join(","),
+                self.cpus.len()
+            )
+        } else {
+            format!("perf_event cpu-clock {hz} Hz on {online} CPUs")
+        };
+        if self.calm_divisor > 1 {
+            description += &format!(
+                ", {:.1} Hz while P99 is under half the threshold",
+                hz as f64 / self.calm_divisor as f64
+            );
+        }
+        description
     }
 }
 
@@ -287,6 +309,8 @@ impl AttachedProbes {
             .links
             .extend(attach_sampling_events(p, &added, sampling.period_ns())?);
         sampling.cpus.extend(&added);
+        sampling.cpus.sort_unstable();
+        self.report.sampling = sampling.describe(self.online_cpus.len());
         Ok(added)
     }
 
@@ -661,8 +685,8 @@ fn attach_wakeups(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, ProbeError> {
     .join(", "))
 }
 
-/// Loads the sampling program and attaches it on every one of `cpus` (of `online` CPUs), at the calm rate when
-/// there is one.
+/// Loads the sampling program and attaches it on every one of `cpus` (of `online` CPUs), at
+/// the calm rate when there is one.
 fn attach_sampling(
     ebpf: &mut Ebpf,
     cpus: Vec<u32>,
@@ -684,23 +708,7 @@ fn attach_sampling(
     // A period rather than a frequency: the calm period is then exactly a whole number of
     // full-rate periods, and each sample's period says what it weighs.
     sampling.links = attach_sampling_events(p, &sampling.cpus, sampling.period_ns())?;
-    let mut description = if sampling.cpus.len() < online {
-        let listed: Vec<String> = sampling.cpus.iter().map(u32::to_string).collect();
-        format!(
-            "perf_event cpu-clock {hz} Hz on CPU {} (the target's affinity, {} of {online} online)",
-            listed.join(","),
-            sampling.cpus.len()
-        )
-    } else {
-        format!("perf_event cpu-clock {hz} Hz on {online} CPUs")
-    };
-    if calm_divisor > 1 {
-        description += &format!(
-            ", {:.1} Hz while P99 is under half the threshold",
-            hz as f64 / calm_divisor as f64
-        );
-    }
-    Ok((description, sampling))
+    Ok((sampling.describe(online), sampling))
 }
 
 fn attach_sampling_events(

@@ -63,6 +63,13 @@ fn only_cpus_the_target_may_run_on_are_sampled_and_a_widened_affinity_is_followe
     let spinner = target(&["spinner", "--duration", "30"]);
     let pid = spinner.pid();
     pin_all_threads(pid, "0");
+    let probes = p99probe::attach::attach(&settings(pid)).unwrap();
+    let sampling = probes.report.sampling.clone();
+    drop(probes);
+    assert!(
+        sampling.contains("on CPU 0 (the target's affinity, 1 of "),
+        "{sampling}"
+    );
     let mover = std::thread::spawn(move || {
         // Well after attaching; the agent re-reads the affinity every 2 s.
         std::thread::sleep(Duration::from_secs(4));
@@ -70,11 +77,14 @@ fn only_cpus_the_target_may_run_on_are_sampled_and_a_widened_affinity_is_followe
     });
     let recording = record_for(settings(pid), Duration::from_secs(8));
     mover.join().unwrap();
+    // The report a capture carries says what was sampled by then.
     let sampling = &recording.meta.hooks.sampling;
-    assert!(
-        sampling.contains("on CPU 0 (the target's affinity, 1 of "),
-        "{sampling}"
-    );
+    let both = if online.len() == 2 {
+        "on 2 CPUs".to_string()
+    } else {
+        "on CPU 0,1 (the target's affinity, 2 of ".to_string()
+    };
+    assert!(sampling.contains(&both), "{sampling}");
     let mut spinning_on = [0u64; 2];
     for event in recording.events() {
         if let p99probe::events::Event::OnCpuSample { cpu, tid, .. } = event {
@@ -83,7 +93,7 @@ fn only_cpus_the_target_may_run_on_are_sampled_and_a_widened_affinity_is_followe
             }
         }
     }
-    // 499 Hz: ~1 s on CPU 0 before the move, then ≥ 2 s on CPU 1 once it is sampled.
+    // 499 Hz: seconds on CPU 0 before the move, then ≥ 2 s on CPU 1 once it is sampled.
     assert!(
         spinning_on[0] >= 200 && spinning_on[1] >= 500,
         "spinning thread's samples on CPUs 0 and 1: {spinning_on:?}"
