@@ -1731,6 +1731,23 @@ fn bpf_programs_since(
         .collect())
 }
 
+/// Per program name, the run time (ns) and runs between two [`bpf_program_stats`] snapshots.
+/// Several programs of one tool may share a name (bpftrace names its programs by probe);
+/// their runs add up.
+fn runs_between(
+    before: &BTreeMap<u32, (String, u64, u64)>,
+    after: BTreeMap<u32, (String, u64, u64)>,
+) -> BTreeMap<String, (u64, u64)> {
+    let mut by_name: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (id, (name, time1, runs1)) in after {
+        let (_, time0, runs0) = before.get(&id).cloned().unwrap_or_default();
+        let entry = by_name.entry(name).or_default();
+        entry.0 += time1.saturating_sub(time0);
+        entry.1 += runs1.saturating_sub(runs0);
+    }
+    by_name
+}
+
 /// Per program name, `(runs per second, ns per run)` of each run.
 type ProgramRuns = BTreeMap<String, Vec<(f64, f64)>>;
 
@@ -1824,16 +1841,7 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
             result
                 .own_cpu
                 .push(cpu_percent_of(c1.saturating_sub(c0), t1 - t0));
-            // Several programs of one tool may share a name (bpftrace names its programs by
-            // probe); their runs add up.
-            let mut by_name: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-            for (id, (name, time1, runs1)) in after {
-                let (_, time0, runs0) = before.get(&id).cloned().unwrap_or_default();
-                let entry = by_name.entry(name).or_default();
-                entry.0 += time1.saturating_sub(time0);
-                entry.1 += runs1.saturating_sub(runs0);
-            }
-            for (name, (time, runs)) in by_name {
+            for (name, (time, runs)) in runs_between(&before, after) {
                 if runs == 0 {
                     continue;
                 }
@@ -1865,12 +1873,9 @@ fn stats_floor_ns() -> Result<f64> {
     std::thread::sleep(KERNEL_COST_SPAN);
     let after = bpf_programs_since(&others)?;
     drop(floor);
-    let (mut time, mut runs) = (0, 0);
-    for (id, (_, time1, runs1)) in after {
-        let (_, time0, runs0) = before.get(&id).cloned().unwrap_or_default();
-        time += time1.saturating_sub(time0);
-        runs += runs1.saturating_sub(runs0);
-    }
+    let (time, runs) = runs_between(&before, after)
+        .into_values()
+        .fold((0, 0), |(time, runs), (t, r)| (time + t, runs + r));
     if runs == 0 {
         bail!("the empty program on sched_switch never ran (did bpftrace attach?)");
     }
@@ -2036,14 +2041,16 @@ impl ToolKernelCost {
 
     /// ms of BPF time per second, all programs together.
     fn total_ms_per_s(&self) -> f64 {
-        self.ms_per_s_where(|_| true)
+        self.ms_per_s_where(0.0, |_| true)
     }
 
-    fn ms_per_s_where(&self, include: impl Fn(&str) -> bool) -> f64 {
+    /// ms of BPF time per second of the programs `include` picks, with `floor_ns` taken off
+    /// each run (down to 0; 0 for the gross figure).
+    fn ms_per_s_where(&self, floor_ns: f64, include: impl Fn(&str) -> bool) -> f64 {
         self.program_medians()
             .iter()
             .filter(|(name, _, _)| include(name))
-            .map(|(_, per_s, ns)| per_s * ns / 1e6)
+            .map(|(_, per_s, ns)| per_s * (ns - floor_ns).max(0.0) / 1e6)
             .sum()
     }
 
@@ -2058,15 +2065,7 @@ impl ToolKernelCost {
     /// ns per response with `floor_ns` taken off each run: the programs' own work, so that a
     /// tool that runs more often (on more hooks) is not charged the statistics' cost of each.
     fn net_ns_per_response(&self, floor_ns: f64) -> f64 {
-        self.per_response(self.net_ms_per_s_where(floor_ns, |_| true))
-    }
-
-    fn net_ms_per_s_where(&self, floor_ns: f64, include: impl Fn(&str) -> bool) -> f64 {
-        self.program_medians()
-            .iter()
-            .filter(|(name, _, _)| include(name))
-            .map(|(_, per_s, ns)| per_s * (ns - floor_ns).max(0.0) / 1e6)
-            .sum()
+        self.per_response(self.ms_per_s_where(floor_ns, |_| true))
     }
 
     /// Program runs per response, all programs together.
@@ -2156,10 +2155,10 @@ impl KernelCost {
     fn goal_line(&self) -> Option<String> {
         let p99probe = self.get(Tool::P99probe)?;
         let ours = p99probe.ns_per_response();
-        let timing = p99probe.per_response(p99probe.ms_per_s_where(times_requests));
+        let timing = p99probe.per_response(p99probe.ms_per_s_where(0.0, times_requests));
         let floor = self.floor();
         let ours_net = p99probe.net_ns_per_response(floor);
-        let timing_net = p99probe.per_response(p99probe.net_ms_per_s_where(floor, times_requests));
+        let timing_net = p99probe.per_response(p99probe.ms_per_s_where(floor, times_requests));
         let peers: Vec<String> = [Tool::Bpftrace, Tool::BccLibbpf]
             .iter()
             .filter_map(|&tool| self.get(tool))
