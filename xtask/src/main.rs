@@ -46,6 +46,11 @@ enum Task {
         /// Rounds of interleaved phases; each round runs every configuration once.
         #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u16).range(2..))]
         rounds: u16,
+        /// With --interleaved-only: the configurations to run beside `p99probe attach` and the
+        /// null control, which always run (comma-separated; every one when not given;
+        /// `--also nothing` for those two alone).
+        #[arg(long, value_delimiter = ',', requires = "interleaved_only")]
+        also: Vec<bench::Tool>,
     },
 }
 
@@ -317,6 +322,7 @@ fn main() -> Result<()> {
             kernel_cost_only,
             interleaved_only,
             rounds,
+            also,
         } => {
             require_root("the benchmarks")?;
             setup()?;
@@ -334,7 +340,7 @@ fn main() -> Result<()> {
                 return bench::print_kernel_cost(&root(), &go_binary);
             }
             if interleaved_only {
-                return bench::print_interleaved(&root(), &go_binary, rounds.into());
+                return bench::print_interleaved(&root(), &go_binary, rounds.into(), &also);
             }
             bench::run(&root(), &go_binary, rounds.into())
         }
