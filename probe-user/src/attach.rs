@@ -169,7 +169,30 @@ pub struct ProbeSettings {
     pub synthetic_syscall_events: bool,
     /// The request latency the kernel sums into histograms for a trigger, and over what window.
     pub trigger_latency: Option<TriggerLatency>,
+    /// Benchmarks only: hook families left unattached, to tell what each one costs.
+    pub omitted: Vec<HookFamily>,
 }
+
+/// A family of hooks that a benchmark can leave out (`--bench-without`): what `attach` costs
+/// a server is spread over them, and taking one away at a time shows each one's share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookFamily {
+    /// `sk_data_ready` and the response-write hook: no request is timed.
+    RequestTiming,
+    /// The context-switch and wakeup hooks: no off-CPU intervals or run-queue waits.
+    Scheduler,
+    /// The uprobes on the Go runtime's GC and stop-the-world functions.
+    GoRuntime,
+}
+
+impl HookFamily {
+    fn omitted_from(self, settings: &ProbeSettings) -> bool {
+        settings.omitted.contains(&self)
+    }
+}
+
+/// How the report names a family left out.
+const OMITTED: &str = "omitted for a benchmark (--bench-without)";
 
 /// What the kernel's trigger histograms count (see `latency_slices`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,7 +207,8 @@ pub struct AttachedProbes {
     /// The target's process id.
     pid: u32,
     pub report: AttachReport,
-    pub sched_hook: SchedHook,
+    /// `None` only when a benchmark left the scheduler hooks out.
+    pub sched_hook: Option<SchedHook>,
     /// Online CPUs.
     online_cpus: Vec<u32>,
     /// The last request latencies and run-queue waits of every CPU, as the kernel keeps them.
@@ -757,11 +781,15 @@ fn attach_tcp(
     btf: &Btf,
     listeners: &mut Listeners,
     track_delivery: bool,
+    timing_requests: bool,
 ) -> Result<(Vec<String>, TracepointHook), ProbeError> {
     // Ports first: the socket hooks know the target's connections by them.
     mark_listening_ports(ebpf, listeners)?;
-    let mut hooks = vec!["inet_sock_set_state", "sk_data_ready", "tcp_retransmit_skb"];
-    if track_delivery {
+    let mut hooks = vec!["inet_sock_set_state", "tcp_retransmit_skb"];
+    if timing_requests {
+        hooks.push("sk_data_ready");
+    }
+    if track_delivery && timing_requests {
         hooks.push("tcp_probe");
     }
     let mut reports = hooks
@@ -769,7 +797,10 @@ fn attach_tcp(
         .map(|tracepoint| attach_btf_or_raw(ebpf, btf, tracepoint, tracepoint))
         .collect::<Result<Vec<_>, _>>()?;
     let (report, write_hook) = attach_btf_or_raw_link(ebpf, btf, WRITE_HOOK, WRITE_HOOK)?;
-    reports.push(if track_delivery {
+    reports.push(if !timing_requests {
+        let delivery = if track_delivery { ", tcp_probe" } else { "" };
+        format!("request timing (sk_data_ready, {WRITE_HOOK}{delivery}) {OMITTED}")
+    } else if track_delivery {
         report
     } else {
         format!(
@@ -857,6 +888,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     }
 
     let chain_to_try: Vec<SchedHook> = match settings.sched_hook {
+        _ if HookFamily::Scheduler.omitted_from(settings) => vec![],
         Some(hook) => vec![hook],
         None => SchedHook::CHAIN.to_vec(),
     };
@@ -873,15 +905,18 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
             break;
         }
     }
-    let Some(chosen) = chosen else {
+    if chosen.is_none() && !HookFamily::Scheduler.omitted_from(settings) {
         let why: Vec<String> = attempts
             .iter()
             .map(|a| format!("{}: {}", a.hook, a.error.clone().unwrap_or_default()))
             .collect();
         return Err(ProbeError::NoSchedulerHook(why.join("; ")));
+    }
+    let wakeup = if HookFamily::Scheduler.omitted_from(settings) {
+        OMITTED.to_string()
+    } else {
+        attach_wakeups(&mut ebpf, &btf)?
     };
-
-    let wakeup = attach_wakeups(&mut ebpf, &btf)?;
     let online_cpus = aya::util::online_cpus()
         .map_err(|(what, e)| attach_err("online CPUs", format!("{what}: {e}")))?;
     let (sampling_report, sampling) = if settings.sample_hz > 0 {
@@ -897,12 +932,24 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         ("off".into(), None)
     };
     let mut listeners = Listeners::open(settings.pid)?;
-    let (tcp, mut write_hook) =
-        attach_tcp(&mut ebpf, &btf, &mut listeners, settings.track_delivery)?;
-    if settings.write_hook == WriteHookPolicy::Never && !settings.track_delivery {
+    let timing_requests = !HookFamily::RequestTiming.omitted_from(settings);
+    let (tcp, mut write_hook) = attach_tcp(
+        &mut ebpf,
+        &btf,
+        &mut listeners,
+        settings.track_delivery,
+        timing_requests,
+    )?;
+    if !timing_requests
+        || (settings.write_hook == WriteHookPolicy::Never && !settings.track_delivery)
+    {
         write_hook.detach(&mut ebpf)?;
     }
-    let go = attach_go(&mut ebpf, settings.pid);
+    let go = if HookFamily::GoRuntime.omitted_from(settings) {
+        None
+    } else {
+        attach_go(&mut ebpf, settings.pid)
+    };
     let synthetic = if settings.synthetic_syscall_events {
         let name = "synthetic_sys_enter";
         let p: &mut BtfTracePoint = program_mut(&mut ebpf, name)?;
@@ -924,9 +971,10 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         sampling,
         write_hook,
         write_hook_fixed: settings.track_delivery
-            || settings.write_hook != WriteHookPolicy::WhileRateIsLow,
+            || settings.write_hook != WriteHookPolicy::WhileRateIsLow
+            || !timing_requests,
         report: AttachReport {
-            scheduler: chosen.to_string(),
+            scheduler: chosen.map_or(OMITTED.to_string(), |hook| hook.to_string()),
             scheduler_attempts: attempts,
             wakeup,
             sampling: sampling_report,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use crate::attach::{ProbeSettings, SchedHook};
+use crate::attach::{HookFamily, ProbeSettings, SchedHook};
 use crate::error::ProbeError;
 use crate::flamegraph::{self, FlameKind};
 use crate::histogram::{self, human_ns};
@@ -163,6 +163,10 @@ pub struct ProbeArgs {
     /// Benchmarks only: one event per system call of the target, to load the pipeline.
     #[arg(long, hide = true)]
     pub synthetic_syscall_events: bool,
+    /// Benchmarks only: leave these hook families unattached (comma-separated), to measure
+    /// what each one costs the target.
+    #[arg(long, hide = true, value_enum, value_delimiter = ',')]
+    pub bench_without: Vec<HookFamily>,
 }
 
 impl ProbeArgs {
@@ -179,6 +183,7 @@ impl ProbeArgs {
             write_hook: Default::default(),
             synthetic_syscall_events: self.synthetic_syscall_events,
             trigger_latency: None,
+            omitted: self.bench_without.clone(),
         }
     }
 }

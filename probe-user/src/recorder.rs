@@ -13,6 +13,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::attach::{
     attach, attach_err, kernel_map, take_kernel_map, AttachReport, AttachedProbes, ProbeSettings,
+    SchedHook,
 };
 use crate::error::ProbeError;
 use crate::events::{decode_ring_record, stack_id, stacks_named, Drained, Event, Timing};
@@ -419,7 +420,11 @@ impl LiveSession {
         if !release && !sweep {
             return Ok(());
         }
-        let held = if self.attached.sched_hook.holds_stacks_while_off_cpu() {
+        let held = if self
+            .attached
+            .sched_hook
+            .is_some_and(SchedHook::holds_stacks_while_off_cpu)
+        {
             self.stacks_held_by_threads()?
         } else {
             BTreeSet::new()

@@ -148,6 +148,7 @@ pub fn settings(pid: u32) -> ProbeSettings {
         write_hook: Default::default(),
         synthetic_syscall_events: false,
         trigger_latency: None,
+        omitted: Vec::new(),
     }
 }
 

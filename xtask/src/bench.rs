@@ -29,6 +29,16 @@ pub enum Tool {
     /// No tracing at all: a process that uses a known share of the load generator's CPU, to
     /// show how much this machine's closed loop amplifies any work that shares that CPU.
     BusyNeighbour,
+    /// `attach` without its request-timing hooks (only through `--also`, like those below).
+    WithoutRequestTiming,
+    /// `attach` without its context-switch and wakeup hooks.
+    WithoutScheduler,
+    /// `attach` without its Go runtime uprobes.
+    WithoutGoRuntime,
+    /// `attach` without on-CPU sampling.
+    WithoutSampling,
+    /// `attach` with no hook at all: the agent's own process and what it reads.
+    AgentOnly,
 }
 
 impl Tool {
@@ -42,6 +52,17 @@ impl Tool {
         Tool::BccLibbpf,
         Tool::BusyNeighbour,
     ];
+    /// `p99probe attach` with one part of its cost taken away at a time: what `attach` costs
+    /// a server is spread over its hook families, and these show each one's share. Only run
+    /// when `--also` names them.
+    const DECOMPOSITION: [Tool; 5] = [
+        Tool::WithoutRequestTiming,
+        Tool::WithoutScheduler,
+        Tool::WithoutGoRuntime,
+        Tool::WithoutSampling,
+        Tool::AgentOnly,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Tool::Nothing => "nothing attached",
@@ -56,7 +77,39 @@ impl Tool {
             Tool::BusyNeighbour => {
                 "calibration, no tracing: a process busy 1 ms every 50 ms (2%) on the load generator's CPU"
             }
+            Tool::WithoutRequestTiming => {
+                "p99probe attach --bench-without request-timing (no request is timed)"
+            }
+            Tool::WithoutScheduler => "p99probe attach --bench-without scheduler",
+            Tool::WithoutGoRuntime => "p99probe attach --bench-without go-runtime",
+            Tool::WithoutSampling => "p99probe attach --sample-hz 0",
+            Tool::AgentOnly => {
+                "p99probe attach --bench-without request-timing,scheduler,go-runtime --sample-hz 0 (the agent alone)"
+            }
         }
+    }
+
+    /// The arguments `attach` takes beyond those every p99probe configuration shares, or
+    /// `None` for a configuration that is not p99probe.
+    fn attach_args(self) -> Option<&'static [&'static str]> {
+        Some(match self {
+            Tool::P99probe => &[],
+            Tool::P99probeFullRate => &["--calm-sample-hz", "499"],
+            Tool::P99probeDelivery => &["--latency", "delivery"],
+            Tool::WithoutRequestTiming => &["--bench-without", "request-timing"],
+            Tool::WithoutScheduler => &["--bench-without", "scheduler"],
+            Tool::WithoutGoRuntime => &["--bench-without", "go-runtime"],
+            Tool::WithoutSampling => &["--sample-hz", "0"],
+            Tool::AgentOnly => &[
+                "--bench-without",
+                "request-timing,scheduler,go-runtime",
+                "--sample-hz",
+                "0",
+            ],
+            Tool::Nothing | Tool::Bpftrace | Tool::Bcc | Tool::BccLibbpf | Tool::BusyNeighbour => {
+                return None
+            }
+        })
     }
 }
 
@@ -249,43 +302,26 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
             .map(Killed)
             .map_err(|e| format!("{cmd:?}: {e}"))
     };
-    let mut running = match tool {
-        Tool::Nothing => return Ok(vec![]),
-        Tool::P99probe | Tool::P99probeFullRate | Tool::P99probeDelivery => vec![spawn(
+    let mut running = match (tool, tool.attach_args()) {
+        (Tool::Nothing, _) => return Ok(vec![]),
+        // Pinned with the load generator, as the peers are. Later flags win with clap, so a
+        // configuration's own override the defaults before them.
+        (_, Some(extra)) => vec![spawn(
             Command::new("taskset")
                 .args(["-c", "1"])
                 .arg(bin(root, "p99probe"))
-                .args([
-                    "attach",
-                    "--pid",
-                    &pid.to_string(),
-                    "--p99",
-                    "1h",
-                    "--duration",
-                    "600s",
-                    "--latency",
-                    if tool == Tool::P99probeDelivery {
-                        "delivery"
-                    } else {
-                        "server"
-                    },
-                    "--calm-sample-hz",
-                    if tool == Tool::P99probeFullRate {
-                        "499"
-                    } else {
-                        "99"
-                    },
-                    "--out",
-                ])
-                .arg(scratch.join("captures")),
+                .args(["attach", "--pid", &pid.to_string(), "--p99", "1h"])
+                .args(["--duration", "600s", "--calm-sample-hz", "99", "--out"])
+                .arg(scratch.join("captures"))
+                .args(extra),
         )?],
         // Pinned like p99probe, so both share the load generator's CPU alike.
-        Tool::Bpftrace => vec![spawn(
+        (Tool::Bpftrace, _) => vec![spawn(
             Command::new("taskset")
                 .args(["-c", "1", "bpftrace", "-e"])
                 .arg(BPFTRACE_SCRIPT.replace("PID", &pid.to_string())),
         )?],
-        Tool::Bcc => vec![
+        (Tool::Bcc, _) => vec![
             spawn(Command::new("runqlat-bpfcc").arg("-p").arg(pid.to_string())),
             spawn(
                 Command::new("offcputime-bpfcc")
@@ -298,7 +334,7 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
         .collect::<Result<_, _>>()?,
         // BCC's own CO-RE rewrites of the same tools: they need BTF, not kernel headers.
         // Pinned like p99probe and bpftrace.
-        Tool::BccLibbpf => ["runqlat", "offcputime"]
+        (Tool::BccLibbpf, _) => ["runqlat", "offcputime"]
             .into_iter()
             .map(|program| {
                 spawn(
@@ -308,7 +344,7 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
                 )
             })
             .collect::<Result<_, _>>()?,
-        Tool::BusyNeighbour => vec![spawn(
+        (Tool::BusyNeighbour, _) => vec![spawn(
             Command::new(bin(root, "p99probe-target"))
                 .args([
                     "duty",
@@ -321,20 +357,19 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
                 ])
                 .args(["--duration", "600"]),
         )?],
+        (_, None) => unreachable!("every p99probe configuration has its attach arguments"),
     };
     // How each process shows its probes are in: p99probe prints its hook report, bpftrace
     // "Attaching N probes...", BCC "Tracing ...". libbpf-tools' C stdio holds its lines in a
     // buffer while stdout is a pipe (offcputime prints none until it exits anyway), so for
     // them the sign is a BPF link among their open files.
     let ready: Vec<Ready> = match tool {
-        Tool::Nothing => unreachable!(),
-        Tool::P99probe | Tool::P99probeFullRate | Tool::P99probeDelivery => {
-            vec![Ready::Line("p99probe: tracing pid")]
-        }
         Tool::Bpftrace => vec![Ready::Line("Attaching")],
         Tool::Bcc => vec![Ready::Line("Tracing"); 3],
         Tool::BccLibbpf => vec![Ready::BpfLink; 2],
         Tool::BusyNeighbour => vec![Ready::Line("ready")],
+        // The others are p99probe (`Nothing` started nothing and returned above).
+        _ => vec![Ready::Line("p99probe: tracing pid")],
     };
     for (killed, ready) in running.iter_mut().zip(ready) {
         // Both streams are read to the end: a tool blocked on a full pipe would stall. The
@@ -1499,8 +1534,8 @@ fn interleaved(
 }
 
 /// `cargo xtask bench --interleaved-only`: the interleaved tables and their goal lines, for
-/// p99probe's default configuration, the null control and `others` (every configuration when
-/// empty). Fewer configurations make more rounds affordable: the interval narrows with the
+/// p99probe's default configuration, the null control and `others` (when empty, every
+/// configuration of the full bench, which leaves out `Tool::DECOMPOSITION`). Fewer configurations make more rounds affordable: the interval narrows with the
 /// square root of the rounds, and 12 leave it at ± 4–5% on this guest.
 pub fn print_interleaved(
     root: &Path,
@@ -1508,12 +1543,15 @@ pub fn print_interleaved(
     rounds: usize,
     others: &[Tool],
 ) -> Result<()> {
-    let configs: Vec<Tool> = Tool::ALL
-        .into_iter()
-        .filter(|t| {
-            others.is_empty() || matches!(t, Tool::Nothing | Tool::P99probe) || others.contains(t)
-        })
-        .collect();
+    let configs: Vec<Tool> = if others.is_empty() {
+        Tool::ALL.to_vec()
+    } else {
+        Tool::ALL
+            .into_iter()
+            .chain(Tool::DECOMPOSITION)
+            .filter(|t| matches!(t, Tool::Nothing | Tool::P99probe) || others.contains(t))
+            .collect()
+    };
     let scratch = root.join("target/bench");
     std::fs::create_dir_all(&scratch)?;
     mount_tracefs()?;

@@ -47,8 +47,9 @@ enum Task {
         #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u16).range(2..))]
         rounds: u16,
         /// With --interleaved-only: the configurations to run beside `p99probe attach` and the
-        /// null control, which always run (comma-separated; every one when not given;
-        /// `--also nothing` for those two alone).
+        /// null control, which always run (comma-separated; when not given, those of the full
+        /// bench; `--also nothing` for those two alone). The `without-*` and `agent-only` ones
+        /// take one part of attach's hooks away each, to show what that part costs.
         #[arg(long, value_delimiter = ',', requires = "interleaved_only")]
         also: Vec<bench::Tool>,
     },
