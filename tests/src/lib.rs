@@ -135,6 +135,19 @@ pub fn target(args: &[&str]) -> Spawned {
     spawn_ready(&binary("p99probe-target"), args)
 }
 
+/// `p99probe-target client`: `conns` connections to `port` kept busy for `seconds`.
+pub fn client_load(port: u16, conns: u32, seconds: u32) -> Spawned {
+    target(&[
+        "client",
+        "--port",
+        &port.to_string(),
+        "--conns",
+        &conns.to_string(),
+        "--duration",
+        &seconds.to_string(),
+    ])
+}
+
 pub fn settings(pid: u32) -> ProbeSettings {
     ProbeSettings {
         pid,

@@ -141,16 +141,7 @@ fn full_disk_ends_attach_at_its_first_capture_with_one_line_and_detaches() {
         "--duration",
         "60",
     ]);
-    let port = server.port.unwrap().to_string();
-    let _client = target(&[
-        "client",
-        "--port",
-        &port,
-        "--conns",
-        "4",
-        "--duration",
-        "60",
-    ]);
+    let _client = client_load(server.port.unwrap(), 4, 60);
     // Room for the start-up write check, not for a capture's flame graphs and recording.
     let disk = SmallDisk::mount("128k");
     let started = std::time::Instant::now();

@@ -27,16 +27,7 @@ fn counts(recording: &Recording) -> (usize, usize, usize) {
 fn an_omitted_hook_family_records_nothing_of_its_kind_and_the_others_still_record() {
     let _serial = serial();
     let server = target(&["server", "--duration", "30", "--response-bytes", "64"]);
-    let port = server.port.unwrap().to_string();
-    let _load = target(&[
-        "client",
-        "--port",
-        &port,
-        "--conns",
-        "4",
-        "--duration",
-        "25",
-    ]);
+    let _load = client_load(server.port.unwrap(), 4, 25);
     let record = |omitted: Vec<HookFamily>| {
         let settings = ProbeSettings {
             // Every interval, however short: the server's threads block between requests.

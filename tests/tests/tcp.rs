@@ -14,24 +14,8 @@ fn induced_loss_yields_retransmits_on_the_targets_port_only() {
     let server = target(&["server", "--duration", "30", "--response-bytes", "2000"]);
     let other = target(&["server", "--duration", "30", "--response-bytes", "2000"]);
     let (port, other_port) = (server.port.unwrap(), other.port.unwrap());
-    let _load = target(&[
-        "client",
-        "--port",
-        &port.to_string(),
-        "--conns",
-        "8",
-        "--duration",
-        "6",
-    ]);
-    let _other_load = target(&[
-        "client",
-        "--port",
-        &other_port.to_string(),
-        "--conns",
-        "8",
-        "--duration",
-        "6",
-    ]);
+    let _load = client_load(port, 8, 6);
+    let _other_load = client_load(other_port, 8, 6);
 
     let before = retransmitted_segments();
     let recording = {
@@ -104,15 +88,7 @@ fn outbound_calls_are_not_requests_but_their_retransmits_are_the_targets() {
             move || record_for(settings, Duration::from_secs(7))
         });
         std::thread::sleep(Duration::from_secs(2));
-        let mut load = target(&[
-            "client",
-            "--port",
-            &port.to_string(),
-            "--conns",
-            "4",
-            "--duration",
-            "3",
-        ]);
+        let mut load = client_load(port, 4, 3);
         let sent: u64 = load
             .line_after("requests ", Duration::from_secs(20))
             .parse()
