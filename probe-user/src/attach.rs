@@ -887,8 +887,9 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         }
     }
 
+    let scheduler_omitted = HookFamily::Scheduler.omitted_from(settings);
     let chain_to_try: Vec<SchedHook> = match settings.sched_hook {
-        _ if HookFamily::Scheduler.omitted_from(settings) => vec![],
+        _ if scheduler_omitted => vec![],
         Some(hook) => vec![hook],
         None => SchedHook::CHAIN.to_vec(),
     };
@@ -905,14 +906,14 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
             break;
         }
     }
-    if chosen.is_none() && !HookFamily::Scheduler.omitted_from(settings) {
+    if chosen.is_none() && !scheduler_omitted {
         let why: Vec<String> = attempts
             .iter()
             .map(|a| format!("{}: {}", a.hook, a.error.clone().unwrap_or_default()))
             .collect();
         return Err(ProbeError::NoSchedulerHook(why.join("; ")));
     }
-    let wakeup = if HookFamily::Scheduler.omitted_from(settings) {
+    let wakeup = if scheduler_omitted {
         OMITTED.to_string()
     } else {
         attach_wakeups(&mut ebpf, &btf)?

@@ -302,76 +302,83 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
             .map(Killed)
             .map_err(|e| format!("{cmd:?}: {e}"))
     };
-    let mut running = match (tool, tool.attach_args()) {
-        (Tool::Nothing, _) => return Ok(vec![]),
-        // Pinned with the load generator, as the peers are. Later flags win with clap, so a
-        // configuration's own override the defaults before them.
-        (_, Some(extra)) => vec![spawn(
-            Command::new("taskset")
-                .args(["-c", "1"])
-                .arg(bin(root, "p99probe"))
-                .args(["attach", "--pid", &pid.to_string(), "--p99", "1h"])
-                .args(["--duration", "600s", "--calm-sample-hz", "99", "--out"])
-                .arg(scratch.join("captures"))
-                .args(extra),
-        )?],
-        // Pinned like p99probe, so both share the load generator's CPU alike.
-        (Tool::Bpftrace, _) => vec![spawn(
-            Command::new("taskset")
-                .args(["-c", "1", "bpftrace", "-e"])
-                .arg(BPFTRACE_SCRIPT.replace("PID", &pid.to_string())),
-        )?],
-        (Tool::Bcc, _) => vec![
-            spawn(Command::new("runqlat-bpfcc").arg("-p").arg(pid.to_string())),
-            spawn(
-                Command::new("offcputime-bpfcc")
-                    .arg("-p")
-                    .arg(pid.to_string()),
-            ),
-            spawn(&mut Command::new("tcpretrans-bpfcc")),
-        ]
-        .into_iter()
-        .collect::<Result<_, _>>()?,
-        // BCC's own CO-RE rewrites of the same tools: they need BTF, not kernel headers.
-        // Pinned like p99probe and bpftrace.
-        (Tool::BccLibbpf, _) => ["runqlat", "offcputime"]
-            .into_iter()
-            .map(|program| {
-                spawn(
-                    Command::new("taskset")
-                        .args(["-c", "1", program, "-p"])
-                        .arg(pid.to_string()),
-                )
-            })
-            .collect::<Result<_, _>>()?,
-        (Tool::BusyNeighbour, _) => vec![spawn(
-            Command::new(bin(root, "p99probe-target"))
-                .args([
-                    "duty",
-                    "--cpu",
-                    "1",
-                    "--busy-us",
-                    "1000",
-                    "--period-us",
-                    "50000",
-                ])
-                .args(["--duration", "600"]),
-        )?],
-        (_, None) => unreachable!("every p99probe configuration has its attach arguments"),
-    };
     // How each process shows its probes are in: p99probe prints its hook report, bpftrace
     // "Attaching N probes...", BCC "Tracing ...". libbpf-tools' C stdio holds its lines in a
     // buffer while stdout is a pipe (offcputime prints none until it exits anyway), so for
     // them the sign is a BPF link among their open files.
-    let ready: Vec<Ready> = match tool {
-        Tool::Bpftrace => vec![Ready::Line("Attaching")],
-        Tool::Bcc => vec![Ready::Line("Tracing"); 3],
-        Tool::BccLibbpf => vec![Ready::BpfLink; 2],
-        Tool::BusyNeighbour => vec![Ready::Line("ready")],
-        // The others are p99probe (`Nothing` started nothing and returned above).
-        _ => vec![Ready::Line("p99probe: tracing pid")],
+    let (mut running, ready): (Vec<Killed>, Ready) = match (tool, tool.attach_args()) {
+        (Tool::Nothing, _) => return Ok(vec![]),
+        // Pinned with the load generator, as the peers are. Later flags win with clap, so a
+        // configuration's own override the defaults before them.
+        (_, Some(extra)) => (
+            vec![spawn(
+                Command::new("taskset")
+                    .args(["-c", "1"])
+                    .arg(bin(root, "p99probe"))
+                    .args(["attach", "--pid", &pid.to_string(), "--p99", "1h"])
+                    .args(["--duration", "600s", "--calm-sample-hz", "99", "--out"])
+                    .arg(scratch.join("captures"))
+                    .args(extra),
+            )?],
+            Ready::Line("p99probe: tracing pid"),
+        ),
+        // Pinned like p99probe, so both share the load generator's CPU alike.
+        (Tool::Bpftrace, _) => (
+            vec![spawn(
+                Command::new("taskset")
+                    .args(["-c", "1", "bpftrace", "-e"])
+                    .arg(BPFTRACE_SCRIPT.replace("PID", &pid.to_string())),
+            )?],
+            Ready::Line("Attaching"),
+        ),
+        (Tool::Bcc, _) => (
+            vec![
+                spawn(Command::new("runqlat-bpfcc").arg("-p").arg(pid.to_string())),
+                spawn(
+                    Command::new("offcputime-bpfcc")
+                        .arg("-p")
+                        .arg(pid.to_string()),
+                ),
+                spawn(&mut Command::new("tcpretrans-bpfcc")),
+            ]
+            .into_iter()
+            .collect::<Result<_, _>>()?,
+            Ready::Line("Tracing"),
+        ),
+        // BCC's own CO-RE rewrites of the same tools: they need BTF, not kernel headers.
+        // Pinned like p99probe and bpftrace.
+        (Tool::BccLibbpf, _) => (
+            ["runqlat", "offcputime"]
+                .into_iter()
+                .map(|program| {
+                    spawn(
+                        Command::new("taskset")
+                            .args(["-c", "1", program, "-p"])
+                            .arg(pid.to_string()),
+                    )
+                })
+                .collect::<Result<_, _>>()?,
+            Ready::BpfLink,
+        ),
+        (Tool::BusyNeighbour, _) => (
+            vec![spawn(
+                Command::new(bin(root, "p99probe-target"))
+                    .args([
+                        "duty",
+                        "--cpu",
+                        "1",
+                        "--busy-us",
+                        "1000",
+                        "--period-us",
+                        "50000",
+                    ])
+                    .args(["--duration", "600"]),
+            )?],
+            Ready::Line("ready"),
+        ),
+        (_, None) => unreachable!("every p99probe configuration has its attach arguments"),
     };
-    for (killed, ready) in running.iter_mut().zip(ready) {
+    for killed in running.iter_mut() {
         // Both streams are read to the end: a tool blocked on a full pipe would stall. The
         // markers go to stdout or stderr depending on the tool.
         let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -1535,8 +1542,9 @@ fn interleaved(
 
 /// `cargo xtask bench --interleaved-only`: the interleaved tables and their goal lines, for
 /// p99probe's default configuration, the null control and `others` (when empty, every
-/// configuration of the full bench, which leaves out `Tool::DECOMPOSITION`). Fewer configurations make more rounds affordable: the interval narrows with the
-/// square root of the rounds, and 12 leave it at ± 4–5% on this guest.
+/// configuration of the full bench, which leaves out `Tool::DECOMPOSITION`). Fewer
+/// configurations make more rounds affordable: the interval narrows with the square root of
+/// the rounds, and 12 leave it at ± 4–5% on this guest.
 pub fn print_interleaved(
     root: &Path,
     go_binary: &Path,
