@@ -187,6 +187,69 @@ fn cpu_hog_on_the_same_cpu_raises_run_queue_delay() {
         .all(|e| !matches!(e, Event::RunQueue { cpu, .. } if cpu != 0)));
 }
 
+/// The run-queue waits of all of `pid`'s threads so far, as the kernel accounts them (the
+/// second field of each thread's /proc schedstat), in ns.
+fn kernel_run_delay_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Against a hog on its CPU, the run-queue waits recorded for a worker add up to what the
+/// kernel itself accounted for it over the same time, give or take the time attaching took.
+/// (The kernel's account misses the wakeup-to-switch time of wakeups that preempt at once, see
+/// README: with a hog the waits are whole time slices, and that part is small.)
+fn run_queue_waits_match_the_kernels_account(hook: Option<SchedHook>) {
+    let _serial = serial();
+    let worker = target(&["worker", "--cpu", "0", "--duration", "30"]);
+    let _hog = target(&["hog", "--cpu", "0", "--duration", "30"]);
+    let mut probe = settings(worker.pid());
+    probe.sched_hook = hook;
+    let before = kernel_run_delay_ns(worker.pid());
+    let recording = record_for(probe, Duration::from_secs(2));
+    let accounted = kernel_run_delay_ns(worker.pid()) - before;
+    let hooks = &recording.meta.hooks;
+    let recorded: u64 = recording
+        .events()
+        .filter_map(|event| match event {
+            Event::RunQueue { delay_ns, .. } => Some(delay_ns),
+            _ => None,
+        })
+        .sum();
+    eprintln!(
+        "{}: {recorded} ns of run-queue waits recorded, {accounted} ns accounted by the kernel",
+        hooks.scheduler
+    );
+    // The worker shares its CPU with a hog, so it waits about half the time: a second or so.
+    assert!(
+        accounted >= 500_000_000,
+        "the kernel accounted only {accounted} ns"
+    );
+    // Attaching takes a fraction of a second, whose waits the kernel counts and the recording
+    // cannot; a wait already under way at the first reading counts whole in the recording.
+    assert!(
+        recorded as f64 >= 0.6 * accounted as f64,
+        "recorded {recorded} ns of {accounted} ns"
+    );
+    assert!(
+        recorded <= accounted + accounted / 50 + 20_000_000,
+        "recorded {recorded} ns, more than the {accounted} ns the kernel accounted"
+    );
+}
+
+#[test]
+fn run_queue_waits_from_the_default_hook_match_the_kernels_account() {
+    run_queue_waits_match_the_kernels_account(None);
+}
+
+#[test]
+fn run_queue_waits_from_the_sched_switch_only_hook_match_the_kernels_account() {
+    // The flavour that keeps each thread's state in the switch-out's own tracepoint.
+    run_queue_waits_match_the_kernels_account(Some(SchedHook::TpBtf));
+}
+
 #[test]
 fn more_distinct_stacks_than_the_kernel_map_holds_are_all_kept() {
     // Each nap blocks under a user stack of its own, and there are more of them than the
