@@ -218,7 +218,8 @@ pub enum Counter {
     RingBufferFull = 0,
     /// `bpf_get_stackid` failed (map full, hash collision, or no user stack).
     StackMissing = 1,
-    /// A per-thread state map was full; an interval could not be tracked.
+    /// A thread found both of its state slots held by other threads and took the first: the
+    /// interval that thread had in progress is not reported.
     StateMapFull = 2,
     /// Events written to the ring buffer.
     EventsSent = 3,
@@ -294,11 +295,11 @@ pub struct ProbeConfig {
     pub trigger_slice_shift: u32,
 }
 
-/// A thread's scheduling state, kept by the kernel programs in the `THREADS` map (keyed by tid)
-/// and updated in place. Shared because the agent must know which stack ids threads still hold
-/// for off-CPU intervals that have not ended.
+/// A thread's scheduling state, kept by the kernel programs in one of its two slots of the
+/// `THREADS` table ([`thread_slots`]) and updated in place. Shared because the agent must know
+/// which stack ids threads still hold for off-CPU intervals that have not ended.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadState {
     /// When it became runnable (woken, or preempted while still runnable); 0: not waiting.
     pub runnable_since: u64,
@@ -309,6 +310,27 @@ pub struct ThreadState {
     pub user_stack_id: i32,
     pub state: u32,
     pub flags: u32,
+    /// The thread this slot belongs to; 0 when it is free.
+    pub tid: u32,
+    pub _pad: u32,
+}
+
+/// Slots of the kernel's `THREADS` table: room for many more threads than a target has, so
+/// that a thread nearly always finds one of its two slots free.
+pub const THREAD_SLOT_BITS: u32 = 17;
+pub const THREAD_SLOTS: u32 = 1 << THREAD_SLOT_BITS;
+
+/// The two slots a thread's state may live in: its tid's low bits, and a multiplicative hash
+/// of it (for the rare thread whose tid shares its low bits with another live thread's). A
+/// table rather than a hash map: the scheduler hooks look a thread up three times per context
+/// switch, and a hash-map lookup cost ~45 ns more per run here than an array slot
+/// (`kernel.bpf_stats_enabled`, a pipe ping-pong between two target threads).
+#[inline(always)]
+pub const fn thread_slots(tid: u32) -> [u32; 2] {
+    [
+        tid & (THREAD_SLOTS - 1),
+        tid.wrapping_mul(0x9e37_79b9) >> (32 - THREAD_SLOT_BITS),
+    ]
 }
 
 #[cfg(feature = "user")]

@@ -24,7 +24,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_skc_to_tcp_sock,
     },
     macros::{btf_tracepoint, fentry, kprobe, map, perf_event, raw_tracepoint, uprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{
         BtfTracePointContext, FEntryContext, PerfEventContext, ProbeContext, RawTracePointContext,
     },
@@ -32,10 +32,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    latency_bucket, port_bit, Counter, EventKind, LatencySlice, ProbeConfig, RawEvent, ThreadState,
-    TimingHead, TimingRecord, COUNTER_SLOTS, FLAG_PREEMPTED, GO_GC_MARK_TERMINATION, GO_GC_START,
-    GO_START_THE_WORLD, GO_STOP_THE_WORLD, LATENCY_BUCKETS, LATENCY_SLICES_PER_CPU, NO_STACK,
-    PORT_BITMAP_WORDS,
+    latency_bucket, port_bit, thread_slots, Counter, EventKind, LatencySlice, ProbeConfig,
+    RawEvent, ThreadState, TimingHead, TimingRecord, COUNTER_SLOTS, FLAG_PREEMPTED,
+    GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD, GO_STOP_THE_WORLD, LATENCY_BUCKETS,
+    LATENCY_SLICES_PER_CPU, NO_STACK, PORT_BITMAP_WORDS, THREAD_SLOTS,
 };
 
 #[no_mangle]
@@ -96,11 +96,11 @@ static TIMING_HEADS: Array<TimingHead> = Array::with_max_entries(1, BPF_F_MMAPAB
 #[map]
 static LATENCY_SLICES: Array<LatencySlice> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// tid → the thread's scheduling state. One entry per thread, created on first sight and
-/// updated in place afterwards: a hash insert or delete takes a bucket lock and allocates, and
-/// these run on every context switch and wakeup.
+/// The threads' scheduling states, each in one of its two slots (`thread_slots`), taken on first
+/// sight and updated in place afterwards. Mapped by the agent, which reads the stack ids that
+/// threads hold (for the hook flavours that walk stacks at switch-out).
 #[map]
-static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(65536, 0);
+static THREADS: Array<ThreadState> = Array::with_max_entries(THREAD_SLOTS, BPF_F_MMAPABLE);
 
 /// The off-CPU stack-sampling threshold in ms, set by the agent while attached (0: every
 /// interval over the minimum is reported). Walking an interval's two stacks costs 7–12 µs here,
@@ -165,6 +165,8 @@ const NEW_THREAD: ThreadState = ThreadState {
     user_stack_id: NO_STACK,
     state: 0,
     flags: 0,
+    tid: 0,
+    _pad: 0,
 };
 
 const TASK_RUNNING: u32 = 0;
@@ -329,19 +331,43 @@ fn current_target_tid(cfg: &ProbeConfig) -> Option<u32> {
     (tgid == cfg.target_tgid && tid != 0).then_some(tid)
 }
 
-/// The thread's state entry, created if it is new.
+/// The thread's state, if one of its slots holds it.
+#[inline(always)]
+fn known_thread(tid: u32) -> Option<&'static mut ThreadState> {
+    for index in thread_slots(tid) {
+        if let Some(slot) = THREADS.get_ptr_mut(index) {
+            let slot = unsafe { &mut *slot };
+            if slot.tid == tid {
+                return Some(slot);
+            }
+        }
+    }
+    None
+}
+
+/// The thread's state, in a slot of its own if it is new: the first of its two that is free,
+/// else the first, whose thread loses the interval it had in progress.
 #[inline(always)]
 fn thread_state(tid: u32) -> Option<&'static mut ThreadState> {
-    if let Some(state) = THREADS.get_ptr_mut(&tid) {
-        return Some(unsafe { &mut *state });
+    if let Some(thread) = known_thread(tid) {
+        return Some(thread);
     }
-    if THREADS.insert(&tid, &NEW_THREAD, 0).is_err() {
-        count(Counter::StateMapFull);
-        return None;
-    }
-    THREADS
-        .get_ptr_mut(&tid)
-        .map(|state| unsafe { &mut *state })
+    let [first, second] = thread_slots(tid);
+    let first = unsafe { &mut *THREADS.get_ptr_mut(first)? };
+    let slot = if first.tid == 0 {
+        first
+    } else {
+        match THREADS.get_ptr_mut(second) {
+            Some(second) if unsafe { (*second).tid } == 0 => unsafe { &mut *second },
+            _ => {
+                count(Counter::StateMapFull);
+                first
+            }
+        }
+    };
+    *slot = NEW_THREAD;
+    slot.tid = tid;
+    Some(slot)
 }
 
 #[inline(always)]
@@ -364,7 +390,9 @@ fn switched_out<C: EbpfContext>(
 ) {
     let runnable = preempted || state == TASK_RUNNING;
     if state & TASK_DEAD != 0 {
-        let _ = THREADS.remove(&tid);
+        if let Some(thread) = known_thread(tid) {
+            thread.tid = 0;
+        }
         return;
     }
     let Some(thread) = thread_state(tid) else {
@@ -395,10 +423,9 @@ fn switched_in<C: EbpfContext>(
     now: u64,
     thread_is_current: bool,
 ) {
-    let Some(thread) = THREADS.get_ptr_mut(&tid) else {
+    let Some(thread) = known_thread(tid) else {
         return;
     };
-    let thread = unsafe { &mut *thread };
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let mut waited = 0;
     let since = thread.runnable_since;

@@ -24,6 +24,7 @@ use crate::listeners::Listeners;
 use crate::request_end::WriteHookPolicy;
 use crate::sampling::full_period_ns;
 use crate::target;
+use crate::thread_table::ThreadTable;
 use crate::timing_rings::{ring_bits, TimingRings};
 
 /// The compiled kernel programs, built by `build.rs` from `probe-ebpf`.
@@ -215,6 +216,8 @@ pub struct AttachedProbes {
     pub timings: TimingRings,
     /// The kernel's histograms of the trigger's latency, when it keeps them.
     pub latency_slices: Option<LatencySlices>,
+    /// The kernel's thread states.
+    pub threads: ThreadTable,
     listeners: Listeners,
     sampling: Option<Sampling>,
     /// The response-write hook (see `request_end`).
@@ -378,6 +381,7 @@ impl AttachedProbes {
 const TIMINGS_MAP: &str = "TIMINGS";
 const TIMING_HEADS_MAP: &str = "TIMING_HEADS";
 const LATENCY_SLICES_MAP: &str = "LATENCY_SLICES";
+const THREADS_MAP: &str = "THREADS";
 
 fn array_map_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<std::os::fd::BorrowedFd<'a>, ProbeError> {
     use std::os::fd::AsFd;
@@ -877,6 +881,8 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     // Mapped before anything is attached: the kernel fills in the whole mapping of the rings
     // at once (96 MiB here), which should not hold up requests that are already being timed.
     let timings = map_timing_rings(&ebpf, possible_cpus, config.timing_ring_bits, settings.pid)?;
+    let threads = ThreadTable::map(array_map_fd(&ebpf, THREADS_MAP)?)
+        .map_err(|e| attach_err(THREADS_MAP, format!("mmap: {e}")))?;
     let latency_slices = match settings.trigger_latency {
         Some(trigger) => Some(map_latency_slices(&ebpf, possible_cpus, trigger.window_ns)?),
         None => None,
@@ -968,6 +974,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         online_cpus,
         timings,
         latency_slices,
+        threads,
         listeners,
         sampling,
         write_hook,

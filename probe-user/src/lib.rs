@@ -32,6 +32,7 @@ pub mod stacks;
 pub mod svg;
 pub mod symbolize;
 pub mod target;
+pub mod thread_table;
 pub mod timeline;
 pub mod timing_rings;
 pub mod trigger;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf, StackTraceMap};
 use aya::Ebpf;
-use probe_common::{Counter, EventKind, RawEvent, ThreadState};
+use probe_common::{Counter, EventKind, RawEvent};
 use tokio::io::unix::AsyncFd;
 
 use crate::attach::{
@@ -16,7 +16,7 @@ use crate::attach::{
     SchedHook,
 };
 use crate::error::ProbeError;
-use crate::events::{decode_ring_record, stack_id, stacks_named, Drained, Event, Timing};
+use crate::events::{decode_ring_record, stacks_named, Drained, Event, Timing};
 use crate::histogram::Percentiles;
 use crate::offcpu_sampling::{self, OffCpuSamplingGovernor};
 use crate::recording::{
@@ -425,7 +425,7 @@ impl LiveSession {
             .sched_hook
             .is_some_and(SchedHook::holds_stacks_while_off_cpu)
         {
-            self.stacks_held_by_threads()?
+            self.stacks_held_by_threads()
         } else {
             BTreeSet::new()
         };
@@ -453,15 +453,12 @@ impl LiveSession {
         Ok(())
     }
 
-    fn stacks_held_by_threads(&self) -> Result<BTreeSet<u32>, ProbeError> {
-        let threads: aya::maps::HashMap<_, u32, ThreadState> =
-            kernel_map(&self.attached.ebpf, "THREADS")?;
-        Ok(threads
-            .iter()
-            .flatten()
-            .flat_map(|(_, thread)| [thread.kernel_stack_id, thread.user_stack_id])
-            .filter_map(stack_id)
-            .collect())
+    /// Read fresh rather than from the thread names the recorder keeps: a thread created since
+    /// they were last read may already hold stacks.
+    fn stacks_held_by_threads(&self) -> BTreeSet<u32> {
+        self.attached
+            .threads
+            .held_stack_ids(target::thread_ids(self.pid))
     }
 
     /// Forgets the stacks that no `live` id (of an event still held) refers to; returns how

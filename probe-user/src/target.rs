@@ -65,6 +65,17 @@ pub fn cmdline(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The ids of the target's live threads.
+pub fn thread_ids(pid: u32) -> Vec<u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|entry| entry.file_name().to_string_lossy().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// tid → thread name for every live thread of the target.
 pub fn thread_names(pid: u32) -> BTreeMap<u32, String> {
     let mut names = BTreeMap::new();
