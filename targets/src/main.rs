@@ -41,7 +41,11 @@ modes:
   pingpong                           two threads handing a byte back and forth through pipes as
                                      fast as they can (a context-switch storm, for benchmarks)
   syscalls                           one thread making cheap system calls as fast as it can (with
-                                     p99probe's benchmark events: an event storm)"
+                                     p99probe's benchmark events: an event storm)
+  roundtrips [--via pipe|tcp]        two threads handing a byte back and forth as fast as they
+                                     can, through pipes or over one loopback TCP connection (to
+                                     its own listening port: each round trip is a request); prints
+                                     `phase roundtrips N seconds S` for each line read on stdin"
     );
     std::process::exit(2)
 }
@@ -433,6 +437,81 @@ fn pingpong(until: Instant) {
     println!("rounds {rounds}");
 }
 
+/// A byte back and forth between two threads of this process, through `via`, with the round
+/// trips counted in phases that stdin ends (a benchmark's per-event cost: run the process on
+/// one CPU, and each round trip is two context switches and two wakeups there).
+fn roundtrips(via: &str, until: Instant) {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    // The two ends: (ours to write, ours to read) and the echo thread's (read, write).
+    let (ours, theirs): ((OwnedFd, OwnedFd), (OwnedFd, OwnedFd)) = match via {
+        "pipe" => {
+            let pipe = || {
+                let mut fds = [0i32; 2];
+                assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+                use std::os::fd::FromRawFd;
+                unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+            };
+            let (to_echo_read, to_echo_write) = pipe();
+            let (back_read, back_write) = pipe();
+            ((to_echo_write, back_read), (to_echo_read, back_write))
+        }
+        "tcp" => {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            for stream in [&client, &server] {
+                stream.set_nodelay(true).expect("TCP_NODELAY");
+            }
+            let (client, server) = (OwnedFd::from(client), OwnedFd::from(server));
+            (
+                (client.try_clone().unwrap(), client),
+                (server.try_clone().unwrap(), server),
+            )
+        }
+        _ => usage(),
+    };
+    std::thread::spawn(move || {
+        let (read_fd, write_fd) = (theirs.0.as_raw_fd(), theirs.1.as_raw_fd());
+        let mut byte = [0u8; 1];
+        while unsafe { libc::read(read_fd, byte.as_mut_ptr().cast(), 1) } == 1 {
+            if unsafe { libc::write(write_fd, byte.as_ptr().cast(), 1) } != 1 {
+                return;
+            }
+        }
+    });
+    let done = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&done);
+    std::thread::spawn(move || {
+        let mut last = (Instant::now(), counted.load(Ordering::Relaxed));
+        for _ in std::io::stdin().lines() {
+            let now = (Instant::now(), counted.load(Ordering::Relaxed));
+            println!(
+                "phase roundtrips {} seconds {:.6}",
+                now.1 - last.1,
+                (now.0 - last.0).as_secs_f64()
+            );
+            last = now;
+        }
+    });
+    ready("");
+    let (write_fd, read_fd) = (ours.0.as_raw_fd(), ours.1.as_raw_fd());
+    let mut byte = [0u8; 1];
+    while Instant::now() < until {
+        for _ in 0..256 {
+            unsafe {
+                if libc::write(write_fd, byte.as_ptr().cast(), 1) != 1
+                    || libc::read(read_fd, byte.as_mut_ptr().cast(), 1) != 1
+                {
+                    return;
+                }
+            }
+        }
+        done.fetch_add(256, Ordering::Relaxed);
+    }
+}
+
 fn syscall_storm(until: Instant) {
     ready("");
     let mut calls = 0u64;
@@ -473,6 +552,7 @@ fn main() {
         }
         "pingpong" => pingpong(until),
         "syscalls" => syscall_storm(until),
+        "roundtrips" => roundtrips(&opts.get("--via", "pipe".to_string()), until),
         _ => usage(),
     }
 }

@@ -43,6 +43,11 @@ enum Task {
         /// attached; about 25 minutes at 12 rounds), printed instead of written to BENCHMARKS.md.
         #[arg(long, conflicts_with = "kernel_cost_only")]
         interleaved_only: bool,
+        /// Only the cost per event (context switches and requests between two threads of a
+        /// round-trip target, about 10 minutes at 12 rounds), printed instead of written to
+        /// BENCHMARKS.md: resolves changes of tens of ns per event.
+        #[arg(long, conflicts_with_all = ["kernel_cost_only", "interleaved_only"])]
+        event_costs_only: bool,
         /// Rounds of interleaved phases; each round runs every configuration once.
         #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u16).range(2..))]
         rounds: u16,
@@ -322,6 +327,7 @@ fn main() -> Result<()> {
         Task::Bench {
             kernel_cost_only,
             interleaved_only,
+            event_costs_only,
             rounds,
             also,
         } => {
@@ -342,6 +348,9 @@ fn main() -> Result<()> {
             }
             if interleaved_only {
                 return bench::print_interleaved(&root(), &go_binary, rounds.into(), &also);
+            }
+            if event_costs_only {
+                return bench::print_event_costs(&root(), rounds.into());
             }
             bench::run(&root(), &go_binary, rounds.into())
         }
