@@ -26,6 +26,7 @@ pub struct KernelCounters {
     /// Events lost because the ring buffer was full.
     pub ring_buffer_full: u64,
     pub stacks_missing: u64,
+    /// A thread took a state slot another thread held (see `Counter::StateMapFull`).
     pub state_map_full: u64,
     /// Requests not timed because another connection took their socket's slot.
     #[serde(default)]

@@ -329,6 +329,13 @@ impl Report {
             "\n## Data quality\n\n{} events lost in the kernel (ring buffer full, or timings overwritten before the agent read them), {} stacks missing, {} requests untimed (their connection's slot was taken by another).",
             self.drops.lost(), self.drops.stacks_missing, self.drops.requests_untimed
         );
+        if self.drops.state_map_full > 0 {
+            let _ = writeln!(
+                md,
+                "\n{} times a thread found both of its state slots in the kernel held by other threads and took one: the off-CPU interval or run-queue wait that thread had in progress was not recorded.",
+                self.drops.state_map_full
+            );
+        }
         if let Some(from_s) = self.timings_complete_from_s {
             let _ = writeln!(
                 md,
@@ -372,5 +379,20 @@ mod tests {
         let json = serde_json::to_value(&cut).unwrap();
         assert_eq!(json["timings_complete_from_s"], 0.25);
         assert!(serde_json::to_value(&whole).unwrap()["timings_complete_from_s"].is_null());
+    }
+
+    #[test]
+    fn thread_states_that_displaced_others_are_reported_under_data_quality() {
+        let mut recording = sample_recording();
+        let build = |recording: &Recording| {
+            let spike = Window::new(1_500_000_000, 2_000_000_000);
+            let baseline = Window::new(1_000_000_000, 1_500_000_000);
+            Report::build(recording, spike, &[baseline], None, LatencyKind::Server).0
+        };
+        assert!(!build(&recording).to_markdown().contains("state slots"));
+        recording.meta.counters.state_map_full = 3;
+        assert!(build(&recording)
+            .to_markdown()
+            .contains("3 times a thread found both of its state slots"));
     }
 }
