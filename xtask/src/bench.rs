@@ -308,16 +308,22 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
     // them the sign is a BPF link among their open files.
     let (mut running, ready): (Vec<Killed>, Ready) = match (tool, tool.attach_args()) {
         (Tool::Nothing, _) => return Ok(vec![]),
-        // Pinned with the load generator, as the peers are. Later flags win with clap, so a
-        // configuration's own override the defaults before them.
+        // Pinned with the load generator, as the peers are. The calm rate is the bpftrace
+        // script's 99 Hz unless the configuration sets its own (clap refuses a flag given
+        // twice).
         (_, Some(extra)) => (
             vec![spawn(
                 Command::new("taskset")
                     .args(["-c", "1"])
                     .arg(bin(root, "p99probe"))
                     .args(["attach", "--pid", &pid.to_string(), "--p99", "1h"])
-                    .args(["--duration", "600s", "--calm-sample-hz", "99", "--out"])
+                    .args(["--duration", "600s", "--out"])
                     .arg(scratch.join("captures"))
+                    .args(if extra.contains(&"--calm-sample-hz") {
+                        &[][..]
+                    } else {
+                        &["--calm-sample-hz", "99"][..]
+                    })
                     .args(extra),
             )?],
             Ready::Line("p99probe: tracing pid"),
