@@ -359,14 +359,16 @@ mod tests {
     use super::*;
     use crate::recording::tests::sample_recording;
 
+    /// The report of the sample recording's second half-second against the one before.
+    fn build(recording: &Recording) -> Report {
+        let spike = Window::new(1_500_000_000, 2_000_000_000);
+        let baseline = Window::new(1_000_000_000, 1_500_000_000);
+        Report::build(recording, spike, &[baseline], None, LatencyKind::Server).0
+    }
+
     #[test]
     fn a_capture_whose_timings_were_cut_says_from_when_they_are_whole() {
         let mut recording = sample_recording();
-        let build = |recording: &Recording| {
-            let spike = Window::new(1_500_000_000, 2_000_000_000);
-            let baseline = Window::new(1_000_000_000, 1_500_000_000);
-            Report::build(recording, spike, &[baseline], None, LatencyKind::Server).0
-        };
         let whole = build(&recording);
         assert_eq!(whole.timings_complete_from_s, None);
         assert!(!whole.to_markdown().contains("timing ring"));
@@ -384,11 +386,6 @@ mod tests {
     #[test]
     fn thread_states_that_displaced_others_are_reported_under_data_quality() {
         let mut recording = sample_recording();
-        let build = |recording: &Recording| {
-            let spike = Window::new(1_500_000_000, 2_000_000_000);
-            let baseline = Window::new(1_000_000_000, 1_500_000_000);
-            Report::build(recording, spike, &[baseline], None, LatencyKind::Server).0
-        };
         assert!(!build(&recording).to_markdown().contains("state slots"));
         recording.meta.counters.state_map_full = 3;
         assert!(build(&recording)

@@ -611,7 +611,7 @@ const PHASE: Duration = Duration::from_secs(2);
 /// throughput and latency percentiles per phase (wrk and redis-benchmark report only at exit,
 /// so under them interleaved phases could compare throughput but not P99).
 struct LoadGenerator {
-    _process: Killed,
+    process: Killed,
     control: ChildStdin,
     reports: BufReader<ChildStdout>,
 }
@@ -738,7 +738,7 @@ impl LoadGenerator {
             bail!("{cmd:?} did not start: {line:?}");
         }
         Ok(LoadGenerator {
-            _process: Killed(child),
+            process: Killed(child),
             control,
             reports,
         })
@@ -2097,14 +2097,9 @@ impl StackBudget {
     }
 }
 
-/// Ways the round-trip target hands its byte across, with what one round trip is.
-const ROUND_TRIP_VIAS: [(&str, &str); 2] = [
-    ("pipe", "two context switches and two wakeups"),
-    (
-        "tcp",
-        "a request and its response on loopback: the same, and two segments",
-    ),
-];
+/// Ways the round-trip target hands its byte across: a round trip through pipes is two
+/// context switches and two wakeups; over loopback TCP it is also a request and its response.
+const ROUND_TRIP_VIAS: [&str; 2] = ["pipe", "tcp"];
 
 /// The configurations measured per event: the tool, and whether it traces the round-trip
 /// target itself or a bystander (a sleeping process), for which every event is filtered out.
@@ -2144,14 +2139,14 @@ fn event_costs(root: &Path, scratch: &Path, rounds: usize) -> Result<EventCosts>
         baseline_ns: Vec::new(),
         added_ns: EVENT_COST_CONFIGS.iter().map(|_| Vec::new()).collect(),
     };
-    for (via, _) in ROUND_TRIP_VIAS {
+    for via in ROUND_TRIP_VIAS {
         let mut target = LoadGenerator::spawn(
             Command::new("taskset")
                 .args(["-c", "0"])
                 .arg(bin(root, "p99probe-target"))
                 .args(["roundtrips", "--via", via, "--duration", "3600"]),
         )?;
-        let target_pid = target._process.0.id();
+        let target_pid = target.process.0.id();
         let mut results: Vec<AddedNs> = EVENT_COST_CONFIGS
             .iter()
             .map(|_| Ok((Vec::new(), 0)))
