@@ -151,6 +151,42 @@ fn forced_sched_switch_only_hook_measures_the_same() {
 }
 
 #[test]
+fn a_stack_held_through_a_long_block_outlives_the_agents_sweeps() {
+    // With sched_switch alone the stacks are walked as the thread leaves, and no event names
+    // them until it returns. The agent frees stacks that stay unnamed for two of its sweeps (a
+    // second apart) unless a thread holds them. Each 3 s nap is under a call path of its own,
+    // so a stack freed during the nap is not walked again before its event is read.
+    let _serial = serial();
+    let walker = target(&["stacks", "--paths", "16", "--nap-us", "3000000"]);
+    let mut probe = settings(walker.pid());
+    probe.sched_hook = Some(SchedHook::TpBtf);
+    let recording = record_for(probe, Duration::from_secs(7));
+    let naps: Vec<(u64, bool)> = recording
+        .events()
+        .filter_map(|event| match event {
+            Event::OffCpu {
+                duration_ns,
+                user_stack,
+                ..
+            } if duration_ns >= 2_900_000_000 => Some((
+                duration_ns,
+                recording
+                    .stack_names(user_stack)
+                    .iter()
+                    .any(|f| f == "path_zero" || f == "path_one"),
+            )),
+            _ => None,
+        })
+        .collect();
+    eprintln!("3 s naps (duration, stack named): {naps:?}");
+    assert!(!naps.is_empty(), "no whole 3 s nap was recorded");
+    assert!(
+        naps.iter().all(|&(_, named)| named),
+        "a nap came back without its stack: {naps:?}"
+    );
+}
+
+#[test]
 fn cpu_hog_on_the_same_cpu_raises_run_queue_delay() {
     let _serial = serial();
     let worker = target(&["worker", "--cpu", "0", "--duration", "30"]);
