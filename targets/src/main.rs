@@ -38,8 +38,8 @@ modes:
                                      closed-loop load like wrk -t1 -cN (one thread, N keep-alive
                                      connections) that prints a `phase requests N ... p99_us X`
                                      line for each line read on stdin, and one at the end
-  pingpong                           two threads handing a byte back and forth through pipes as
-                                     fast as they can (a context-switch storm, for benchmarks)
+  pingpong                           roundtrips --via pipe without the phases: a context-switch
+                                     storm, for benchmarks
   syscalls                           one thread making cheap system calls as fast as it can (with
                                      p99probe's benchmark events: an event storm)
   roundtrips [--via pipe|tcp]        two threads handing a byte back and forth as fast as they
@@ -401,46 +401,11 @@ fn client(opts: &Opts, until: Instant) {
     println!("requests {total}");
 }
 
-fn pingpong(until: Instant) {
-    let mut a = [0i32; 2];
-    let mut b = [0i32; 2];
-    unsafe {
-        assert_eq!(libc::pipe(a.as_mut_ptr()), 0);
-        assert_eq!(libc::pipe(b.as_mut_ptr()), 0);
-    }
-    let (a_read, a_write, b_read, b_write) = (a[0], a[1], b[0], b[1]);
-    let echo = std::thread::spawn(move || {
-        let mut byte = [0u8; 1];
-        loop {
-            if unsafe { libc::read(a_read, byte.as_mut_ptr().cast(), 1) } != 1 {
-                return;
-            }
-            if unsafe { libc::write(b_write, byte.as_ptr().cast(), 1) } != 1 {
-                return;
-            }
-        }
-    });
-    ready("");
-    let mut byte = [0u8; 1];
-    let mut rounds = 0u64;
-    while Instant::now() < until {
-        for _ in 0..1000 {
-            unsafe {
-                libc::write(a_write, byte.as_ptr().cast(), 1);
-                libc::read(b_read, byte.as_mut_ptr().cast(), 1);
-            }
-        }
-        rounds += 1000;
-    }
-    unsafe { libc::close(a_write) };
-    let _ = echo.join();
-    println!("rounds {rounds}");
-}
-
-/// A byte back and forth between two threads of this process, through `via`, with the round
-/// trips counted in phases that stdin ends (a benchmark's per-event cost: run the process on
-/// one CPU, and each round trip is two context switches and two wakeups there).
-fn roundtrips(via: &str, until: Instant) {
+/// A byte back and forth between two threads of this process, through `via`; with
+/// `report_phases`, the round trips are counted in phases that stdin ends (a benchmark's
+/// per-event cost: run the process on one CPU, and each round trip is two context switches
+/// and two wakeups there). Prints the round trips made when it ends.
+fn roundtrips(via: &str, report_phases: bool, until: Instant) {
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
@@ -484,6 +449,9 @@ fn roundtrips(via: &str, until: Instant) {
     let done = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&done);
     std::thread::spawn(move || {
+        if !report_phases {
+            return;
+        }
         let mut last = (Instant::now(), counted.load(Ordering::Relaxed));
         for _ in std::io::stdin().lines() {
             let now = (Instant::now(), counted.load(Ordering::Relaxed));
@@ -498,18 +466,19 @@ fn roundtrips(via: &str, until: Instant) {
     ready("");
     let (write_fd, read_fd) = (ours.0.as_raw_fd(), ours.1.as_raw_fd());
     let mut byte = [0u8; 1];
-    while Instant::now() < until {
+    'rounds: while Instant::now() < until {
         for _ in 0..256 {
             unsafe {
                 if libc::write(write_fd, byte.as_ptr().cast(), 1) != 1
                     || libc::read(read_fd, byte.as_mut_ptr().cast(), 1) != 1
                 {
-                    return;
+                    break 'rounds;
                 }
             }
         }
         done.fetch_add(256, Ordering::Relaxed);
     }
+    println!("rounds {}", done.load(Ordering::Relaxed));
 }
 
 fn syscall_storm(until: Instant) {
@@ -550,9 +519,9 @@ fn main() {
             }
             load::run(port, opts.get("--conns", 8usize), protocol, until)
         }
-        "pingpong" => pingpong(until),
+        "pingpong" => roundtrips("pipe", false, until),
         "syscalls" => syscall_storm(until),
-        "roundtrips" => roundtrips(&opts.get("--via", "pipe".to_string()), until),
+        "roundtrips" => roundtrips(&opts.get("--via", "pipe".to_string()), true, until),
         _ => usage(),
     }
 }
