@@ -756,12 +756,17 @@ impl LoadGenerator {
     }
 
     /// A fresh phase of `span`: whatever ran before it (a tool attaching, say) is left out.
-    fn phase(&mut self, span: Duration) -> Result<LoadPhase> {
+    /// Its report line, and the machine's CPU times at its start and end.
+    fn timed_phase(&mut self, span: Duration) -> Result<(String, CpuTimes, CpuTimes)> {
         self.end_phase()?;
         let before = CpuTimes::read()?;
         std::thread::sleep(span);
         let after = CpuTimes::read()?;
-        let line = self.end_phase()?;
+        Ok((self.end_phase()?, before, after))
+    }
+
+    fn phase(&mut self, span: Duration) -> Result<LoadPhase> {
+        let (line, before, after) = self.timed_phase(span)?;
         let mut phase = parse_load_phase(&line)?;
         phase.machine_busy_ns = after.busy_ns_since(&before);
         phase.most_stolen = after.most_stolen_since(&before);
@@ -775,15 +780,8 @@ impl LoadGenerator {
 /// Parses `phase requests N seconds S errors E ... p99_us X ...`; a phase with
 /// connection errors is refused, since its figures would mix in reconnects.
 fn parse_load_phase(line: &str) -> Result<LoadPhase> {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let field = |name: &str| -> Result<f64> {
-        words
-            .iter()
-            .position(|w| *w == name)
-            .and_then(|i| words.get(i + 1)?.parse().ok())
-            .with_context(|| format!("no {name} in the load generator's report {line:?}"))
-    };
-    if words.first() != Some(&"phase") {
+    let field = |name: &str| phase_field(line, name);
+    if line.split_whitespace().next() != Some("phase") {
         bail!("not a load generator report: {line:?}");
     }
     if field("errors")? > 0.0 {
@@ -798,6 +796,16 @@ fn parse_load_phase(line: &str) -> Result<LoadPhase> {
         machine_busy_ns: 0,
         most_stolen: 0.0,
     })
+}
+
+/// The number after `name` in a `phase ...` report line of `p99probe-target`.
+fn phase_field(line: &str, name: &str) -> Result<f64> {
+    let mut words = line.split_whitespace();
+    words
+        .by_ref()
+        .position(|w| w == name)
+        .and_then(|_| words.next()?.parse().ok())
+        .with_context(|| format!("no {name} in the report {line:?}"))
 }
 
 /// The write() calls `pid` has made: one per response, for net/http and redis alike (redis:
@@ -2212,20 +2220,11 @@ struct RoundTripPhase {
 }
 
 fn round_trip_phase(target: &mut LoadGenerator, span: Duration) -> Result<RoundTripPhase> {
-    target.end_phase()?;
-    let before = CpuTimes::read()?;
-    std::thread::sleep(span);
-    let after = CpuTimes::read()?;
-    let line = target.end_phase()?;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let field = |name: &str| -> Result<f64> {
-        let at = words
-            .iter()
-            .position(|w| *w == name)
-            .with_context(|| format!("no {name} in {line:?}"))?;
-        Ok(words.get(at + 1).context("truncated")?.parse()?)
-    };
-    let (round_trips, seconds) = (field("roundtrips")?, field("seconds")?);
+    let (line, before, after) = target.timed_phase(span)?;
+    let (round_trips, seconds) = (
+        phase_field(&line, "roundtrips")?,
+        phase_field(&line, "seconds")?,
+    );
     if round_trips == 0.0 {
         bail!("the round-trip target made no progress in {span:?}");
     }
