@@ -78,17 +78,13 @@ pub fn thread_ids(pid: u32) -> Vec<u32> {
 
 /// tid → thread name for every live thread of the target.
 pub fn thread_names(pid: u32) -> BTreeMap<u32, String> {
-    let mut names = BTreeMap::new();
-    if let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) {
-        for entry in dir.flatten() {
-            if let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() {
-                if let Ok(name) = fs::read_to_string(entry.path().join("comm")) {
-                    names.insert(tid, name.trim_end().to_string());
-                }
-            }
-        }
-    }
-    names
+    thread_ids(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            let name = fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            Some((tid, name.trim_end().to_string()))
+        })
+        .collect()
 }
 
 /// The CPUs any thread of the target may run on (the union of their affinities, from each
