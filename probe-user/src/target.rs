@@ -90,21 +90,17 @@ pub fn thread_names(pid: u32) -> BTreeMap<u32, String> {
 /// The CPUs any thread of the target may run on (the union of their affinities, from each
 /// thread's `Cpus_allowed_list`); empty when /proc cannot say.
 pub fn allowed_cpus(pid: u32) -> BTreeSet<u32> {
-    let mut cpus = BTreeSet::new();
-    if let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) {
-        for entry in dir.flatten() {
-            let Ok(status) = fs::read_to_string(entry.path().join("status")) else {
-                continue;
-            };
-            let list = status
+    thread_ids(pid)
+        .into_iter()
+        .filter_map(|tid| fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok())
+        .filter_map(|status| {
+            status
                 .lines()
-                .find_map(|line| line.strip_prefix("Cpus_allowed_list:"));
-            if let Some(allowed) = list.and_then(parse_cpu_list) {
-                cpus.extend(allowed);
-            }
-        }
-    }
-    cpus
+                .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+                .and_then(parse_cpu_list)
+        })
+        .flatten()
+        .collect()
 }
 
 /// A kernel CPU list (`0-3,8,10-11`), as in `Cpus_allowed_list` and sysfs; `None` when it is
