@@ -967,27 +967,38 @@ fn against_goal(mean: f64, ci: f64, meets: fn(f64) -> bool) -> &'static str {
     }
 }
 
-/// Whether p99probe costs less or more than a peer, each a mean with its 95% interval of a
-/// figure where larger is cheaper (throughput) or dearer (ns, CPU): only intervals apart say.
-fn compared_cost(ours: (f64, f64), peer: (f64, f64), larger_is_cheaper: bool) -> &'static str {
-    let ((mean, ci), (peer_mean, peer_ci)) = (ours, peer);
-    let (cheaper, dearer) = if larger_is_cheaper {
-        (
-            mean - ci > peer_mean + peer_ci,
+/// How p99probe's cost stands against a peer's, each a mean with its 95% interval: only
+/// intervals apart say less or more.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ComparedCost {
+    Less,
+    More,
+    Overlapping,
+}
+
+impl ComparedCost {
+    /// `larger_is_cheaper`: the figure is throughput-like; otherwise ns- or CPU-like.
+    fn of(ours: (f64, f64), peer: (f64, f64), larger_is_cheaper: bool) -> ComparedCost {
+        let ((mean, ci), (peer_mean, peer_ci)) = (ours, peer);
+        let (ours_lower, peer_lower) = (
             mean + ci < peer_mean - peer_ci,
-        )
-    } else {
-        (
-            mean + ci < peer_mean - peer_ci,
-            mean - ci > peer_mean + peer_ci,
-        )
-    };
-    if cheaper {
-        "less"
-    } else if dearer {
-        "more"
-    } else {
-        "about the same (intervals overlap)"
+            peer_mean + peer_ci < mean - ci,
+        );
+        match (ours_lower, peer_lower, larger_is_cheaper) {
+            (true, _, false) | (_, true, true) => ComparedCost::Less,
+            (true, _, true) | (_, true, false) => ComparedCost::More,
+            _ => ComparedCost::Overlapping,
+        }
+    }
+}
+
+impl std::fmt::Display for ComparedCost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ComparedCost::Less => "less",
+            ComparedCost::More => "more",
+            ComparedCost::Overlapping => "about the same (intervals overlap)",
+        })
     }
 }
 
@@ -1082,7 +1093,7 @@ impl Paired {
                     }
                     let (peer_mean, peer_ci) = mean_ci95(&peer);
                     let cost =
-                        compared_cost((mean, ci), (peer_mean, peer_ci), larger_is_cheaper);
+                        ComparedCost::of((mean, ci), (peer_mean, peer_ci), larger_is_cheaper);
                     format!(
                         "{label}: {:.1}% ± {:.1}, p99probe costs {cost}",
                         peer_mean * 100.0,
@@ -2322,14 +2333,14 @@ Two threads of `p99probe-target roundtrips` hand a byte back and forth on CPU 0 
                 };
                 let (mean, ci) = mean_ci95(ours);
                 let ours = (mean / divide, ci / divide);
-                let compared: Vec<(String, Option<&str>)> = peers
+                let compared: Vec<(String, Option<ComparedCost>)> = peers
                     .iter()
                     .map(|&(tool, label)| match self.on_target(tool, via) {
                         None => (format!("{label} did not run"), None),
                         Some(added) => {
                             let (mean, ci) = mean_ci95(added);
                             let peer = (mean / divide, ci / divide);
-                            let cost = compared_cost(ours, peer, false);
+                            let cost = ComparedCost::of(ours, peer, false);
                             (
                                 format!("{label} {:+.0} ± {:.0} ns, p99probe costs {cost}", peer.0, peer.1),
                                 Some(cost),
@@ -2337,12 +2348,13 @@ Two threads of `p99probe-target roundtrips` hand a byte back and forth on CPU 0 
                         }
                     })
                     .collect();
-                let costs: Vec<&str> = compared.iter().filter_map(|(_, cost)| *cost).collect();
+                let costs: Vec<ComparedCost> =
+                    compared.iter().filter_map(|(_, cost)| *cost).collect();
                 let verdict = if costs.is_empty() {
                     "no peer ran"
-                } else if costs.contains(&"more") {
+                } else if costs.contains(&ComparedCost::More) {
                     "missed"
-                } else if costs.iter().all(|&cost| cost == "less") {
+                } else if costs.iter().all(|&cost| cost == ComparedCost::Less) {
                     "met"
                 } else {
                     "not resolved (intervals overlap)"
@@ -2827,14 +2839,21 @@ mod tests {
             lines[1]
         );
         assert_eq!(
-            compared_cost((1.0, 0.1), (2.0, 0.1), false),
-            "less",
+            ComparedCost::of((1.0, 0.1), (2.0, 0.1), false),
+            ComparedCost::Less,
             "ns: smaller is cheaper"
         );
-        assert_eq!(compared_cost((1.0, 0.1), (2.0, 0.1), true), "more");
         assert_eq!(
-            compared_cost((1.0, 0.6), (2.0, 0.5), true),
-            "about the same (intervals overlap)"
+            ComparedCost::of((1.0, 0.1), (2.0, 0.1), true),
+            ComparedCost::More
+        );
+        assert_eq!(
+            ComparedCost::of((3.0, 0.1), (2.0, 0.1), true),
+            ComparedCost::Less
+        );
+        assert_eq!(
+            ComparedCost::of((1.0, 0.6), (2.0, 0.5), true),
+            ComparedCost::Overlapping
         );
     }
 }
