@@ -447,22 +447,21 @@ fn roundtrips(via: &str, report_phases: bool, until: Instant) {
         }
     });
     let done = Arc::new(AtomicU64::new(0));
-    let counted = Arc::clone(&done);
-    std::thread::spawn(move || {
-        if !report_phases {
-            return;
-        }
-        let mut last = (Instant::now(), counted.load(Ordering::Relaxed));
-        for _ in std::io::stdin().lines() {
-            let now = (Instant::now(), counted.load(Ordering::Relaxed));
-            println!(
-                "phase roundtrips {} seconds {:.6}",
-                now.1 - last.1,
-                (now.0 - last.0).as_secs_f64()
-            );
-            last = now;
-        }
-    });
+    if report_phases {
+        let counted = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut last = (Instant::now(), counted.load(Ordering::Relaxed));
+            for _ in std::io::stdin().lines() {
+                let now = (Instant::now(), counted.load(Ordering::Relaxed));
+                println!(
+                    "phase roundtrips {} seconds {:.6}",
+                    now.1 - last.1,
+                    (now.0 - last.0).as_secs_f64()
+                );
+                last = now;
+            }
+        });
+    }
     ready("");
     let (write_fd, read_fd) = (ours.0.as_raw_fd(), ours.1.as_raw_fd());
     let mut byte = [0u8; 1];

@@ -2242,6 +2242,14 @@ fn event_costs(root: &Path, scratch: &Path, rounds: usize) -> Result<EventCosts>
     Ok(costs)
 }
 
+/// The ns added in the phases kept, when the tool ran and kept enough of them for an interval.
+fn enough_phases(result: &AddedNs) -> Option<&[f64]> {
+    match result {
+        Ok((added, _)) if added.len() >= 2 => Some(added),
+        _ => None,
+    }
+}
+
 /// One phase of the round-trip target.
 struct RoundTripPhase {
     ns: f64,
@@ -2277,13 +2285,13 @@ Two threads of `p99probe-target roundtrips` hand a byte back and forth on CPU 0 
                 (_, true) => format!("{}, on the round-trip target", tool.name()),
                 (_, false) => format!("{}, on a bystander", tool.name()),
             };
-            let cell = |result: &AddedNs, divide: f64| match result {
-                Ok((added, _)) if added.len() >= 2 => {
+            let cell = |result: &AddedNs, divide: f64| match (result, enough_phases(result)) {
+                (_, Some(added)) => {
                     let (mean, ci) = mean_ci95(added);
                     format!("{:+.0} ± {:.0}", mean / divide, ci / divide)
                 }
-                Ok(_) => "too few phases".to_string(),
-                Err(reason) => format!("does not run here: {reason}"),
+                (Ok(_), None) => "too few phases".to_string(),
+                (Err(reason), None) => format!("does not run here: {reason}"),
             };
             let phases = per_via
                 .iter()
@@ -2311,10 +2319,7 @@ Two threads of `p99probe-target roundtrips` hand a byte back and forth on CPU 0 
         let index = EVENT_COST_CONFIGS
             .iter()
             .position(|&config| config == (tool, true))?;
-        match &self.added_ns[index][via] {
-            Ok((added, _)) if added.len() >= 2 => Some(added),
-            _ => None,
-        }
+        enough_phases(&self.added_ns[index][via])
     }
 
     /// The goal of costing less than the peers, judged event by event: per context switch

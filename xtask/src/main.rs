@@ -335,6 +335,10 @@ fn main() -> Result<()> {
             setup()?;
             install_packages(BENCH_PACKAGES)?;
             build(true)?;
+            // The round-trip target needs no Go server.
+            if event_costs_only {
+                return bench::print_event_costs(&root(), rounds.into());
+            }
             let go_binary = root().join("target/bench/goserver");
             std::fs::create_dir_all(go_binary.parent().unwrap())?;
             run(Command::new("go")
@@ -348,9 +352,6 @@ fn main() -> Result<()> {
             }
             if interleaved_only {
                 return bench::print_interleaved(&root(), &go_binary, rounds.into(), &also);
-            }
-            if event_costs_only {
-                return bench::print_event_costs(&root(), rounds.into());
             }
             bench::run(&root(), &go_binary, rounds.into())
         }
