@@ -21,6 +21,7 @@ use crate::btf::KernelBtf;
 use crate::error::ProbeError;
 use crate::latency_slices::{self, LatencySlices};
 use crate::listeners::Listeners;
+use crate::own_cost::ProgramRuns;
 use crate::request_end::WriteHookPolicy;
 use crate::sampling::full_period_ns;
 use crate::target;
@@ -158,6 +159,8 @@ pub struct ProbeSettings {
     /// Reported off-CPU intervals per second before they are sampled (`offcpu_sampling`);
     /// 0: never sampled.
     pub offcpu_stack_budget: u32,
+    /// How often the kernel times the agent's programs for a span (`own_cost`); 0: never.
+    pub own_cost_every_ns: u64,
     /// Use only this scheduler hook instead of walking the chain.
     pub sched_hook: Option<SchedHook>,
     pub debug_ebpf: bool,
@@ -375,6 +378,23 @@ impl AttachedProbes {
     /// Marks listeners the target opened since the last look.
     pub fn mark_listening_ports(&mut self) -> Result<usize, ProbeError> {
         mark_listening_ports(&mut self.ebpf, &mut self.listeners)
+    }
+
+    /// Every loaded program's runs and run time as the kernel has counted them, which it does
+    /// only while timing is on (`own_cost`). Programs of the chain that did not load are left
+    /// out; those loaded and not attached count nothing.
+    pub fn program_runs(&self) -> Vec<ProgramRuns> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some(ProgramRuns {
+                    program: name.to_string(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                    runs: info.run_count(),
+                })
+            })
+            .collect()
     }
 }
 

@@ -11,6 +11,7 @@ use crate::error::ProbeError;
 use crate::flamegraph::{self, FlameKind};
 use crate::histogram::{self, human_ns};
 use crate::output::write_atomic;
+use crate::own_cost::OwnCost;
 use crate::recorder::{record, RecordOptions};
 use crate::recording::Recording;
 use crate::window::Window;
@@ -153,6 +154,10 @@ pub struct ProbeArgs {
     /// ones are sampled in proportion to their length and weighted back (0 = never sample).
     #[arg(long, default_value_t = crate::offcpu_sampling::DEFAULT_BUDGET_PER_S)]
     pub offcpu_stack_budget: u32,
+    /// How often the kernel times p99probe's own programs for one second, to report what they
+    /// cost this workload (0 = never; timing adds two clock reads to each run while on).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub own_cost_every: Duration,
     /// Use only this scheduler hook instead of the fallback chain
     /// fentry → kprobe → tp_btf sched_switch+sched_exit_tp → tp_btf sched_switch → raw_tp.
     #[arg(long, value_enum)]
@@ -177,6 +182,7 @@ impl ProbeArgs {
             calm_sample_divisor: 1,
             min_offcpu_ns: self.min_offcpu.as_nanos() as u64,
             offcpu_stack_budget: self.offcpu_stack_budget,
+            own_cost_every_ns: self.own_cost_every.as_nanos() as u64,
             sched_hook: self.sched_hook,
             debug_ebpf: self.debug_ebpf,
             track_delivery,
@@ -351,6 +357,9 @@ fn run_attach(args: AttachArgs) -> anyhow::Result<()> {
     if let Some(line) = crate::offcpu_sampling::summary_line(&summary.offcpu_sampling_changes) {
         println!("{line}");
     }
+    if let Some(line) = summary.own_cost.as_ref().and_then(OwnCost::summary) {
+        println!("{line}");
+    }
     for capture in &summary.captures {
         println!("{}", capture.dir.display());
         if let Some(cause) = &capture.top_cause {
@@ -443,6 +452,9 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
         summary.counters.breakdown()
     );
     if let Some(line) = crate::offcpu_sampling::summary_line(&summary.offcpu_sampling_changes) {
+        println!("{line}");
+    }
+    if let Some(line) = summary.own_cost.as_ref().and_then(OwnCost::summary) {
         println!("{line}");
     }
     Ok(())
@@ -557,6 +569,9 @@ fn run_info(args: InfoArgs) -> anyhow::Result<()> {
         meta.counters.breakdown()
     );
     if let Some(line) = sampled.summary() {
+        println!("{line}");
+    }
+    if let Some(line) = meta.own_cost.as_ref().and_then(OwnCost::summary) {
         println!("{line}");
     }
     if meta.target_exited {

@@ -21,6 +21,7 @@ pub mod listeners;
 pub mod monitor;
 pub mod offcpu_sampling;
 pub mod output;
+pub mod own_cost;
 pub mod pprof;
 pub mod recorder;
 pub mod recording;

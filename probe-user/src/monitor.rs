@@ -16,6 +16,7 @@ use crate::flight::FlightRecorder;
 use crate::histogram::human_ns;
 use crate::latency::{parse_feed_line, LatencyKind, SlidingLatency};
 use crate::offcpu_sampling;
+use crate::own_cost::OwnCost;
 use crate::recorder::{after, monotonic_ns, status_line, LiveSession};
 use crate::recording::KernelCounters;
 use crate::sampling::SamplingGovernor;
@@ -92,6 +93,8 @@ pub struct AttachSummary {
     /// When the off-CPU stack-sampling threshold changed and to what (ms); see
     /// `offcpu_sampling`.
     pub offcpu_sampling_changes: Vec<(u64, u32)>,
+    /// `None` when `--own-cost-every 0` turned measuring off.
+    pub own_cost: Option<OwnCost>,
 }
 
 /// The feed's latencies, each with when it arrived: they are taken in between drains of the
@@ -493,6 +496,7 @@ pub async fn attach_and_watch(
     let stacks_freed = session.stacks_freed;
     let write_hook_changes = std::mem::take(&mut session.write_hook_changes);
     let offcpu_sampling_changes = std::mem::take(&mut session.offcpu_sampling_changes);
+    let own_cost = session.finish_own_cost();
     drop(session);
     written.extend(capturer.finish().await?);
     Ok(AttachSummary {
@@ -506,5 +510,6 @@ pub async fn attach_and_watch(
         sampling_changes,
         write_hook_changes,
         offcpu_sampling_changes,
+        own_cost,
     })
 }

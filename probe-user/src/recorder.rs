@@ -19,6 +19,7 @@ use crate::error::ProbeError;
 use crate::events::{decode_ring_record, stacks_named, Drained, Event, Timing};
 use crate::histogram::Percentiles;
 use crate::offcpu_sampling::{self, OffCpuSamplingGovernor};
+use crate::own_cost::{OwnCost, OwnCostMeter};
 use crate::recording::{
     KernelCounters, RecordSettings, Recording, RecordingMeta, RecordingWriter, FORMAT_VERSION,
 };
@@ -47,6 +48,8 @@ pub struct RecordSummary {
     pub target_exited: bool,
     /// When the off-CPU stack-sampling threshold changed and to what (ms; 0: every interval).
     pub offcpu_sampling_changes: Vec<(u64, u32)>,
+    /// `None` when `--own-cost-every 0` turned measuring off.
+    pub own_cost: Option<OwnCost>,
 }
 
 /// How often the agent drains the ring buffer when the kernel has not woken it. Each wakeup
@@ -158,6 +161,8 @@ pub struct LiveSession {
     offcpu_sampling: Option<OffCpuSamplingGovernor>,
     /// When the off-CPU stack-sampling threshold changed and to what (ms; 0: every interval).
     pub offcpu_sampling_changes: Vec<(u64, u32)>,
+    /// `None` when `--own-cost-every 0` turned it off.
+    own_cost: Option<OwnCostMeter>,
     /// Whether drains read the kernel's timing rings: always for `record`; for `attach` only
     /// while a capture is in progress (its trigger reads the kernel's histograms).
     reading_timings: bool,
@@ -232,6 +237,7 @@ impl LiveSession {
                 probe.offcpu_stack_budget,
             )),
             offcpu_sampling_changes: Vec::new(),
+            own_cost: OwnCostMeter::new(monotonic_ns(), probe.own_cost_every_ns),
             reading_timings: true,
             timing_cursors: attached.timings.cursors(),
             served_in_rings: 0,
@@ -266,6 +272,7 @@ impl LiveSession {
         self.last_drained = drained;
         self.govern_write_hook(served);
         self.govern_offcpu_sampling();
+        self.measure_own_cost();
         self.free_kernel_stacks()
     }
 
@@ -313,6 +320,33 @@ impl LiveSession {
                 self.offcpu_sampling = None;
             }
         }
+    }
+
+    /// Starts or ends a span of the kernel timing the agent's programs (`own_cost`).
+    fn measure_own_cost(&mut self) {
+        let Some(meter) = self.own_cost.as_mut() else {
+            return;
+        };
+        let attached = &self.attached;
+        meter.poll(
+            monotonic_ns(),
+            || aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| e.io_error),
+            || attached.program_runs(),
+            attached.timings.served(),
+        );
+    }
+
+    /// What the agent's kernel programs have cost so far, ending the span in progress: for
+    /// the end of a run.
+    pub fn finish_own_cost(&mut self) -> Option<OwnCost> {
+        let meter = self.own_cost.as_mut()?;
+        let attached = &self.attached;
+        meter.finish(
+            monotonic_ns(),
+            || attached.program_runs(),
+            attached.timings.served(),
+        );
+        Some(meter.cost().clone())
     }
 
     /// The off-CPU stack-sampling threshold in force, ms (0: every interval is reported).
@@ -550,6 +584,7 @@ impl LiveSession {
             hooks: self.attached.report.clone(),
             settings: self.settings.clone(),
             counters: self.counters()?,
+            own_cost: self.own_cost.as_ref().map(|meter| meter.cost().clone()),
             threads: self.threads.clone(),
             maps: self.maps.clone(),
             stacks: stack_ids
@@ -648,6 +683,7 @@ pub async fn record(
     }
     session.drain_now(&mut drained);
     recording.append(&drained)?;
+    let own_cost = session.finish_own_cost();
     let end_ns = monotonic_ns();
     progress.finish_and_clear();
     // Nothing prunes the store while recording: it holds the stacks of every event written.
@@ -670,5 +706,6 @@ pub async fn record(
         hooks,
         target_exited,
         offcpu_sampling_changes,
+        own_cost,
     })
 }

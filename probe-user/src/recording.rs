@@ -13,6 +13,7 @@ use crate::attach::AttachReport;
 use crate::error::ProbeError;
 use crate::events::{decode_raw, raw_event_bytes, Drained, Event, Timing};
 use crate::output::{unwritable, write_atomic, AtomicFile};
+use crate::own_cost::OwnCost;
 use crate::symbolize::SymbolTable;
 use crate::target::MemoryMap;
 
@@ -89,6 +90,10 @@ pub struct RecordingMeta {
     pub hooks: AttachReport,
     pub settings: RecordSettings,
     pub counters: KernelCounters,
+    /// What the agent's kernel programs cost while attached, up to the end of the recording
+    /// (absent in older files, and when `--own-cost-every 0` turned measuring off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_cost: Option<OwnCost>,
     /// tid → thread name.
     pub threads: BTreeMap<u32, String>,
     pub maps: Vec<MemoryMap>,
@@ -518,6 +523,17 @@ pub(crate) mod tests {
                 min_offcpu_ns: 1_000_000,
             },
             counters: KernelCounters::default(),
+            own_cost: Some(OwnCost {
+                measured_ns: 2_000_000_000,
+                spans: 2,
+                requests_served: 100_000,
+                programs: vec![crate::own_cost::ProgramCost {
+                    program: "sk_data_ready_btf".into(),
+                    runs: 200_000,
+                    run_time_ns: 26_000_000,
+                }],
+                unmeasured: None,
+            }),
             threads: [(42, "server".to_string())].into_iter().collect(),
             maps: vec![],
             stacks: [(1, vec![0x1000, 0x2000])].into_iter().collect(),

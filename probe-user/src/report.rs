@@ -8,6 +8,7 @@ use crate::analysis::{RequestLatency, Retransmit, WindowStats};
 use crate::attach::AttachReport;
 use crate::histogram::{human_ns, Percentiles};
 use crate::latency::LatencyKind;
+use crate::own_cost::OwnCost;
 use crate::recording::{KernelCounters, Recording};
 use crate::trigger::Fire;
 use crate::verdict::{rank, top_stacks, top_stacks_estimated, Cause, TopStack};
@@ -80,6 +81,10 @@ pub struct Report {
     /// Go targets only.
     pub go: Option<GoReport>,
     pub verdict: Vec<Cause>,
+    /// What p99probe's own kernel programs cost while attached, up to the end of the capture
+    /// (absent when not measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_cost: Option<OwnCost>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -182,6 +187,7 @@ impl Report {
                 _ => None,
             },
             verdict,
+            own_cost: recording.meta.own_cost.clone(),
         };
         (report, spike_stats, base_stats)
     }
@@ -350,7 +356,37 @@ impl Report {
                 sampled.spike, sampled.baseline
             );
         }
+        if let Some(cost) = &self.own_cost {
+            own_cost_markdown(&mut md, cost);
+        }
         md
+    }
+}
+
+/// The agent's own kernel time, with the programs that took it, so a user can weigh what the
+/// tool cost against the spike it explains.
+fn own_cost_markdown(md: &mut String, cost: &OwnCost) {
+    let Some(summary) = cost.summary() else {
+        return;
+    };
+    let _ = writeln!(md, "\n## p99probe's own cost\n\n{summary}.");
+    if cost.programs.is_empty() {
+        return;
+    }
+    let seconds = cost.measured_ns as f64 / 1e9;
+    let _ = writeln!(
+        md,
+        "\n| program | runs/s | ns per run | ms/s |\n|---|---|---|---|"
+    );
+    for program in &cost.programs {
+        let _ = writeln!(
+            md,
+            "| `{}` | {:.0} | {:.0} | {:.2} |",
+            program.program,
+            program.runs as f64 / seconds,
+            program.ns_per_run(),
+            program.run_time_ns as f64 / seconds / 1e6
+        );
     }
 }
 
@@ -381,6 +417,23 @@ mod tests {
         let json = serde_json::to_value(&cut).unwrap();
         assert_eq!(json["timings_complete_from_s"], 0.25);
         assert!(serde_json::to_value(&whole).unwrap()["timings_complete_from_s"].is_null());
+    }
+
+    #[test]
+    fn the_agents_own_kernel_time_is_reported_with_its_programs() {
+        let report = build(&sample_recording());
+        let md = report.to_markdown();
+        assert!(
+            md.contains("p99probe's own kernel time: 13.00 ms/s (1.30% of one CPU) in 100000 program runs/s, 260 ns per request served"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `sk_data_ready_btf` | 100000 | 130 | 13.00 |"),
+            "{md}"
+        );
+        let json = serde_json::to_string(&report).unwrap();
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.own_cost, report.own_cost);
     }
 
     #[test]

@@ -155,6 +155,7 @@ pub fn settings(pid: u32) -> ProbeSettings {
         calm_sample_divisor: 1,
         min_offcpu_ns: 1_000_000,
         offcpu_stack_budget: p99probe::offcpu_sampling::DEFAULT_BUDGET_PER_S,
+        own_cost_every_ns: p99probe::own_cost::DEFAULT_EVERY_NS,
         sched_hook: None,
         debug_ebpf: false,
         track_delivery: true,

@@ -169,10 +169,24 @@ fn nothing_from_outside(_port: u16) {}
 fn blocking_sleep_on_some_requests_is_off_cpu_in_that_function() {
     let _serial = serial();
     let args = [&["-stall-every", "20", "-stall-ms", "20"][..], &INJECT].concat();
-    let Spike { report, .. } =
-        capture_go_spike(&[], &args, 5, LatencyKind::Server, nothing_from_outside);
+    let Spike {
+        report, summary, ..
+    } = capture_go_spike(&[], &args, 5, LatencyKind::Server, nothing_from_outside);
     let top = &report["verdict"][0];
     assert_eq!(top["cause"], "off_cpu");
+    // The capture fired 7 s or more after attach: the span timed at attach is in its report,
+    // and the whole run's spans in the summary.
+    let own = &report["own_cost"];
+    assert!(own["spans"].as_u64().unwrap() >= 1, "{own}");
+    assert!(
+        own["programs"].as_array().unwrap().iter().any(|p| {
+            p["program"].as_str().unwrap().starts_with("sk_data_ready")
+                && p["runs"].as_u64().unwrap() > 100
+        }),
+        "{own}"
+    );
+    let whole_run = summary.own_cost.expect("own cost measured");
+    assert!(whole_run.spans >= own["spans"].as_u64().unwrap() as u32);
     assert!(
         frames_contain(&top["evidence"]["top_growing_stack"], "main.stallHere"),
         "{top}"

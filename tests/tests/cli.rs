@@ -287,6 +287,18 @@ fn analysis_commands_write_their_files() {
         stderr.contains("; agent: SCHED_BATCH, 0.1 ms slices"),
         "the agent's own scheduling not announced: {stderr}"
     );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("p99probe's own kernel time: ")
+            && stdout.contains(" measured over 1 span(s)"),
+        "the agent's own kernel time not reported: {stdout}"
+    );
+    let info = p99probe(&["info", rec_s]);
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("p99probe's own kernel time: "),
+        "info lacks the recording's own cost: {}",
+        String::from_utf8_lossy(&info.stdout)
+    );
 
     let svg = dir.path().join("off.svg");
     let folded = dir.path().join("off.folded");
