@@ -838,6 +838,26 @@ struct Phase {
     cpu_per_request_ratio: f64,
 }
 
+impl Phase {
+    /// A tool's phase against the nothing-phases either side; each phase comes with the CPU the
+    /// tool's processes used in it.
+    fn between(phases: &Neighbours<(LoadPhase, f64)>) -> Phase {
+        let (before, after) = (&phases.before.0, &phases.after.0);
+        let (during, tool_cpu_percent) = (&phases.during.0, phases.during.1);
+        let against_neighbours = |figure: fn(&LoadPhase) -> f64| {
+            figure(during) / ((figure(before) + figure(after)) / 2.0)
+        };
+        Phase {
+            ratio: against_neighbours(|p| p.requests_per_second),
+            p99_ratio: against_neighbours(|p| p.p99_us),
+            p99_us: during.p99_us,
+            p999_ratio: against_neighbours(|p| p.p999_us),
+            tool_cpu_percent,
+            cpu_per_request_ratio: against_neighbours(LoadPhase::cpu_ns_per_request),
+        }
+    }
+}
+
 /// A goal judged from the interleaved phases' ratios of p99probe to nothing attached.
 struct InterleavedGoal {
     figure: &'static str,
@@ -862,42 +882,54 @@ struct ToolPhases {
     left_out: usize,
 }
 
-/// Runs the server and its load once and alternates phases: nothing, a tool, nothing, the
-/// next tool, ... Each tool phase is compared with the nothing-phases right before and after
-/// it, so drift slower than a few seconds cancels, which separate runs on this VM cannot
-/// achieve (their throughput differs by up to 30% minute to minute). A `Tool::Nothing` phase
-/// is the null control: its ratios show what the method can resolve.
-fn paired(
-    server: &'static str,
-    root: &Path,
-    scratch: &Path,
-    start: &dyn Fn() -> Result<(Killed, u16)>,
-    protocol: &str,
+/// A configuration's phases from [`interleave`]: each kept one with the nothing-phases right
+/// before and after it, and how many were left out for the hypervisor's steal.
+struct Interleaved<P> {
+    kept: Vec<Neighbours<P>>,
+    left_out: usize,
+}
+
+/// A phase with something running, between the nothing-phases either side.
+struct Neighbours<P> {
+    before: P,
+    during: P,
+    after: P,
+}
+
+/// Alternates phases of one continuous workload: nothing, the first configuration, nothing,
+/// the next, ... for `rounds` rounds, so drift slower than a few seconds cancels, which
+/// separate runs on this VM cannot achieve (their throughput differs by up to 30% minute to
+/// minute). `start(i)` starts configuration `i` (no process: nothing runs, the null control);
+/// `measure` measures a phase, given what runs during it; a phase in which the hypervisor took
+/// more than [`STEAL_LIMIT`] of a CPU, in it or either neighbour, is left out, and up to half
+/// as many rounds again make up for those. A configuration that cannot start is left with
+/// the reason, and the others go on.
+fn interleave<P: Clone>(
+    progress: &str,
+    names: &[&str],
     rounds: usize,
-    configs: &[Tool],
-) -> Result<Paired> {
-    let mut results: Vec<(Tool, Result<ToolPhases, String>)> = configs
+    mut start: impl FnMut(usize) -> Result<Vec<Killed>, String>,
+    mut measure: impl FnMut(&[Killed]) -> Result<P>,
+    most_stolen: impl Fn(&P) -> f64,
+) -> Result<Vec<Result<Interleaved<P>, String>>> {
+    let mut results: Vec<Result<Interleaved<P>, String>> = names
         .iter()
-        .map(|t| (*t, Ok(ToolPhases::default())))
+        .map(|_| {
+            Ok(Interleaved {
+                kept: Vec::new(),
+                left_out: 0,
+            })
+        })
         .collect();
-    let (server_process, port) = start()?;
-    let pid = server_process.0.id();
-    let mut generator = LoadGenerator::start(root, port, protocol)?;
-    std::thread::sleep(Duration::from_secs(2));
-    let mut before = generator.phase(PHASE)?;
-    // Phases left out for steal are made up for by further rounds, up to half as many again.
+    let mut before = measure(&[])?;
     for round in 0..rounds + rounds / 2 {
-        for (tool, result) in results.iter_mut() {
+        for (i, result) in results.iter_mut().enumerate() {
             let Ok(measured) = result else { continue };
-            if measured.phases.len() >= rounds {
+            if measured.kept.len() >= rounds {
                 continue;
             }
-            eprintln!(
-                "bench: {server} interleaved round {} / {}",
-                round + 1,
-                tool.name()
-            );
-            let running = match start_tool(*tool, pid, root, scratch) {
+            eprintln!("bench: {progress} round {} / {}", round + 1, names[i]);
+            let running = match start(i) {
                 Ok(running) => running,
                 Err(reason) => {
                     *result = Err(reason);
@@ -907,45 +939,78 @@ fn paired(
             if running.is_empty() {
                 std::thread::sleep(SETTLE);
             }
-            let (t0, cpu0) = (Instant::now(), processes_cpu_ns(&running));
-            let during = generator.phase(PHASE)?;
-            let tool_cpu_percent = cpu_percent_of(
-                processes_cpu_ns(&running).saturating_sub(cpu0),
-                t0.elapsed(),
-            );
+            let during = measure(&running)?;
             drop(running);
             std::thread::sleep(Duration::from_millis(300));
-            let after = generator.phase(PHASE)?;
+            let after = measure(&[])?;
             let stolen = [&before, &during, &after]
-                .iter()
-                .map(|p| p.most_stolen)
+                .into_iter()
+                .map(&most_stolen)
                 .fold(0.0, f64::max);
-            // A figure of the tool's phase over the mean of the nothing-phases either side.
-            let against_neighbours = |figure: fn(&LoadPhase) -> f64| {
-                figure(&during) / ((figure(&before) + figure(&after)) / 2.0)
-            };
-            let phase = Phase {
-                ratio: against_neighbours(|p| p.requests_per_second),
-                p99_ratio: against_neighbours(|p| p.p99_us),
-                p99_us: during.p99_us,
-                p999_ratio: against_neighbours(|p| p.p999_us),
-                tool_cpu_percent,
-                cpu_per_request_ratio: against_neighbours(LoadPhase::cpu_ns_per_request),
-            };
             if stolen > STEAL_LIMIT {
                 measured.left_out += 1;
             } else {
-                measured.phases.push(phase);
+                measured.kept.push(Neighbours {
+                    before: before.clone(),
+                    during,
+                    after: after.clone(),
+                });
             }
             before = after;
         }
         let done = results
             .iter()
-            .all(|(_, r)| r.as_ref().map_or(true, |m| m.phases.len() >= rounds));
+            .all(|r| r.as_ref().map_or(true, |m| m.kept.len() >= rounds));
         if done {
             break;
         }
     }
+    Ok(results)
+}
+
+/// Runs the server and its load once and interleaves the tools' phases with nothing-phases
+/// ([`interleave`]). Each tool phase is compared with the nothing-phases right before and after
+/// it. A `Tool::Nothing` phase is the null control: its ratios show what the method can
+/// resolve.
+fn paired(
+    server: &'static str,
+    root: &Path,
+    scratch: &Path,
+    start: &dyn Fn() -> Result<(Killed, u16)>,
+    protocol: &str,
+    rounds: usize,
+    configs: &[Tool],
+) -> Result<Paired> {
+    let (server_process, port) = start()?;
+    let pid = server_process.0.id();
+    let mut generator = LoadGenerator::start(root, port, protocol)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let names: Vec<&str> = configs.iter().map(|t| t.name()).collect();
+    let interleaved = interleave(
+        &format!("{server} interleaved"),
+        &names,
+        rounds,
+        |i| start_tool(configs[i], pid, root, scratch),
+        |running| {
+            let (t0, cpu0) = (Instant::now(), processes_cpu_ns(running));
+            let phase = generator.phase(PHASE)?;
+            let cpu_percent =
+                cpu_percent_of(processes_cpu_ns(running).saturating_sub(cpu0), t0.elapsed());
+            Ok((phase, cpu_percent))
+        },
+        |(phase, _)| phase.most_stolen,
+    )?;
+    let results = configs
+        .iter()
+        .zip(interleaved)
+        .map(|(tool, result)| {
+            let phases = result.map(|measured| ToolPhases {
+                phases: measured.kept.iter().map(Phase::between).collect(),
+                left_out: measured.left_out,
+            });
+            (*tool, phases)
+        })
+        .collect();
     drop(generator);
     drop(server_process);
     Ok(Paired {
@@ -2184,56 +2249,45 @@ fn event_costs(root: &Path, scratch: &Path, rounds: usize) -> Result<EventCosts>
                 .args(["roundtrips", "--via", via, "--duration", "3600"]),
         )?;
         let target_pid = target.process.0.id();
-        let mut results: Vec<AddedNs> = EVENT_COST_CONFIGS
-            .iter()
-            .map(|_| Ok((Vec::new(), 0)))
-            .collect();
-        let mut baseline = Vec::new();
         std::thread::sleep(Duration::from_secs(1));
-        let mut before = round_trip_phase(&mut target, PHASE)?;
-        for round in 0..rounds {
-            for (config, result) in EVENT_COST_CONFIGS.iter().zip(results.iter_mut()) {
-                let Ok((added, left_out)) = result else {
-                    continue;
-                };
-                let &(tool, on_target) = config;
-                eprintln!(
-                    "bench: cost per event ({via}) round {} / {}",
-                    round + 1,
-                    tool.name()
-                );
+        let names: Vec<&str> = EVENT_COST_CONFIGS
+            .iter()
+            .map(|(tool, _)| tool.name())
+            .collect();
+        let results = interleave(
+            &format!("cost per event ({via})"),
+            &names,
+            rounds,
+            |i| {
+                let (tool, on_target) = EVENT_COST_CONFIGS[i];
                 let pid = if on_target {
                     target_pid
                 } else {
                     bystander.0.id()
                 };
-                let running = match start_tool(tool, pid, root, scratch) {
-                    Ok(running) => running,
-                    Err(reason) => {
-                        *result = Err(reason);
-                        continue;
-                    }
-                };
-                if running.is_empty() {
-                    std::thread::sleep(SETTLE);
-                }
-                let during = round_trip_phase(&mut target, PHASE)?;
-                drop(running);
-                std::thread::sleep(Duration::from_millis(300));
-                let after = round_trip_phase(&mut target, PHASE)?;
-                let neighbours = (before.ns + after.ns) / 2.0;
-                if [before.most_stolen, during.most_stolen, after.most_stolen]
-                    .iter()
-                    .any(|&stolen| stolen > STEAL_LIMIT)
-                {
-                    *left_out += 1;
-                } else {
-                    added.push(during.ns - neighbours);
-                    baseline.push(neighbours);
-                }
-                before = after;
-            }
-        }
+                start_tool(tool, pid, root, scratch)
+            },
+            |_| round_trip_phase(&mut target, PHASE),
+            |phase| phase.most_stolen,
+        )?;
+        let mut baseline = Vec::new();
+        let results: Vec<AddedNs> = results
+            .into_iter()
+            .map(|result| {
+                result.map(|measured| {
+                    let added = measured
+                        .kept
+                        .iter()
+                        .map(|phases| {
+                            let neighbours = (phases.before.ns + phases.after.ns) / 2.0;
+                            baseline.push(neighbours);
+                            phases.during.ns - neighbours
+                        })
+                        .collect();
+                    (added, measured.left_out)
+                })
+            })
+            .collect();
         costs.baseline_ns.push(stats(&baseline).0);
         for (per_config, result) in costs.added_ns.iter_mut().zip(results) {
             per_config.push(result);
@@ -2251,6 +2305,7 @@ fn enough_phases(result: &AddedNs) -> Option<&[f64]> {
 }
 
 /// One phase of the round-trip target.
+#[derive(Clone)]
 struct RoundTripPhase {
     ns: f64,
     most_stolen: f64,
@@ -2276,7 +2331,7 @@ impl EventCosts {
         let mut md = String::new();
         let _ = writeln!(md, "## Cost per event
 
-Two threads of `p99probe-target roundtrips` hand a byte back and forth on CPU 0 as fast as they can; each tool runs on CPU 1, {rounds} interleaved rounds of {}-second phases, each tool phase's ns per round trip against the mean of the nothing-phases either side. A round trip through pipes is two context switches and two wakeups ({:.0} ns with nothing attached); over loopback TCP (to the target's own listening port, so p99probe times it as a request) it is also a request, its response and their segments ({:.0} ns). \"On a bystander\": p99probe attached to a sleeping process, so every hook run is one that turns the event away: the floor each hook costs for other processes' events. Unlike the kernel-cost table, this includes the kernel's dispatch to the programs and whatever they cost around them.\n", PHASE.as_secs(), self.baseline_ns[0], self.baseline_ns[1]);
+Two threads of `p99probe-target roundtrips` hand a byte back and forth on CPU 0 as fast as they can; each tool runs on CPU 1, {rounds} interleaved rounds of {}-second phases, each tool phase's ns per round trip against the mean of the nothing-phases either side. As in the interleaved phases, a phase in which the hypervisor took more than {:.0}% of either CPU is left out with its neighbours, and further rounds, up to half as many again, make up for it. A round trip through pipes is two context switches and two wakeups ({:.0} ns with nothing attached); over loopback TCP (to the target's own listening port, so p99probe times it as a request) it is also a request, its response and their segments ({:.0} ns). \"On a bystander\": p99probe attached to a sleeping process, so every hook run is one that turns the event away: the floor each hook costs for other processes' events. Unlike the kernel-cost table, this includes the kernel's dispatch to the programs and whatever they cost around them.\n", PHASE.as_secs(), STEAL_LIMIT * 100.0, self.baseline_ns[0], self.baseline_ns[1]);
         let _ = writeln!(md, "| configuration | pipe: ns added per round trip, mean ± 95% CI | per context switch (half) | tcp: ns added per round trip (a request), mean ± 95% CI | phases (left out for steal), pipe / tcp |");
         let _ = writeln!(md, "|---|---|---|---|---|");
         for ((tool, on_target), per_via) in EVENT_COST_CONFIGS.iter().zip(&self.added_ns) {
