@@ -6,7 +6,9 @@
 //! benchmark VM an empty program costs 59 ns per run timed, most of it those reads. Left on, that
 //! would add a third to what p99probe's hooks cost. So the agent times one span of
 //! [`SPAN_NS`] every `--own-cost-every` and reports the rates of those spans; between them the
-//! kernel does not time anything. The figures are the programs' own time. The kernel's dispatch
+//! kernel does not time anything. The first span starts at a random point of the first period
+//! rather than at attach: then any stretch of time, however short (a benchmark's phase of a
+//! few seconds, say), pays on average the same share of the timing's cost as a long run. The figures are the programs' own time. The kernel's dispatch
 //! to them is not in it (about 80 ns per run on the benchmark VM, see docs/benchmark-notes.md),
 //! which is why runs per second are reported beside it.
 
@@ -152,7 +154,7 @@ struct Span {
     served_before: u64,
 }
 
-/// Times one span every `every_ns`, the first at once.
+/// Times one span every `every_ns`, the first at a random point of the first period.
 pub struct OwnCostMeter {
     every_ns: u64,
     next_ns: u64,
@@ -163,12 +165,21 @@ pub struct OwnCostMeter {
 impl OwnCostMeter {
     /// `None` when `every_ns` is 0: never measured.
     pub fn new(now_ns: u64, every_ns: u64) -> Option<OwnCostMeter> {
-        (every_ns > 0).then(|| OwnCostMeter {
-            every_ns: every_ns.max(SPAN_NS),
-            next_ns: now_ns,
+        if every_ns == 0 {
+            return None;
+        }
+        let every_ns = every_ns.max(SPAN_NS);
+        let first_ns = now_ns + fastrand::u64(0..=every_ns - SPAN_NS);
+        Some(OwnCostMeter::first_at(first_ns, every_ns))
+    }
+
+    fn first_at(first_ns: u64, every_ns: u64) -> OwnCostMeter {
+        OwnCostMeter {
+            every_ns,
+            next_ns: first_ns,
             span: None,
             cost: OwnCost::default(),
-        })
+        }
     }
 
     /// Ends the span in progress when it has lasted [`SPAN_NS`], and starts one when due.
@@ -315,9 +326,9 @@ mod tests {
     fn the_meter_times_one_span_every_period_and_reads_both_edges() {
         let counts = std::cell::Cell::new(0u64);
         let programs = || vec![runs("p", counts.get() * 100, counts.get())];
-        let mut meter = OwnCostMeter::new(0, 5 * SPAN_NS).unwrap();
+        let mut meter = OwnCostMeter::first_at(0, 5 * SPAN_NS);
         meter.poll(0, timing, programs, 0);
-        assert!(meter.measuring(), "the first span starts at once");
+        assert!(meter.measuring());
         counts.set(10);
         meter.poll(SPAN_NS / 2, timing, programs, 3);
         assert!(meter.measuring());
@@ -362,5 +373,21 @@ mod tests {
     #[test]
     fn a_period_of_zero_measures_nothing() {
         assert!(OwnCostMeter::new(0, 0).is_none());
+    }
+
+    #[test]
+    fn the_first_span_starts_anywhere_in_the_first_period_and_ends_within_it() {
+        let firsts: Vec<u64> = (0..200)
+            .map(|_| OwnCostMeter::new(1_000, 4 * SPAN_NS).unwrap().next_ns - 1_000)
+            .collect();
+        assert!(firsts.iter().all(|&first| first <= 3 * SPAN_NS));
+        assert!(firsts.iter().any(|&first| first < SPAN_NS));
+        assert!(firsts.iter().any(|&first| first > 2 * SPAN_NS));
+        // A period no longer than a span times throughout, from the start.
+        assert_eq!(
+            OwnCostMeter::new(1_000, SPAN_NS / 2).unwrap().next_ns,
+            1_000
+        );
+        assert_eq!(OwnCostMeter::new(1_000, SPAN_NS).unwrap().next_ns, 1_000);
     }
 }

@@ -21,6 +21,8 @@ fn options(pid: u32, out: &Path, p99_ms: u64, latency: LatencyKind, seconds: u64
             track_delivery: false,
             // As the CLI's default `--calm-sample-hz 99` does.
             calm_sample_divisor: 5,
+            // Timed throughout, so that every capture's report has the agent's own cost.
+            own_cost_every_ns: p99probe::own_cost::SPAN_NS,
             ..settings(pid)
         },
         latency,
@@ -174,8 +176,8 @@ fn blocking_sleep_on_some_requests_is_off_cpu_in_that_function() {
     } = capture_go_spike(&[], &args, 5, LatencyKind::Server, nothing_from_outside);
     let top = &report["verdict"][0];
     assert_eq!(top["cause"], "off_cpu");
-    // The capture fired 7 s or more after attach: the span timed at attach is in its report,
-    // and the whole run's spans in the summary.
+    // The capture fired 7 s or more after attach: its report has the agent's own cost over
+    // the spans until then, and the summary those of the whole run.
     let own = &report["own_cost"];
     assert!(own["spans"].as_u64().unwrap() >= 1, "{own}");
     assert!(

@@ -269,7 +269,18 @@ fn analysis_commands_write_their_files() {
     let dir = tempfile::tempdir().unwrap();
     let rec = dir.path().join("r.p99");
     let rec_s = rec.to_str().unwrap();
-    let output = p99probe_record(sleeper.pid(), "1s", rec_s);
+    // Its own cost timed throughout: at the default period a 1 s recording may have no span.
+    let output = p99probe(&[
+        "record",
+        "--pid",
+        &sleeper.pid().to_string(),
+        "--duration",
+        "1s",
+        "--own-cost-every",
+        "1s",
+        "--out",
+        rec_s,
+    ]);
     assert!(
         output.status.success(),
         "{}",

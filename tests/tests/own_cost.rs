@@ -34,8 +34,8 @@ fn program<'a>(cost: &'a OwnCost, prefix: &str) -> &'a p99probe::own_cost::Progr
 #[test]
 fn the_agents_programs_are_timed_over_the_spans_and_only_them() {
     let _serial = serial();
-    let server = target(&["server", "--duration", "30", "--response-bytes", "64"]);
-    let _load = client_load(server.port.unwrap(), 4, 25);
+    let server = target(&["server", "--duration", "45", "--response-bytes", "64"]);
+    let _load = client_load(server.port.unwrap(), 4, 40);
 
     // Spans back to back: the whole recording is timed.
     let recording = record_with_own_cost_every(
@@ -87,12 +87,12 @@ fn the_agents_programs_are_timed_over_the_spans_and_only_them() {
         "{per_request} ns per request"
     );
 
-    // The default period: one span at the start of a 3 s recording, and the kernel does not
-    // time the rest of it.
+    // The default period: one span, somewhere in the first 10 s, and the kernel does not time
+    // the rest of the recording.
     let recording = record_with_own_cost_every(
         server.pid(),
         Duration::from_nanos(p99probe::own_cost::DEFAULT_EVERY_NS),
-        Duration::from_secs(3),
+        Duration::from_secs(11),
     );
     let cost = recording.meta.own_cost.clone().expect("own cost measured");
     let recorded = served_in(&recording);
@@ -104,8 +104,8 @@ fn the_agents_programs_are_timed_over_the_spans_and_only_them() {
         cost.measured_ns
     );
     assert!(
-        cost.requests_served * 2 < recorded,
-        "{} requests counted in a 1 s span of a 3 s recording of {recorded}",
+        cost.requests_served * 5 < recorded,
+        "{} requests counted in a 1 s span of an 11 s recording of {recorded}",
         cost.requests_served
     );
     assert!(program(&cost, "sk_data_ready").runs >= cost.requests_served);
