@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::{BufRead, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -1962,6 +1962,8 @@ struct ToolKernelCost {
     /// CPU % of one CPU that the tool's own processes used, per run.
     own_cpu: Vec<f64>,
     programs: ProgramRuns,
+    /// p99probe only: the BPF ms/s it reported of itself at exit (`own_cost`), per run.
+    self_reported_ms_per_s: Vec<f64>,
 }
 
 const KERNEL_COST_ROUNDS: usize = 3;
@@ -1991,6 +1993,7 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
             served: Vec::new(),
             own_cpu: Vec::new(),
             programs: BTreeMap::new(),
+            self_reported_ms_per_s: Vec::new(),
         })
         .collect();
     let mut floor_ns = Vec::new();
@@ -2023,7 +2026,14 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
                 processes_cpu_ns(&running),
                 bpf_programs_since(&others)?,
             );
-            drop(running);
+            let printed = stop_reading_stdout(running);
+            if result.tool.attach_args().is_some() {
+                result
+                    .self_reported_ms_per_s
+                    .push(self_reported_ms_per_s(&printed).with_context(|| {
+                        format!("{}: no own-cost line in {printed:?}", result.tool.name())
+                    })?);
+            }
             let seconds = (t1 - t0).as_secs_f64();
             result.served.push((w1 - w0) as f64 / seconds);
             result
@@ -2042,6 +2052,29 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
         }
     }
     Ok(KernelCost { results, floor_ns })
+}
+
+/// Stops the processes as Ctrl-C does and returns what they printed on stdout (a few lines:
+/// the pipe holds them until they exit).
+fn stop_reading_stdout(mut running: Vec<Killed>) -> String {
+    let outputs: Vec<_> = running
+        .iter_mut()
+        .filter_map(|process| process.0.stdout.take())
+        .collect();
+    drop(running);
+    let mut printed = String::new();
+    for mut output in outputs {
+        let _ = output.read_to_string(&mut printed);
+    }
+    printed
+}
+
+const SELF_REPORT: &str = "p99probe's own kernel time: ";
+
+/// The BPF ms/s in p99probe's exit line about its own kernel time.
+fn self_reported_ms_per_s(printed: &str) -> Option<f64> {
+    let line = printed.lines().find_map(|l| l.strip_prefix(SELF_REPORT))?;
+    line.split(" ms/s").next()?.parse().ok()
 }
 
 /// ns per run of an empty bpftrace program on `sched_switch` over [`KERNEL_COST_SPAN`]: all
@@ -2549,14 +2582,20 @@ impl KernelCost {
         let _ = writeln!(md, "Go server under `wrk -t1 -c8` as above; each tool ({KERNEL_COST_ROUNDS} runs of {} s per configuration, alternating) with `kernel.bpf_stats_enabled`, which times every run of every BPF program (adding a clock read to each). A tool's programs are those that appeared when it started. Each cell is the median over runs of runs per second and ns per run; ms/s is their product, the CPU the program takes (both CPUs together). The kernel's own dispatch to the programs and the sampling interrupts are not in these figures; they are what throughput shows. Dispatch costs more for classic tracepoints (bpftrace's `tracepoint:` probes marshal a trace event before the program runs) than for BTF-typed ones (p99probe, libbpf-tools). What the tools do differs: the bpftrace script and libbpf-tools follow the scheduler only (bpftrace's run-queue timing is machine-wide, as runqlat's is without `-p`); p99probe also times every request of the server (`sk_data_ready`) and follows its Go runtime. Under this load `sock_send_length`, p99probe's response-write hook, is detached and has no row.\n", KERNEL_COST_SPAN.as_secs());
         let floor = self.floor();
         let _ = writeln!(md, "The statistics are not free: an empty program on `sched_switch` (`bpftrace -e '{STATS_FLOOR_SCRIPT}'`, measured the same way in each round) took {} ns per run, all of it the statistics' own clock reads and the call into the program. Every run of every program below carries that much, so a tool whose hooks fire more often is charged more of it; the net column takes the median floor ({floor:.0} ns) off each program's ns per run (down to 0).\n", fmt_stat(&self.floor_ns, 0));
+        let _ = writeln!(md, "p99probe also measures its own programs and prints what they took at exit (`own_cost`: one span of one second in every ten, at a random point, timed by the kernel). The third column is that figure from the same runs, median (min–max): a check that what p99probe tells its users agrees with this accounting. Its span falls anywhere in the tool's run (the 2 s before the measured {} s too), so it agrees within the run-to-run noise, not exactly.\n", KERNEL_COST_SPAN.as_secs());
         let _ = writeln!(
             md,
-            "| configuration | BPF ms/s, all programs | ns per response | program runs per response | ns per response, net of the floor | responses/s | tool's own CPU, % of one CPU |\n|---|---|---|---|---|---|---|"
+            "| configuration | BPF ms/s, all programs | as p99probe reported it of itself | ns per response | program runs per response | ns per response, net of the floor | responses/s | tool's own CPU, % of one CPU |\n|---|---|---|---|---|---|---|---|"
         );
         for result in &self.results {
+            let self_reported = if result.self_reported_ms_per_s.is_empty() {
+                "—".to_string()
+            } else {
+                fmt_stat(&result.self_reported_ms_per_s, 2)
+            };
             let _ = writeln!(
                 md,
-                "| {} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} |",
+                "| {} | {:.2} | {self_reported} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} |",
                 result.tool.name(),
                 result.total_ms_per_s(),
                 result.ns_per_response(),
@@ -2618,6 +2657,19 @@ impl KernelCost {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn p99probes_report_of_itself_is_read_from_its_exit_lines() {
+        let printed = "0 capture(s); 5 events sent\np99probe's own kernel time: 33.55 ms/s (3.35% of one CPU) in 277648 program runs/s, measured over 1 span(s) of 1.0 s\n";
+        assert_eq!(self_reported_ms_per_s(printed), Some(33.55));
+        assert_eq!(self_reported_ms_per_s("0 capture(s)\n"), None);
+        assert_eq!(
+            self_reported_ms_per_s(
+                "p99probe's own kernel time: not measured (BPF_ENABLE_STATS: EPERM)"
+            ),
+            None
+        );
+    }
 
     #[test]
     fn p99_ratios_compare_each_run_with_the_nothing_runs_either_side() {
@@ -2795,8 +2847,9 @@ mod tests {
                 .iter()
                 .map(|(name, runs)| (name.to_string(), runs.clone()))
                 .collect(),
+            self_reported_ms_per_s: Vec::new(),
         };
-        let kernel = KernelCost {
+        let mut kernel = KernelCost {
             results: vec![
                 // 1000 runs/s at 200 ns plus 500 runs/s at 100 ns: 0.25 ms/s, over 1000
                 // responses/s: 250 ns each. The outlying run of each program is ignored.
@@ -2850,10 +2903,17 @@ mod tests {
             ),
             "{line}"
         );
+        kernel.results[0].self_reported_ms_per_s = vec![0.24, 0.26, 0.25];
         let markdown = kernel.markdown();
         assert!(markdown.contains("| p99probe attach | `sk_data_ready_btf` | 500 | 100 | 0.05 |"));
         assert!(
-            markdown.contains("| p99probe attach | 0.25 | 250 | 1.50 | 160 | 1000 |"),
+            markdown.contains(
+                "| p99probe attach | 0.25 | 0.25 (0.24–0.26) | 250 | 1.50 | 160 | 1000 |"
+            ),
+            "{markdown}"
+        );
+        assert!(
+            markdown.contains("| bpftrace (equivalent script) | 0.24 | — | 240 |"),
             "{markdown}"
         );
         assert!(
