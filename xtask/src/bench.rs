@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read as _, Write as _};
+use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -294,13 +294,23 @@ profile:hz:99 /pid == PID/ { @oncpu[kstack, ustack] = count(); }
 
 /// Starts `tool` on `pid` and returns once it says it is tracing; Err(reason) when the tool
 /// cannot run on this machine.
+/// Where p99probe's stdout goes while the bench runs it: what it prints at exit (its own cost)
+/// is read from there. Its readiness line is on stderr.
+const P99PROBE_STDOUT: &str = "p99probe.stdout";
+
 fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<Killed>, String> {
-    let spawn = |cmd: &mut Command| -> Result<Killed, String> {
-        cmd.stdout(Stdio::piped())
+    let spawn_with_stdout = |cmd: &mut Command, stdout: Stdio| -> Result<Killed, String> {
+        cmd.stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .map(Killed)
             .map_err(|e| format!("{cmd:?}: {e}"))
+    };
+    let spawn = |cmd: &mut Command| spawn_with_stdout(cmd, Stdio::piped());
+    let p99probe_stdout = || {
+        std::fs::File::create(scratch.join(P99PROBE_STDOUT))
+            .map(Stdio::from)
+            .map_err(|e| format!("{}: {e}", scratch.join(P99PROBE_STDOUT).display()))
     };
     // How each process shows its probes are in: p99probe prints its hook report, bpftrace
     // "Attaching N probes...", BCC "Tracing ...". libbpf-tools' C stdio holds its lines in a
@@ -312,7 +322,7 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
         // script's 99 Hz unless the configuration sets its own (clap refuses a flag given
         // twice).
         (_, Some(extra)) => (
-            vec![spawn(
+            vec![spawn_with_stdout(
                 Command::new("taskset")
                     .args(["-c", "1"])
                     .arg(bin(root, "p99probe"))
@@ -325,6 +335,7 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
                         &["--calm-sample-hz", "99"][..]
                     })
                     .args(extra),
+                p99probe_stdout()?,
             )?],
             Ready::Line("p99probe: tracing pid"),
         ),
@@ -2026,8 +2037,9 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
                 processes_cpu_ns(&running),
                 bpf_programs_since(&others)?,
             );
-            let printed = stop_reading_stdout(running);
+            drop(running);
             if result.tool.attach_args().is_some() {
+                let printed = std::fs::read_to_string(scratch.join(P99PROBE_STDOUT))?;
                 result
                     .self_reported_ms_per_s
                     .push(self_reported_ms_per_s(&printed).with_context(|| {
@@ -2052,21 +2064,6 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
         }
     }
     Ok(KernelCost { results, floor_ns })
-}
-
-/// Stops the processes as Ctrl-C does and returns what they printed on stdout (a few lines:
-/// the pipe holds them until they exit).
-fn stop_reading_stdout(mut running: Vec<Killed>) -> String {
-    let outputs: Vec<_> = running
-        .iter_mut()
-        .filter_map(|process| process.0.stdout.take())
-        .collect();
-    drop(running);
-    let mut printed = String::new();
-    for mut output in outputs {
-        let _ = output.read_to_string(&mut printed);
-    }
-    printed
 }
 
 const SELF_REPORT: &str = "p99probe's own kernel time: ";
