@@ -15,15 +15,22 @@ fn p99probe(args: &[&str]) -> Output {
 
 /// `p99probe record --pid PID --duration DURATION --out OUT`.
 fn p99probe_record(pid: impl ToString, duration: &str, out: &str) -> Output {
-    p99probe(&[
+    p99probe_record_with(pid, duration, out, &[])
+}
+
+/// [`p99probe_record`] with `extra` flags.
+fn p99probe_record_with(pid: impl ToString, duration: &str, out: &str, extra: &[&str]) -> Output {
+    let pid = pid.to_string();
+    let args = [
         "record",
         "--pid",
-        &pid.to_string(),
+        &pid,
         "--duration",
         duration,
         "--out",
         out,
-    ])
+    ];
+    p99probe(&[&args[..], extra].concat())
 }
 
 fn assert_one_line_error(output: &Output, expected: &str) {
@@ -270,17 +277,7 @@ fn analysis_commands_write_their_files() {
     let rec = dir.path().join("r.p99");
     let rec_s = rec.to_str().unwrap();
     // Its own cost timed throughout: at the default period a 1 s recording may have no span.
-    let output = p99probe(&[
-        "record",
-        "--pid",
-        &sleeper.pid().to_string(),
-        "--duration",
-        "1s",
-        "--own-cost-every",
-        "1s",
-        "--out",
-        rec_s,
-    ]);
+    let output = p99probe_record_with(sleeper.pid(), "1s", rec_s, &["--own-cost-every", "1s"]);
     assert!(
         output.status.success(),
         "{}",

@@ -292,12 +292,12 @@ tracepoint:tcp:tcp_retransmit_skb { @retransmits[args->sport, args->dport] = cou
 profile:hz:99 /pid == PID/ { @oncpu[kstack, ustack] = count(); }
 "#;
 
-/// Starts `tool` on `pid` and returns once it says it is tracing; Err(reason) when the tool
-/// cannot run on this machine.
 /// Where p99probe's stdout goes while the bench runs it: what it prints at exit (its own cost)
 /// is read from there. Its readiness line is on stderr.
 const P99PROBE_STDOUT: &str = "p99probe.stdout";
 
+/// Starts `tool` on `pid` and returns once it says it is tracing; Err(reason) when the tool
+/// cannot run on this machine.
 fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<Killed>, String> {
     let spawn_with_stdout = |cmd: &mut Command, stdout: Stdio| -> Result<Killed, String> {
         cmd.stdout(stdout)
@@ -2066,6 +2066,8 @@ fn kernel_cost(root: &Path, go_binary: &Path, scratch: &Path) -> Result<KernelCo
     Ok(KernelCost { results, floor_ns })
 }
 
+/// How p99probe's exit line about its own kernel time begins (`OwnCost::summary` in
+/// probe-user, which the bench does not link).
 const SELF_REPORT: &str = "p99probe's own kernel time: ";
 
 /// The BPF ms/s in p99probe's exit line about its own kernel time.
