@@ -156,8 +156,11 @@ pub struct RawEvent {
     pub ts_ns: u64,
     /// Run-queue wait, off-CPU time, or request latency; 0 for samples and retransmits.
     pub duration_ns: u64,
-    /// Off-CPU only: the part of `duration_ns` spent runnable, waiting for a CPU (so
-    /// `duration_ns - wait_ns` is the time the thread was blocked).
+    /// Off-CPU: the part of `duration_ns` spent runnable, waiting for a CPU (so
+    /// `duration_ns - wait_ns` is the time the thread was blocked). On-CPU sample that
+    /// interrupted the kernel without walking its stack (`kernel_stack_max_period_ns`): the
+    /// interrupted kernel address, which the agent turns into a stack of its own before
+    /// anything else reads the event (`StackStore::adopt`).
     pub wait_ns: u64,
     pub tid: u32,
     pub tgid: u32,
@@ -293,6 +296,10 @@ pub struct ProbeConfig {
     /// A `LatencySlice` is `1 << trigger_slice_shift` ns long: a shift, not a division, on
     /// every request.
     pub trigger_slice_shift: u32,
+    /// On-CPU samples taken every this many ns or less walk the interrupted kernel stack;
+    /// those further apart (the calm rate) record only the interrupted kernel address, in
+    /// `RawEvent::wait_ns`. `u64::MAX`: every sample walks.
+    pub kernel_stack_max_period_ns: u64,
 }
 
 /// A thread's scheduling state, kept by the kernel programs in one of its two slots of the

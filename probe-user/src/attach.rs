@@ -270,7 +270,7 @@ impl Sampling {
         };
         if self.calm_divisor > 1 {
             description += &format!(
-                ", {:.1} Hz while P99 is under half the threshold",
+                ", {:.1} Hz while P99 is under half the threshold (kernel stacks not walked)",
                 hz as f64 / self.calm_divisor as f64
             );
         }
@@ -733,6 +733,17 @@ fn attach_wakeups(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, ProbeError> {
     .join(", "))
 }
 
+/// Only full-rate samples walk the kernel stack: at the calm rate, the walk (most of what a
+/// sample costs, and all while the target waits on the CPU) would buy kernel paths for a
+/// baseline whose verdict compares user stacks.
+fn kernel_stack_max_period_ns(settings: &ProbeSettings) -> u64 {
+    if settings.calm_sample_divisor > 1 && settings.sample_hz > 0 {
+        full_period_ns(settings.sample_hz)
+    } else {
+        u64::MAX
+    }
+}
+
 /// Loads the sampling program and attaches it on every one of `cpus` (of `online` CPUs), at
 /// the calm rate when there is one.
 fn attach_sampling(
@@ -883,6 +894,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         trigger_slice_shift: settings
             .trigger_latency
             .map_or(0, |t| latency_slices::slice_shift(t.window_ns)),
+        kernel_stack_max_period_ns: kernel_stack_max_period_ns(settings),
     };
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))

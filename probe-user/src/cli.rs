@@ -119,7 +119,8 @@ pub struct AttachArgs {
     pub out: PathBuf,
     /// On-CPU sampling rate while P99 stays under half the threshold (rounded to a whole
     /// fraction of `--sample-hz`); full rate from half the threshold and during captures.
-    /// Equal to `--sample-hz` to always sample at full rate.
+    /// Calm samples keep the kernel function they interrupted, not the kernel stack. Equal to
+    /// `--sample-hz` to always sample at full rate, with kernel stacks.
     #[arg(long, default_value_t = 99)]
     pub calm_sample_hz: u64,
     #[command(flatten)]

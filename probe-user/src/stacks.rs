@@ -8,13 +8,22 @@
 //! ids of its own, and frees the kernel's entry once the stack has not recurred for a short
 //! while. Only the stacks of the last fraction of a second occupy the table, however long the
 //! flight recorder or recording keeps their events.
+//!
+//! The store also makes stacks the kernel did not walk: an on-CPU sample at the calm rate keeps
+//! only the kernel address it interrupted (`ProbeConfig::kernel_stack_max_period_ns`), which
+//! becomes the stack `[address, KERNEL_NOT_WALKED]`, so every reader downstream sees a kernel
+//! stack like any other, with a root frame that says what is missing.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use probe_common::{RawEvent, NO_STACK};
+use probe_common::{EventKind, RawEvent, NO_STACK};
 
 use crate::events::stack_id;
+
+/// The root frame of a kernel stack the kernel did not walk: an address no code has, which
+/// the symbolizer names for what it stands for.
+pub const KERNEL_NOT_WALKED: u64 = u64::MAX;
 
 /// Largest id the store hands out: events carry stack ids as `i32`, negative meaning none.
 const MAX_ID: u32 = i32::MAX as u32;
@@ -44,7 +53,9 @@ struct Copied {
 
 impl StackStore {
     /// Replaces the kernel's stack ids in `event` by the store's. A kernel id not copied yet is
-    /// read with `read_kernel` (its frames, or `None` when the kernel no longer has it).
+    /// read with `read_kernel` (its frames, or `None` when the kernel no longer has it). An
+    /// on-CPU sample's interrupted kernel address, where it carries one instead of a kernel
+    /// stack, becomes a stack of the store's.
     pub fn adopt(
         &mut self,
         event: &mut RawEvent,
@@ -52,6 +63,12 @@ impl StackStore {
     ) {
         event.kernel_stack_id = self.adopt_id(event.kernel_stack_id, &mut read_kernel);
         event.user_stack_id = self.adopt_id(event.user_stack_id, &mut read_kernel);
+        if event.kind == EventKind::OnCpuSample as u32 && event.wait_ns != 0 {
+            if event.kernel_stack_id == NO_STACK {
+                event.kernel_stack_id = self.intern(vec![event.wait_ns, KERNEL_NOT_WALKED]) as i32;
+            }
+            event.wait_ns = 0;
+        }
     }
 
     fn adopt_id(
@@ -165,6 +182,46 @@ impl StackStore {
 mod tests {
     use super::*;
     use crate::events::stacks_named;
+
+    #[test]
+    fn a_sample_without_a_kernel_walk_gets_its_address_and_the_marker_as_kernel_stack() {
+        let mut store = StackStore::default();
+        let sample = |kernel: i32, address: u64| {
+            let mut e = event(kernel, 3);
+            e.kind = EventKind::OnCpuSample as u32;
+            e.wait_ns = address;
+            e
+        };
+        let read = |id: u32| Some(vec![0x1000 + id as u64]);
+        let mut calm = sample(NO_STACK, 0xffff_ffff_8100_0000);
+        let mut again = calm;
+        store.adopt(&mut calm, read);
+        store.adopt(&mut again, read);
+        assert_eq!(
+            calm.wait_ns, 0,
+            "the address is not left for readers of wait_ns"
+        );
+        assert_eq!(calm.kernel_stack_id, again.kernel_stack_id);
+        assert_eq!(
+            store.frames(calm.kernel_stack_id as u32),
+            Some(&[0xffff_ffff_8100_0000, KERNEL_NOT_WALKED][..])
+        );
+        assert_eq!(store.frames(calm.user_stack_id as u32), Some(&[0x1003][..]));
+
+        // A sample in user mode carries no address and gets no kernel stack.
+        let mut in_user = sample(NO_STACK, 0);
+        store.adopt(&mut in_user, read);
+        assert_eq!(in_user.kernel_stack_id, NO_STACK);
+        // Off-CPU intervals' wait_ns is a time, never an address.
+        let mut off_cpu = event(NO_STACK, 3);
+        off_cpu.kind = EventKind::OffCpu as u32;
+        off_cpu.wait_ns = 5_000;
+        store.adopt(&mut off_cpu, read);
+        assert_eq!(
+            (off_cpu.kernel_stack_id, off_cpu.wait_ns),
+            (NO_STACK, 5_000)
+        );
+    }
 
     fn event(kernel: i32, user: i32) -> RawEvent {
         let mut e = RawEvent::zeroed();

@@ -13,7 +13,12 @@ use blazesym::symbolize::{
 use blazesym::MaybeDefault;
 use serde::{Deserialize, Serialize};
 
+use crate::stacks::KERNEL_NOT_WALKED;
 use crate::target::MemoryMap;
+
+/// What the root frame of a kernel stack the kernel did not walk (a calm-rate on-CPU sample's:
+/// the kernel code it interrupted, and nothing of how it got there) is called.
+pub const KERNEL_NOT_WALKED_NAME: &str = "[kernel stack not walked at the calm rate]";
 
 /// x86_64 kernel addresses live in the upper half of the address space.
 pub fn is_kernel_address(addr: u64) -> bool {
@@ -111,12 +116,17 @@ pub fn symbolize_stacks(
     maps: &[MemoryMap],
     pid: u32,
 ) -> SymbolTable {
+    let mut table = SymbolTable::default();
     let mut kernel = Vec::new();
     let mut user = Vec::new();
     for addrs in stacks.values() {
         for (index, &addr) in addrs.iter().enumerate() {
             let key = lookup_address(addr, index);
-            if is_kernel_address(addr) {
+            if addr == KERNEL_NOT_WALKED {
+                table
+                    .frames
+                    .insert(key, vec![KERNEL_NOT_WALKED_NAME.into()]);
+            } else if is_kernel_address(addr) {
                 kernel.push(key);
             } else {
                 user.push(key);
@@ -129,7 +139,6 @@ pub fn symbolize_stacks(
     user.dedup();
 
     let symbolizer = Symbolizer::new();
-    let mut table = SymbolTable::default();
     symbolize_kernel(&symbolizer, &kernel, &mut table);
     symbolize_user(&symbolizer, &user, maps, pid, &mut table);
     table
@@ -250,9 +259,17 @@ mod tests {
                 (f.next()? == "do_nanosleep").then_some(addr)
             })
             .expect("do_nanosleep in kallsyms with real addresses (run as root)");
-        let stacks: BTreeMap<u32, Vec<u64>> = [(1, vec![addr + 4])].into_iter().collect();
+        // A calm-rate sample's kernel stack: the address it interrupted under the marker.
+        let not_walked = vec![addr + 4, KERNEL_NOT_WALKED];
+        let stacks: BTreeMap<u32, Vec<u64>> = [(1, vec![addr + 4]), (2, not_walked.clone())]
+            .into_iter()
+            .collect();
         let table = symbolize_stacks(&stacks, &[], 0);
         assert_eq!(table.stack_root_first(&[addr + 4]), vec!["do_nanosleep"]);
+        assert_eq!(
+            table.stack_root_first(&not_walked),
+            vec![KERNEL_NOT_WALKED_NAME, "do_nanosleep"]
+        );
     }
 
     #[test]

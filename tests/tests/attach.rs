@@ -262,10 +262,13 @@ fn busy_loop_on_some_requests_is_on_cpu_in_that_function() {
 
 /// Sampling starts calm (a fifth of 499 Hz), goes to full rate by the time the trigger fires,
 /// and every sample's period says which rate took it: the on-CPU verdict above compared a
-/// calm baseline with a full-rate spike by CPU time, not by sample counts.
+/// calm baseline with a full-rate spike by CPU time, not by sample counts. Calm samples that
+/// interrupted the kernel name the function they interrupted under the marker that says the
+/// kernel stack was not walked; full-rate ones have the walked stack, from the syscall entry.
 fn check_calm_then_full_rate_sampling(spike: &Spike) {
     use p99probe::events::Event;
     use p99probe::sampling::full_period_ns;
+    use p99probe::symbolize::KERNEL_NOT_WALKED_NAME;
     let changes = &spike.summary.sampling_changes;
     let fire_ns = spike.summary.captures[0].fire.at_ns;
     eprintln!("sampling changes (ns, calm): {changes:?}; trigger at {fire_ns}");
@@ -284,9 +287,13 @@ fn check_calm_then_full_rate_sampling(spike: &Spike) {
     let near_a_switch = |ts: u64| changes.iter().any(|(at, _)| ts.abs_diff(*at) < 20 * MS);
     let full = full_period_ns(499);
     let (mut calm_samples, mut full_samples) = (0, 0);
+    let (mut calm_in_kernel, mut full_in_kernel) = (0, 0);
     for event in spike.recording.events() {
         let Event::OnCpuSample {
-            ts_ns, period_ns, ..
+            ts_ns,
+            period_ns,
+            kernel_stack,
+            ..
         } = event
         else {
             continue;
@@ -294,16 +301,38 @@ fn check_calm_then_full_rate_sampling(spike: &Spike) {
         if near_a_switch(ts_ns) {
             continue;
         }
+        let kernel = spike.recording.stack_names(kernel_stack);
         if calm_at(ts_ns) {
             assert_eq!(period_ns, 5 * full, "calm sample at {ts_ns}");
             calm_samples += 1;
+            if kernel_stack.is_some() {
+                // The marker alone when the address was p99probe's own program, whose
+                // frames are trimmed from kernel leaves like any tracing frame.
+                assert!(kernel.len() <= 2, "calm sample at {ts_ns}: {kernel:?}");
+                assert_eq!(kernel[0], KERNEL_NOT_WALKED_NAME);
+                if kernel.get(1).is_some_and(|leaf| !leaf.starts_with('[')) {
+                    calm_in_kernel += 1;
+                }
+            }
         } else {
             assert_eq!(period_ns, full, "full-rate sample at {ts_ns}");
             full_samples += 1;
+            assert!(
+                !kernel.iter().any(|f| f == KERNEL_NOT_WALKED_NAME),
+                "full-rate sample at {ts_ns}: {kernel:?}"
+            );
+            if kernel.iter().any(|f| f.starts_with("entry_SYSCALL")) {
+                full_in_kernel += 1;
+            }
         }
     }
-    eprintln!("{calm_samples} calm and {full_samples} full-rate samples in the capture");
+    eprintln!(
+        "{calm_samples} calm ({calm_in_kernel} in a named kernel function) and {full_samples} full-rate \
+         ({full_in_kernel} with a walked syscall stack) samples in the capture"
+    );
     assert!(calm_samples > 0 && full_samples > 0);
+    // A Go server under wrk spends much of its CPU time in syscalls.
+    assert!(calm_in_kernel > 0 && full_in_kernel > 0);
 }
 
 #[test]
