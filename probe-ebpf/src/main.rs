@@ -689,8 +689,9 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
         return 0;
     };
     let period_ns = sample_period_ns(&ctx);
-    // A kernel walk is most of a sample's cost (~10 of ~13 µs here), and it stalls the target
-    // on the CPU it interrupts; calm samples only feed a baseline, so they keep the address.
+    // The kernel walk is most of a sample's cost (about three quarters here), paid while the
+    // target waits on the CPU it interrupts; calm samples only feed a baseline, so they keep
+    // the interrupted address instead.
     let (kernel_stack_id, kernel_address) = if !interrupted_kernel(&ctx) {
         (NO_STACK, 0)
     } else if period_ns <= cfg.kernel_stack_max_period_ns {
