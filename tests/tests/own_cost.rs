@@ -34,8 +34,10 @@ fn program<'a>(cost: &'a OwnCost, prefix: &str) -> &'a p99probe::own_cost::Progr
 #[test]
 fn the_agents_programs_are_timed_over_the_spans_and_only_them() {
     let _serial = serial();
-    let server = target(&["server", "--duration", "45", "--response-bytes", "64"]);
-    let _load = client_load(server.port.unwrap(), 4, 40);
+    // Both outlive the test by far (they are killed when it ends): the two recordings take
+    // 14 s, but attaching, draining and symbolizing a debug build under this load add 20-30 s.
+    let server = target(&["server", "--duration", "180", "--response-bytes", "64"]);
+    let _load = client_load(server.port.unwrap(), 4, 170);
 
     // Spans back to back: the whole recording is timed.
     let recording = record_with_own_cost_every(
