@@ -308,9 +308,10 @@ fn start_tool(tool: Tool, pid: u32, root: &Path, scratch: &Path) -> Result<Vec<K
     };
     let spawn = |cmd: &mut Command| spawn_with_stdout(cmd, Stdio::piped());
     let p99probe_stdout = || {
-        std::fs::File::create(scratch.join(P99PROBE_STDOUT))
+        let path = scratch.join(P99PROBE_STDOUT);
+        std::fs::File::create(&path)
             .map(Stdio::from)
-            .map_err(|e| format!("{}: {e}", scratch.join(P99PROBE_STDOUT).display()))
+            .map_err(|e| format!("{}: {e}", path.display()))
     };
     // How each process shows its probes are in: p99probe prints its hook report, bpftrace
     // "Attaching N probes...", BCC "Tracing ...". libbpf-tools' C stdio holds its lines in a
