@@ -144,6 +144,10 @@ pub const NO_STACK: i32 = -1;
 
 /// `flags` bit: the off-CPU interval began with an involuntary switch (preemption).
 pub const FLAG_PREEMPTED: u32 = 1;
+/// An off-CPU interval whose stacks were not walked: the thread blocked where its last walked
+/// interval did (the same user instruction and stack pointer, system call and wait state), so
+/// its stacks are that interval's, which the agent fills in. See `ThreadState::walked_at`.
+pub const FLAG_STACKS_REPEATED: u32 = 2;
 
 /// One event as written by the kernel. Little-endian, 96 bytes, no padding holes.
 #[repr(C)]
@@ -229,9 +233,11 @@ pub enum Counter {
     /// A request's state was displaced by another connection sharing its socket slot: that
     /// request was not timed.
     RequestsUntimed = 4,
+    /// Off-CPU intervals reported with `FLAG_STACKS_REPEATED` instead of two stack walks.
+    StacksRepeated = 5,
 }
 
-pub const COUNTER_SLOTS: u32 = 5;
+pub const COUNTER_SLOTS: u32 = 6;
 
 /// Words of the kernel's bitmap of the target's listening ports: one bit per TCP port.
 pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
@@ -273,6 +279,10 @@ pub struct KernelOffsets {
     /// The connection's hash in the kernel's established table (a mix of its addresses and
     /// ports).
     pub sk_hash: u32,
+    /// `struct pt_regs` members: the user registers saved at a system call's entry.
+    pub regs_ip: u32,
+    pub regs_sp: u32,
+    pub regs_orig_ax: u32,
 }
 
 /// Run-time settings the agent writes into the programs' globals before loading.
@@ -319,8 +329,19 @@ pub struct ThreadState {
     pub flags: u32,
     /// The thread this slot belongs to; 0 when it is free.
     pub tid: u32,
-    pub _pad: u32,
+    /// Off-CPU intervals that may still repeat the walked stacks below before one is walked
+    /// again to check them; `NEVER_REPEAT` once a check found another user stack there.
+    pub repeats_left: u32,
+    /// Where the last walked off-CPU interval blocked (a hash of the user instruction and
+    /// stack pointers at the system call, its number and the wait state; 0: none), and its
+    /// stacks.
+    pub walked_at: u64,
+    pub walked_kernel_stack_id: i32,
+    pub walked_user_stack_id: i32,
 }
+
+/// `ThreadState::repeats_left` of a thread whose off-CPU stacks are always walked.
+pub const NEVER_REPEAT: u32 = u32::MAX;
 
 /// Slots of the kernel's `THREADS` table: room for many more threads than a target has, so
 /// that a thread nearly always finds one of its two slots free.

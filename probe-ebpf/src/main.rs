@@ -20,8 +20,9 @@ use aya_ebpf::{
         BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
     },
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_skc_to_tcp_sock,
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_prandom_u32,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_skc_to_tcp_sock,
+        bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, fentry, kprobe, map, perf_event, raw_tracepoint, uprobe},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf, StackTrace},
@@ -34,8 +35,9 @@ use aya_log_ebpf::warn;
 use probe_common::{
     latency_bucket, port_bit, thread_slots, Counter, EventKind, LatencySlice, ProbeConfig,
     RawEvent, ThreadState, TimingHead, TimingRecord, COUNTER_SLOTS, FLAG_PREEMPTED,
-    GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD, GO_STOP_THE_WORLD, LATENCY_BUCKETS,
-    LATENCY_SLICES_PER_CPU, NO_STACK, PORT_BITMAP_WORDS, THREAD_SLOTS,
+    FLAG_STACKS_REPEATED, GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD,
+    GO_STOP_THE_WORLD, LATENCY_BUCKETS, LATENCY_SLICES_PER_CPU, NEVER_REPEAT, NO_STACK,
+    PORT_BITMAP_WORDS, THREAD_SLOTS,
 };
 
 #[no_mangle]
@@ -60,6 +62,9 @@ static CONFIG: ProbeConfig = ProbeConfig {
         sk_v6_rcv_saddr: 0,
         sk_v6_daddr: 0,
         sk_hash: 0,
+        regs_ip: 0,
+        regs_sp: 0,
+        regs_orig_ax: 0,
     },
     track_delivery: 0,
     timing_ring_bits: 0,
@@ -167,7 +172,10 @@ const NEW_THREAD: ThreadState = ThreadState {
     state: 0,
     flags: 0,
     tid: 0,
-    _pad: 0,
+    repeats_left: 0,
+    walked_at: 0,
+    walked_kernel_stack_id: NO_STACK,
+    walked_user_stack_id: NO_STACK,
 };
 
 const TASK_RUNNING: u32 = 0;
@@ -220,10 +228,10 @@ const WAKEUP_AT_BYTES: u64 = 2 << 20;
 /// and copying it makes LLVM emit a call to a byte-at-a-time `memset` subprogram (96
 /// iterations per event), which was the largest single cost of the request hooks.
 #[inline(always)]
-fn emit(fill: impl FnOnce(&mut RawEvent)) {
+fn emit(fill: impl FnOnce(&mut RawEvent)) -> bool {
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count(Counter::RingBufferFull);
-        return;
+        return false;
     };
     let event = entry.as_mut_ptr();
     unsafe {
@@ -237,6 +245,7 @@ fn emit(fill: impl FnOnce(&mut RawEvent)) {
     }
     entry.submit(wakeup_flags());
     count(Counter::EventsSent);
+    true
 }
 
 #[inline(always)]
@@ -448,15 +457,20 @@ fn switched_in<C: EbpfContext>(
         if sampled_below_ms == LEFT_OUT {
             return;
         }
-        let (kernel_stack_id, user_stack_id) = if thread_is_current {
-            (stack_id(ctx, 0), stack_id(ctx, BPF_F_USER_STACK as u64))
+        let (kernel_stack_id, user_stack_id, repeated) = if thread_is_current {
+            offcpu_stacks(ctx, cfg, thread, out.state)
         } else {
-            (out.kernel_stack_id, out.user_stack_id)
+            (out.kernel_stack_id, out.user_stack_id, false)
         };
-        if cfg.debug != 0 && user_stack_id == NO_STACK {
+        if cfg.debug != 0 && user_stack_id == NO_STACK && !repeated {
             warn!(ctx, "off-CPU interval of tid {} has no user stack", tid);
         }
-        emit(|event| {
+        let flags = if repeated {
+            out.flags | FLAG_STACKS_REPEATED
+        } else {
+            out.flags
+        };
+        let sent = emit(|event| {
             event.kind = EventKind::OffCpu as u32;
             event.cpu = cpu;
             event.ts_ns = now;
@@ -465,12 +479,84 @@ fn switched_in<C: EbpfContext>(
             event.tid = tid;
             event.tgid = tgid;
             event.state = out.state;
-            event.flags = out.flags;
+            event.flags = flags;
             event.kernel_stack_id = kernel_stack_id;
             event.user_stack_id = user_stack_id;
             event.offcpu_sampled_below_ms = sampled_below_ms;
         });
+        if !sent && !repeated {
+            // The agent fills repeats in from the last walked interval it received: this one
+            // never reaches it, so none may repeat it.
+            thread.walked_at = 0;
+        }
     }
+}
+
+/// Off-CPU intervals that repeat a walked one's stacks before the next is walked to check that
+/// the place still means those stacks.
+const REWALK_EVERY: u32 = 8;
+
+/// The stacks of the current thread's off-CPU interval, which just ended, and whether they are
+/// a repeat (`FLAG_STACKS_REPEATED`: not walked, the last walked interval's). The two walks
+/// cost ~30 µs, with the CPU stalled. A place repeats only once two walks in a row there gave
+/// the same user stack; every `REWALK_EVERY`th interval there is walked again, and a thread
+/// whose place once gave another user stack is walked every time from then on.
+#[inline(always)]
+fn offcpu_stacks<C: EbpfContext>(
+    ctx: &C,
+    cfg: &ProbeConfig,
+    thread: &mut ThreadState,
+    state: u32,
+) -> (i32, i32, bool) {
+    let place = blocked_at(cfg, state);
+    let same_place = place != 0 && place == thread.walked_at;
+    if same_place && thread.repeats_left != NEVER_REPEAT && thread.repeats_left > 0 {
+        thread.repeats_left -= 1;
+        count(Counter::StacksRepeated);
+        return (NO_STACK, NO_STACK, true);
+    }
+    let kernel = stack_id(ctx, 0);
+    let user = stack_id(ctx, BPF_F_USER_STACK as u64);
+    if thread.repeats_left == NEVER_REPEAT {
+        return (kernel, user, false);
+    }
+    let walked = kernel != NO_STACK && user != NO_STACK;
+    // User stacks only: the kernel's at one place differ in return addresses within the same
+    // functions from one interval to the next (Go's sysmon: two ids over one symbolized
+    // stack, one interval in twelve), and a repeat keeps the last one walked.
+    let same_stacks = user == thread.walked_user_stack_id;
+    if same_place && walked && !same_stacks {
+        thread.repeats_left = NEVER_REPEAT;
+    } else if same_place && walked {
+        thread.repeats_left = REWALK_EVERY - 1;
+    } else {
+        thread.repeats_left = 0;
+        thread.walked_at = if walked { place } else { 0 };
+    }
+    thread.walked_kernel_stack_id = kernel;
+    thread.walked_user_stack_id = user;
+    (kernel, user, false)
+}
+
+/// Where the current thread blocked, as a hash of its user instruction and stack pointers at
+/// the system call it blocked in, the call's number and the wait state; 0 when unreadable.
+#[inline(always)]
+fn blocked_at(cfg: &ProbeConfig, state: u32) -> u64 {
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) };
+    if regs == 0 {
+        return 0;
+    }
+    let regs = Typed(regs as *const u8);
+    let o = &cfg.offsets;
+    let (ip, sp, syscall) = (
+        regs.read::<u64>(o.regs_ip),
+        regs.read::<u64>(o.regs_sp),
+        regs.read::<u64>(o.regs_orig_ax),
+    );
+    (ip.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ sp.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+        ^ (syscall << 8 | state as u64).wrapping_mul(0x1656_67b1_9e37_79f9))
+        | 1
 }
 
 /// `offcpu_sampled_below_ms` says the interval is not reported.

@@ -489,6 +489,9 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets, ProbeError> {
         sk_v6_rcv_saddr: sock("skc_v6_rcv_saddr")?,
         sk_v6_daddr: sock("skc_v6_daddr")?,
         sk_hash: sock("skc_hash")?,
+        regs_ip: btf.member_offset("pt_regs", "ip")?,
+        regs_sp: btf.member_offset("pt_regs", "sp")?,
+        regs_orig_ax: btf.member_offset("pt_regs", "orig_ax")?,
     })
 }
 

@@ -114,6 +114,7 @@ fn read_counters(ebpf: &Ebpf) -> Result<KernelCounters, ProbeError> {
         stacks_missing: sum(Counter::StackMissing),
         state_map_full: sum(Counter::StateMapFull),
         requests_untimed: sum(Counter::RequestsUntimed),
+        stacks_repeated: sum(Counter::StacksRepeated),
         timings_recorded: 0,
         timings_overwritten: 0,
         timings_lost_before_ns: None,
@@ -498,6 +499,8 @@ impl LiveSession {
     /// Forgets the stacks that no `live` id (of an event still held) refers to; returns how
     /// many.
     pub fn prune_stacks(&mut self, live: impl Iterator<Item = u32>) -> usize {
+        self.stacks
+            .retain_threads(&target::thread_ids(self.pid).into_iter().collect());
         self.stacks.prune(live)
     }
 

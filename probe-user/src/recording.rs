@@ -32,6 +32,10 @@ pub struct KernelCounters {
     /// Requests not timed because another connection took their socket's slot.
     #[serde(default)]
     pub requests_untimed: u64,
+    /// Off-CPU intervals whose stacks were not walked but repeat the thread's last walked ones
+    /// (`FLAG_STACKS_REPEATED`).
+    #[serde(default)]
+    pub stacks_repeated: u64,
     /// Request latencies and run-queue waits written to the kernel's timing rings (not in
     /// `events_sent`, which counts the ring buffer's events).
     #[serde(default)]
@@ -60,8 +64,12 @@ impl KernelCounters {
     /// How the totals split, for the end of a summary line.
     pub fn breakdown(&self) -> String {
         format!(
-            "ring buffer: {} sent, {} lost to it full; timing rings: {} written, {} overwritten unread",
-            self.events_sent, self.ring_buffer_full, self.timings_recorded, self.timings_overwritten
+            "ring buffer: {} sent, {} lost to it full; timing rings: {} written, {} overwritten unread; {} off-CPU stacks repeated, not walked",
+            self.events_sent,
+            self.ring_buffer_full,
+            self.timings_recorded,
+            self.timings_overwritten,
+            self.stacks_repeated
         )
     }
 }

@@ -13,11 +13,15 @@
 //! only the kernel address it interrupted (`ProbeConfig::kernel_stack_max_period_ns`), which
 //! becomes the stack `[address, KERNEL_NOT_WALKED]`, so every reader downstream sees a kernel
 //! stack like any other, with a root frame that says what is missing.
+//!
+//! And it fills in the stacks of off-CPU intervals the kernel reported as repeats
+//! (`FLAG_STACKS_REPEATED`): the thread blocked where its last walked interval did, so they are
+//! that interval's stacks, which the store keeps for each thread.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use probe_common::{EventKind, RawEvent, NO_STACK};
+use probe_common::{EventKind, RawEvent, FLAG_STACKS_REPEATED, NO_STACK};
 
 use crate::events::stack_id;
 
@@ -42,8 +46,12 @@ pub struct StackStore {
     just_released: HashMap<u32, u32>,
     /// Releases done so far; stamps when a kernel id was last named.
     releases: u64,
-    /// Stack ids an event named that the kernel no longer held: those stacks are lost.
+    /// Stack ids an event named that the kernel no longer held, and repeated off-CPU intervals
+    /// with no walked interval to repeat: those stacks are lost.
     pub unreadable: u64,
+    /// Each thread's last walked off-CPU stacks (the store's ids, kernel and user), which the
+    /// kernel's repeats of it stand for.
+    last_walked: HashMap<u32, (i32, i32)>,
 }
 
 struct Copied {
@@ -63,12 +71,41 @@ impl StackStore {
     ) {
         event.kernel_stack_id = self.adopt_id(event.kernel_stack_id, &mut read_kernel);
         event.user_stack_id = self.adopt_id(event.user_stack_id, &mut read_kernel);
+        if event.kind == EventKind::OffCpu as u32 {
+            self.fill_in_repeat(event);
+        }
         if event.kind == EventKind::OnCpuSample as u32 && event.wait_ns != 0 {
             if event.kernel_stack_id == NO_STACK {
                 event.kernel_stack_id = self.intern(vec![event.wait_ns, KERNEL_NOT_WALKED]) as i32;
             }
             event.wait_ns = 0;
         }
+    }
+
+    /// Gives a repeated off-CPU interval its thread's last walked stacks, or remembers a walked
+    /// interval's. The flag stays: readers may tell repeats from walks.
+    fn fill_in_repeat(&mut self, event: &mut RawEvent) {
+        if event.flags & FLAG_STACKS_REPEATED != 0 {
+            match self.last_walked.get(&event.tid) {
+                Some(&(kernel, user)) => {
+                    event.kernel_stack_id = kernel;
+                    event.user_stack_id = user;
+                }
+                None => self.unreadable += 1,
+            }
+        } else if event.kernel_stack_id != NO_STACK && event.user_stack_id != NO_STACK {
+            self.last_walked
+                .insert(event.tid, (event.kernel_stack_id, event.user_stack_id));
+        } else {
+            // The kernel repeats only walks that gave both stacks; one lost here must not be
+            // stood in for by an older one.
+            self.last_walked.remove(&event.tid);
+        }
+    }
+
+    /// Forgets the last walked stacks of threads not in `live`: they have exited.
+    pub fn retain_threads(&mut self, live: &BTreeSet<u32>) {
+        self.last_walked.retain(|tid, _| live.contains(tid));
     }
 
     fn adopt_id(
@@ -153,6 +190,9 @@ impl StackStore {
         let mut referenced: BTreeSet<u32> = self.copied.values().map(|c| c.id).collect();
         referenced.extend(self.just_released.values());
         referenced.extend(live);
+        for &(kernel, user) in self.last_walked.values() {
+            referenced.extend([kernel as u32, user as u32]);
+        }
         let before = self.frames.len();
         self.frames.retain(|id, _| referenced.contains(id));
         self.ids.retain(|_, id| referenced.contains(id));
@@ -221,6 +261,62 @@ mod tests {
             (off_cpu.kernel_stack_id, off_cpu.wait_ns),
             (NO_STACK, 5_000)
         );
+    }
+
+    fn off_cpu(tid: u32, kernel: i32, user: i32, repeated: bool) -> RawEvent {
+        let mut e = event(kernel, user);
+        e.kind = EventKind::OffCpu as u32;
+        e.tid = tid;
+        e.flags = if repeated { FLAG_STACKS_REPEATED } else { 0 };
+        e
+    }
+
+    #[test]
+    fn a_repeated_off_cpu_interval_gets_its_threads_last_walked_stacks() {
+        let mut store = StackStore::default();
+        let read = |id: u32| Some(vec![0x1000 + id as u64]);
+        let mut walked = off_cpu(10, 1, 2, false);
+        let mut other_thread = off_cpu(11, 3, 4, false);
+        store.adopt(&mut walked, read);
+        store.adopt(&mut other_thread, read);
+        let mut repeat = off_cpu(10, NO_STACK, NO_STACK, true);
+        store.adopt(&mut repeat, read);
+        assert_eq!(
+            (repeat.kernel_stack_id, repeat.user_stack_id),
+            (walked.kernel_stack_id, walked.user_stack_id)
+        );
+        assert_ne!(repeat.user_stack_id, other_thread.user_stack_id);
+        assert_eq!(
+            repeat.flags, FLAG_STACKS_REPEATED,
+            "the flag stays for readers"
+        );
+        // Pruning keeps what the thread's next repeat will name, though no event holds it.
+        store.prune(std::iter::empty());
+        assert!(store.frames(repeat.user_stack_id as u32).is_some());
+        assert_eq!(store.unreadable, 0);
+    }
+
+    #[test]
+    fn a_repeat_with_no_walk_to_repeat_has_no_stacks_and_counts_as_lost() {
+        let mut store = StackStore::default();
+        let read = |id: u32| Some(vec![0x1000 + id as u64]);
+        let mut never_walked = off_cpu(10, NO_STACK, NO_STACK, true);
+        store.adopt(&mut never_walked, read);
+        assert_eq!(never_walked.user_stack_id, NO_STACK);
+        assert_eq!(store.unreadable, 1);
+        // A walk whose user stack was lost is not stood in for by the walk before it.
+        store.adopt(&mut off_cpu(10, 1, 2, false), read);
+        store.adopt(&mut off_cpu(10, 1, NO_STACK, false), read);
+        let mut repeat = off_cpu(10, NO_STACK, NO_STACK, true);
+        store.adopt(&mut repeat, read);
+        assert_eq!(repeat.user_stack_id, NO_STACK);
+        assert_eq!(store.unreadable, 2);
+        // Nor is an exited thread's.
+        store.adopt(&mut off_cpu(12, 1, 2, false), read);
+        store.retain_threads(&BTreeSet::from([10]));
+        let mut reused_tid = off_cpu(12, NO_STACK, NO_STACK, true);
+        store.adopt(&mut reused_tid, read);
+        assert_eq!(reused_tid.user_stack_id, NO_STACK);
     }
 
     fn event(kernel: i32, user: i32) -> RawEvent {

@@ -62,6 +62,16 @@ fn sleeping_thread_yields_20ms_offcpu_intervals_in_stall_here() {
     let sleeper = target(&["sleeper", "--stall-ms", "20", "--duration", "20"]);
     let recording = record_for(settings(sleeper.pid()), Duration::from_secs(2));
     assert_sleeps_in_stall_here(&recording);
+    // The thread blocks at one place, so after two walks there most intervals repeat the last
+    // walk's stacks instead of walking; the agent fills them in, and they name stall_here
+    // (the check above counts only intervals that do: at least 50 of ~95).
+    let in_stall_here = offcpu_durations_in(&recording, "stall_here").len() as u64;
+    let repeated = recording.meta.counters.stacks_repeated;
+    eprintln!("{repeated} of {in_stall_here} intervals in stall_here repeated a walk's stacks");
+    assert!(
+        repeated * 2 >= in_stall_here,
+        "{repeated} repeats of {in_stall_here} intervals"
+    );
 
     // The kernel side of the same stack: the thread blocked in nanosleep.
     let kernel_frames: Vec<String> = recording
