@@ -499,8 +499,6 @@ impl LiveSession {
     /// Forgets the stacks that no `live` id (of an event still held) refers to; returns how
     /// many.
     pub fn prune_stacks(&mut self, live: impl Iterator<Item = u32>) -> usize {
-        self.stacks
-            .retain_threads(&target::thread_ids(self.pid).into_iter().collect());
         self.stacks.prune(live)
     }
 
@@ -519,7 +517,9 @@ impl LiveSession {
         if !target::is_alive(self.pid) {
             return false;
         }
-        self.threads.extend(target::thread_names(self.pid));
+        let live = target::thread_names(self.pid);
+        self.stacks.retain_threads(|tid| live.contains_key(&tid));
+        self.threads.extend(live);
         merge_maps(&mut self.maps, target::executable_maps(self.pid));
         let now = monotonic_ns();
         if now.saturating_sub(self.target_reread_ns) >= TARGET_REREAD_NS {

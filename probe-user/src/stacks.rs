@@ -103,9 +103,9 @@ impl StackStore {
         }
     }
 
-    /// Forgets the last walked stacks of threads not in `live`: they have exited.
-    pub fn retain_threads(&mut self, live: &BTreeSet<u32>) {
-        self.last_walked.retain(|tid, _| live.contains(tid));
+    /// Forgets the last walked stacks of threads that are not `live`: they have exited.
+    pub fn retain_threads(&mut self, live: impl Fn(u32) -> bool) {
+        self.last_walked.retain(|&tid, _| live(tid));
     }
 
     fn adopt_id(
@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(store.unreadable, 2);
         // Nor is an exited thread's.
         store.adopt(&mut off_cpu(12, 1, 2, false), read);
-        store.retain_threads(&BTreeSet::from([10]));
+        store.retain_threads(|tid| tid == 10);
         let mut reused_tid = off_cpu(12, NO_STACK, NO_STACK, true);
         store.adopt(&mut reused_tid, read);
         assert_eq!(reused_tid.user_stack_id, NO_STACK);
