@@ -263,6 +263,9 @@ pub struct KernelOffsets {
     /// `struct tcp_sock.rack.mstamp`: when (µs, monotonic clock) the most recently sent of the
     /// segments the peer has acknowledged was sent.
     pub tcp_rack_mstamp: u32,
+    /// `struct tcp_sock.tcp_clock_cache`: the monotonic clock (ns) as TCP read it when it began
+    /// on the segment in hand (`tcp_mstamp_refresh`); 0 where the kernel has no such field.
+    pub tcp_clock_cache: u32,
     /// `struct sk_buff.data`: on TCP receive, points at the TCP header.
     pub skb_data: u32,
     /// `struct sock_common` members (at the start of every `struct sock`).

@@ -479,6 +479,10 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets, ProbeError> {
         tcp_snd_una: btf.member_offset("tcp_sock", "snd_una")?,
         tcp_rack_mstamp: btf.member_offset("tcp_sock", "rack")?
             + btf.member_offset("tcp_rack", "mstamp")?,
+        // Since 4.20; older kernels leave the programs reading the clock themselves.
+        tcp_clock_cache: btf
+            .member_offset("tcp_sock", "tcp_clock_cache")
+            .unwrap_or(0),
         skb_data: btf.member_offset("sk_buff", "data")?,
         sk_family: sock("skc_family")?,
         sk_state: sock("skc_state")?,
