@@ -1032,3 +1032,18 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_kernel_has_every_offset_the_programs_read() {
+        let btf = KernelBtf::from_sys_fs().expect("this machine has /sys/kernel/btf/vmlinux");
+        let offsets = kernel_offsets(&btf).expect("every required member is in this kernel's BTF");
+        // Optional, and 0 only makes the programs read the clock themselves: a slowdown on
+        // every request that nothing else would notice.
+        assert_ne!(offsets.tcp_clock_cache, 0);
+        assert_ne!(offsets.tcp_clock_cache, offsets.tcp_rack_mstamp);
+    }
+}
