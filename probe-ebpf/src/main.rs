@@ -509,18 +509,23 @@ fn offcpu_stacks<C: EbpfContext>(
     thread: &mut ThreadState,
     state: u32,
 ) -> (i32, i32, bool) {
+    if thread.repeats_left == NEVER_REPEAT {
+        // Where it blocked no longer matters: not worth the registers' reads.
+        return (
+            stack_id(ctx, 0),
+            stack_id(ctx, BPF_F_USER_STACK as u64),
+            false,
+        );
+    }
     let place = blocked_at(cfg, state);
     let same_place = place != 0 && place == thread.walked_at;
-    if same_place && thread.repeats_left != NEVER_REPEAT && thread.repeats_left > 0 {
+    if same_place && thread.repeats_left > 0 {
         thread.repeats_left -= 1;
         count(Counter::StacksRepeated);
         return (NO_STACK, NO_STACK, true);
     }
     let kernel = stack_id(ctx, 0);
     let user = stack_id(ctx, BPF_F_USER_STACK as u64);
-    if thread.repeats_left == NEVER_REPEAT {
-        return (kernel, user, false);
-    }
     let walked = kernel != NO_STACK && user != NO_STACK;
     // User stacks only: the kernel's at one place differ in return addresses within the same
     // functions from one interval to the next (Go's sysmon: two ids over one symbolized
