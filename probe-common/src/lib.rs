@@ -248,6 +248,35 @@ pub const fn port_bit(port: u16) -> (u32, u64) {
     (port as u32 / 64, 1 << (port % 64))
 }
 
+/// The kernel's state of one connection to the target, in its `SOCKETS` array: which request
+/// is waiting on it and since when. Connections are spread over the slots by the kernel's hash
+/// of the connection; two can share a slot, and the later arrival takes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketState {
+    /// The `struct sock` this slot belongs to; 0 when free.
+    pub sk: u64,
+    /// When the bytes of the request now `WAITING` first arrived.
+    pub arrived_ns: u64,
+    /// One of [`IDLE`], [`WAITING`], [`ANSWERED`].
+    pub stage: u32,
+    /// Once `ANSWERED`: the sequence number the peer must acknowledge for the response to be
+    /// delivered.
+    pub response_end_seq: u32,
+    /// While `WAITING`: the server's `write_seq` when the request arrived (the end of all it had
+    /// queued before). Once the peer has acknowledged data past it, the server has answered.
+    pub request_write_seq: u32,
+    pub _pad: u32,
+}
+
+// Request stages. Slots are updated in place and freed when the socket closes.
+pub const IDLE: u32 = 0;
+pub const WAITING: u32 = 1;
+pub const ANSWERED: u32 = 2;
+
+pub const SOCKET_SLOT_BITS: u32 = 16;
+pub const SOCKET_SLOTS: u32 = 1 << SOCKET_SLOT_BITS;
+
 /// Offsets into kernel structs, resolved by the agent from the running kernel's BTF and
 /// passed to the programs as a global, because aya-ebpf has no CO-RE relocations.
 #[repr(C)]
@@ -370,6 +399,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::RawEvent {}
     unsafe impl aya::Pod for super::ThreadState {}
+    unsafe impl aya::Pod for super::SocketState {}
 }
 
 #[cfg(test)]

@@ -34,10 +34,10 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use probe_common::{
     latency_bucket, port_bit, thread_slots, Counter, EventKind, LatencySlice, ProbeConfig,
-    RawEvent, ThreadState, TimingHead, TimingRecord, COUNTER_SLOTS, FLAG_PREEMPTED,
-    FLAG_STACKS_REPEATED, GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD,
-    GO_STOP_THE_WORLD, LATENCY_BUCKETS, LATENCY_SLICES_PER_CPU, NEVER_REPEAT, NO_STACK,
-    PORT_BITMAP_WORDS, THREAD_SLOTS,
+    RawEvent, SocketState, ThreadState, TimingHead, TimingRecord, ANSWERED, COUNTER_SLOTS,
+    FLAG_PREEMPTED, FLAG_STACKS_REPEATED, GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD,
+    GO_STOP_THE_WORLD, IDLE, LATENCY_BUCKETS, LATENCY_SLICES_PER_CPU, NEVER_REPEAT, NO_STACK,
+    PORT_BITMAP_WORDS, SOCKET_SLOTS, SOCKET_SLOT_BITS, THREAD_SLOTS, WAITING,
 };
 
 #[no_mangle]
@@ -133,37 +133,11 @@ static TARGET_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
 #[map]
 static SOCKETS: Array<SocketState> = Array::with_max_entries(SOCKET_SLOTS, 0);
 
-const SOCKET_SLOT_BITS: u32 = 16;
-const SOCKET_SLOTS: u32 = 1 << SOCKET_SLOT_BITS;
-
 /// Sockets the target connected (or sent on, while the write hook is attached) that are not on
 /// its listening ports: its own outbound connections (databases, upstream services). Kept only
 /// so that their retransmits are attributed; their traffic is not request latency.
 #[map]
 static OUTBOUND: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SocketState {
-    /// The `struct sock` this slot belongs to; 0 when free.
-    sk: u64,
-    /// When the bytes of the request now `WAITING` first arrived.
-    arrived_ns: u64,
-    /// One of `IDLE`, `WAITING`, `ANSWERED`.
-    stage: u32,
-    /// Once `ANSWERED`: the sequence number the peer must acknowledge for the response to be
-    /// delivered.
-    response_end_seq: u32,
-    /// While `WAITING`: the server's `write_seq` when the request arrived (the end of all it had
-    /// queued before). Once the peer has acknowledged data past it, the server has answered.
-    request_write_seq: u32,
-    _pad: u32,
-}
-
-// Request stages. Slots are updated in place and freed when the socket closes.
-const IDLE: u32 = 0;
-const WAITING: u32 = 1;
-const ANSWERED: u32 = 2;
 
 const NEW_THREAD: ThreadState = ThreadState {
     runnable_since: 0,
@@ -184,6 +158,7 @@ const TASK_DEAD: u32 = 0x80;
 const AF_INET6: u16 = 10;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: u8 = 10;
 const AF_INET: u16 = 2;
 
 #[inline(always)]
@@ -937,6 +912,12 @@ fn on_data_ready(sk: impl KernelPtr) {
         return;
     };
     if socket.sk != sk.addr() {
+        // A listener's sk_data_ready runs once per connection it queues for accept. It carries
+        // no request, and taking the slot would leave a connection's waiting request untimed.
+        // Checked only here, where a socket takes a slot, to keep the load off every arrival.
+        if sk.read::<u8>(config().offsets.sk_state) == TCP_LISTEN {
+            return;
+        }
         // First arrival since attach on this connection, or the slot's other connection had it.
         if socket.sk != 0 && socket.stage != IDLE {
             count(Counter::RequestsUntimed);

@@ -271,3 +271,42 @@ fn requests_ended_at_the_write_or_by_the_acknowledgement_measure_the_same() {
          by the acknowledgement"
     );
 }
+
+#[test]
+fn a_listener_takes_no_request_slot_from_the_connections_it_accepts() {
+    // The listening socket's sk_data_ready runs once for every connection it queues for
+    // accept. It carries no request: had it taken a slot, it would sit there as a request
+    // waiting forever, and evict a connection's waiting request whenever the two share one.
+    let _serial = serial();
+    let server = target(&["server", "--duration", "20", "--response-bytes", "64"]);
+    let port = server.port.unwrap();
+    let probes = p99probe::attach::attach(&settings(server.pid())).unwrap();
+    let slots = |what: fn(&probe_common::SocketState) -> bool| {
+        let sockets: aya::maps::Array<_, probe_common::SocketState> =
+            aya::maps::Array::try_from(probes.ebpf.map("SOCKETS").unwrap()).unwrap();
+        sockets.iter().filter(|s| what(s.as_ref().unwrap())).count()
+    };
+
+    let mut connections: Vec<std::net::TcpStream> = (0..32)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let waiting = slots(|s| s.stage == probe_common::WAITING);
+    assert_eq!(waiting, 0, "32 connections accepted, none has sent a byte");
+    assert_eq!(slots(|s| s.sk != 0), 0, "slots taken before any request");
+
+    // The same map does show a connection once it has carried a request.
+    use std::io::{BufRead, Write};
+    let connection = &mut connections[0];
+    connection.write_all(b"ping\n").unwrap();
+    let mut reply = String::new();
+    std::io::BufReader::new(connection.try_clone().unwrap())
+        .read_line(&mut reply)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        slots(|s| s.sk != 0),
+        1,
+        "one connection has carried a request"
+    );
+}
