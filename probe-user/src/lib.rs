@@ -22,6 +22,7 @@ pub mod monitor;
 pub mod offcpu_sampling;
 pub mod output;
 pub mod own_cost;
+pub mod perf_map;
 pub mod pprof;
 pub mod recorder;
 pub mod recording;

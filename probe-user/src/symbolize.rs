@@ -1,7 +1,8 @@
 //! Addresses → function names, with blazesym: kernel addresses through /proc/kallsyms, user
 //! addresses through the target's ELF files (symbols, DWARF, inlined functions, Rust/C++
 //! demangling). User addresses are converted to file offsets with the memory maps saved at
-//! record time, so symbolization still works after the target has exited.
+//! record time, so symbolization still works after the target has exited. Code with no file
+//! behind it is named from the target's perf map, where a JIT wrote one (see `perf_map`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -13,6 +14,7 @@ use blazesym::symbolize::{
 use blazesym::MaybeDefault;
 use serde::{Deserialize, Serialize};
 
+use crate::perf_map::PerfMap;
 use crate::stacks::KERNEL_NOT_WALKED;
 use crate::target::MemoryMap;
 
@@ -173,13 +175,23 @@ fn symbolize_user(
 ) {
     // Group by mapping so each file is opened once.
     let mut by_map: HashMap<usize, Vec<u64>> = HashMap::new();
+    let mut unmapped = Vec::new();
     for &addr in addrs {
         match maps.iter().position(|m| m.contains(addr)) {
             Some(i) => by_map.entry(i).or_default().push(addr),
-            None => {
-                table.frames.insert(addr, vec!["[unknown]".into()]);
-            }
+            None => unmapped.push(addr),
         }
+    }
+    // Code with no file behind it: a JIT's, named in its perf map if it writes one.
+    let perf_map = match unmapped.is_empty() {
+        true => None,
+        false => PerfMap::of_process(pid),
+    };
+    for addr in unmapped {
+        let name = perf_map.as_ref().and_then(|map| map.name_at(addr));
+        table
+            .frames
+            .insert(addr, vec![name.unwrap_or("[unknown]").to_string()]);
     }
     for (index, addrs) in by_map {
         let map = &maps[index];

@@ -24,6 +24,9 @@ modes:
                                      it is created that long after the ready line
   worker    [--cpu N]                bursts of CPU work (work_burst) with 1 ms sleeps, pinned
   hog       [--cpu N]                pure CPU hog, pinned
+  jit                                a thread that spins in machine code it generated at run time
+                                     (no file behind it), named in /tmp/perf-PID.map as a JIT
+                                     (Java, Node, .NET) names its code for profilers
   duty      [--cpu N] [--busy-us 1000] [--period-us 50000]
                                      spins BUSY µs every PERIOD µs, pinned: a neighbour that
                                      uses a known share of a CPU (a benchmark calibration)
@@ -220,6 +223,86 @@ fn spinner(opts: &Opts, until: Instant) {
         ready("");
     }
     handle.join().unwrap();
+}
+
+/// What `jit` generates, x86-64: a loop counting `rcx` down from 2^20 inside a frame of its
+/// own (`push rbp; mov rbp, rsp`), so frame-pointer unwinding continues into its caller as it
+/// does through a JIT's code built for profiling (Java's `-XX:+PreserveFramePointer`).
+#[cfg(target_arch = "x86_64")]
+const GENERATED_SPIN: [u8; 21] = [
+    0x55, // push rbp
+    0x48, 0x89, 0xe5, // mov rbp, rsp
+    0x48, 0xb9, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, // mov rcx, 1 << 20
+    0x48, 0xff, 0xc9, // loop: dec rcx
+    0x75, 0xfb, // jnz loop
+    0x5d, // pop rbp
+    0xc3, // ret
+];
+
+/// The name `jit` gives its generated code in its perf map.
+const GENERATED_SPIN_NAME: &str = "jitted::spin_in_generated_code";
+
+#[cfg(target_arch = "x86_64")]
+fn jit(until: Instant) {
+    let code = unsafe {
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(page, libc::MAP_FAILED, "mmap");
+        std::ptr::copy_nonoverlapping(
+            GENERATED_SPIN.as_ptr(),
+            page as *mut u8,
+            GENERATED_SPIN.len(),
+        );
+        assert_eq!(
+            libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_EXEC),
+            0,
+            "mprotect"
+        );
+        page
+    };
+    // The format perf defines (tools/perf/Documentation/jit-interface.txt): START SIZE name,
+    // hex, one line per piece of code, appended as code is generated.
+    let map_path = format!("/tmp/perf-{}.map", std::process::id());
+    std::fs::write(
+        &map_path,
+        format!(
+            "{:x} {:x} {GENERATED_SPIN_NAME}\n",
+            code as usize,
+            GENERATED_SPIN.len()
+        ),
+    )
+    .unwrap();
+    let generated: extern "C" fn() = unsafe { std::mem::transmute(code) };
+    let spinner = std::thread::Builder::new()
+        .name("jit-spin".into())
+        .spawn(move || {
+            while Instant::now() < until {
+                run_generated_code(generated);
+            }
+        })
+        .unwrap();
+    ready("");
+    spinner.join().unwrap();
+    let _ = std::fs::remove_file(map_path);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn jit(_until: Instant) {
+    eprintln!("jit: generates x86-64 code only");
+    std::process::exit(2);
+}
+
+#[inline(never)]
+#[no_mangle]
+pub extern "C" fn run_generated_code(generated: extern "C" fn()) {
+    generated();
+    std::hint::black_box(());
 }
 
 fn worker(opts: &Opts, until: Instant) {
@@ -506,6 +589,7 @@ fn main() {
         "stacks" => distinct_stacks(&opts, until),
         "worker" => worker(&opts, until),
         "hog" => hog(&opts, until),
+        "jit" => jit(until),
         "duty" => duty(&opts, until),
         "server" => server(&opts, until),
         "client" => client(&opts, until),

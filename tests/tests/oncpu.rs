@@ -33,6 +33,36 @@ fn busy_loop_dominates_the_oncpu_flame_graph() {
 }
 
 #[test]
+fn code_a_jit_generated_is_named_from_the_perf_map_it_wrote() {
+    // Java, Node and .NET run generated code with no file behind it; they name it for
+    // profilers in /tmp/perf-PID.map. The target spins in code it generated, in a frame of its
+    // own, called from run_generated_code.
+    let _serial = serial();
+    let jit = target(&["jit", "--duration", "20"]);
+    let perf_map = format!("/tmp/perf-{}.map", jit.pid());
+    assert!(
+        std::path::Path::new(&perf_map).exists(),
+        "the target wrote no {perf_map}"
+    );
+    let recording = record_for(settings(jit.pid()), Duration::from_secs(2));
+    let window = Window::new(recording.meta.start_ns, recording.meta.end_ns);
+    let folded = fold(&recording, FlameKind::Oncpu, window, false);
+    let total: u64 = folded.values().sum();
+    // The leaf named from the map, and unwinding carried on through its frame to its caller.
+    let named: u64 = folded
+        .iter()
+        .filter(|(stack, _)| stack.ends_with(";run_generated_code;jitted::spin_in_generated_code"))
+        .map(|(_, weight)| weight)
+        .sum();
+    assert!(total >= 500, "only {total} on-CPU samples");
+    assert!(
+        named * 10 >= total * 8,
+        "the generated code, under its caller, is in {named} of {total} samples: {:?}",
+        folded.iter().max_by_key(|(_, weight)| **weight)
+    );
+}
+
+#[test]
 fn threads_started_after_attaching_are_sampled() {
     // Servers start threads while attached (thread pools growing, Go's Ms): their CPU time
     // must show up like that of the threads already there.
