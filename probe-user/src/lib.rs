@@ -39,4 +39,5 @@ pub mod timeline;
 pub mod timing_rings;
 pub mod trigger;
 pub mod verdict;
+pub mod wakeup;
 pub mod window;

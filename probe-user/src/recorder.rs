@@ -28,6 +28,7 @@ use crate::stacks::StackStore;
 use crate::symbolize::{symbolize_stacks, trim_tracing_frames};
 use crate::target::{self, MemoryMap};
 use crate::timing_rings::{ReadBack, RingCursors};
+use crate::wakeup::WakeupTimer;
 
 #[derive(Clone, Debug)]
 pub struct RecordOptions {
@@ -134,6 +135,8 @@ fn merge_maps(known: &mut Vec<MemoryMap>, current: Vec<MemoryMap>) {
 pub struct LiveSession {
     attached: AttachedProbes,
     ring: AsyncFd<RingBuf<MapData>>,
+    /// Ends the wait for the ring at the drain interval.
+    drain_timer: WakeupTimer,
     /// Kept open: making one reads a sysctl, and stacks are read at every drain.
     kernel_stacks: StackTraceMap<MapData>,
     pub pid: u32,
@@ -205,8 +208,11 @@ impl LiveSession {
         let ring =
             unsafe { AsyncFd::register(ring) }.map_err(|e| attach_err("EVENTS", e.to_string()))?;
         let kernel_stacks = take_kernel_map(&mut attached.ebpf, "STACKS")?;
+        let drain_timer =
+            WakeupTimer::new().map_err(|e| attach_err("the drain timer", e.to_string()))?;
         Ok(LiveSession {
             ring,
+            drain_timer,
             kernel_stacks,
             pid,
             start_ns: monotonic_ns(),
@@ -265,9 +271,14 @@ impl LiveSession {
         } else {
             DRAIN_INTERVAL
         };
-        if let Ok(guard) = tokio::time::timeout(interval, self.ring.readable_mut()).await {
-            // Cleared before the drain, so that a wakeup during it is not lost.
-            guard.map_err(|e| attach_err("EVENTS", e))?.clear_ready();
+        tokio::select! {
+            guard = self.ring.readable_mut() => {
+                // Cleared before the drain, so that a wakeup during it is not lost.
+                guard.map_err(|e| attach_err("EVENTS", e))?.clear_ready();
+            }
+            slept = self.drain_timer.sleep(interval) => {
+                slept.map_err(|e| attach_err("the drain timer", e.to_string()))?;
+            }
         }
         let (drained, served) = self.drain_into(out);
         self.last_drained = drained;
