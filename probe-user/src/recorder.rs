@@ -145,7 +145,11 @@ pub struct LiveSession {
     pub comm: String,
     exe: Option<String>,
     cmdline: Vec<String>,
+    /// Every thread seen, live or not, with its name.
     threads: BTreeMap<u32, String>,
+    /// The threads first seen at the last refresh, whose names are read once more.
+    threads_first_seen: BTreeSet<u32>,
+    liveness: target::Liveness,
     maps: Vec<MemoryMap>,
     settings: RecordSettings,
     /// Every stack the drained events name, under the store's ids.
@@ -208,6 +212,7 @@ impl LiveSession {
         let ring =
             unsafe { AsyncFd::register(ring) }.map_err(|e| attach_err("EVENTS", e.to_string()))?;
         let kernel_stacks = take_kernel_map(&mut attached.ebpf, "STACKS")?;
+        let threads = target::thread_names(pid);
         let drain_timer =
             WakeupTimer::new().map_err(|e| attach_err("the drain timer", e.to_string()))?;
         Ok(LiveSession {
@@ -223,7 +228,9 @@ impl LiveSession {
             comm: target::comm(pid),
             exe: target::exe(pid),
             cmdline: target::cmdline(pid),
-            threads: target::thread_names(pid),
+            threads: threads.clone(),
+            threads_first_seen: threads.into_keys().collect(),
+            liveness: target::Liveness::new(pid),
             maps: target::executable_maps(pid),
             settings: RecordSettings {
                 sample_hz: probe.sample_hz,
@@ -525,16 +532,28 @@ impl LiveSession {
 
     /// Re-reads threads and maps; false once the target has exited.
     pub fn refresh_target(&mut self) -> bool {
-        if !target::is_alive(self.pid) {
+        if !self.liveness.is_alive() {
             return false;
         }
-        let live = target::thread_names(self.pid);
-        self.stacks.retain_threads(|tid| live.contains_key(&tid));
-        self.threads.extend(live);
-        merge_maps(&mut self.maps, target::executable_maps(self.pid));
+        let live: BTreeSet<u32> = target::thread_ids(self.pid).into_iter().collect();
+        self.stacks.retain_threads(|tid| live.contains(&tid));
+        // Runtimes name a thread just after they create it: a name is read when the thread is
+        // first seen and once more a refresh later, not every second for every thread.
+        let first_seen: BTreeSet<u32> = live
+            .iter()
+            .copied()
+            .filter(|tid| !self.threads.contains_key(tid))
+            .collect();
+        let to_name = first_seen.union(&self.threads_first_seen).copied();
+        let named = target::names_of(self.pid, to_name.collect::<Vec<_>>());
+        self.threads.extend(named);
+        self.threads_first_seen = first_seen;
         let now = monotonic_ns();
         if now.saturating_sub(self.target_reread_ns) >= TARGET_REREAD_NS {
             self.target_reread_ns = now;
+            // A capture re-reads them too (see `recording_meta`); these are for a target that
+            // exits before its capture is taken.
+            merge_maps(&mut self.maps, target::executable_maps(self.pid));
             if let Err(e) = self.attached.mark_listening_ports() {
                 log::warn!("listening ports not re-read: {e}");
             }
@@ -600,7 +619,13 @@ impl LiveSession {
             counters: self.counters()?,
             own_cost: self.own_cost.as_ref().map(|meter| meter.cost().clone()),
             threads: self.threads.clone(),
-            maps: self.maps.clone(),
+            maps: {
+                let mut maps = self.maps.clone();
+                if !target_exited {
+                    merge_maps(&mut maps, target::executable_maps(self.pid));
+                }
+                maps
+            },
             stacks: stack_ids
                 .into_iter()
                 .filter_map(|id| Some((id, self.stacks.frames(id)?.to_vec())))
