@@ -147,7 +147,9 @@ pub struct LiveSession {
     cmdline: Vec<String>,
     /// Every thread seen, live or not, with its name.
     threads: BTreeMap<u32, String>,
-    /// The threads first seen at the last refresh, whose names are read once more.
+    /// The threads alive at the last refresh, and those of them first seen then, whose names
+    /// are read once more.
+    threads_live: BTreeSet<u32>,
     threads_first_seen: BTreeSet<u32>,
     liveness: target::Liveness,
     maps: Vec<MemoryMap>,
@@ -228,8 +230,9 @@ impl LiveSession {
             comm: target::comm(pid),
             exe: target::exe(pid),
             cmdline: target::cmdline(pid),
-            threads: threads.clone(),
-            threads_first_seen: threads.into_keys().collect(),
+            threads_live: threads.keys().copied().collect(),
+            threads_first_seen: threads.keys().copied().collect(),
+            threads,
             liveness: target::Liveness::new(pid),
             maps: target::executable_maps(pid),
             settings: RecordSettings {
@@ -538,15 +541,15 @@ impl LiveSession {
         let live: BTreeSet<u32> = target::thread_ids(self.pid).into_iter().collect();
         self.stacks.retain_threads(|tid| live.contains(&tid));
         // Runtimes name a thread just after they create it: a name is read when the thread is
-        // first seen and once more a refresh later, not every second for every thread.
-        let first_seen: BTreeSet<u32> = live
-            .iter()
+        // first seen and once more a refresh later, not every second for every thread. A thread
+        // id the kernel reuses after its thread has gone counts as first seen again.
+        let first_seen: BTreeSet<u32> = live.difference(&self.threads_live).copied().collect();
+        let to_name: Vec<u32> = first_seen
+            .union(&self.threads_first_seen)
             .copied()
-            .filter(|tid| !self.threads.contains_key(tid))
             .collect();
-        let to_name = first_seen.union(&self.threads_first_seen).copied();
-        let named = target::names_of(self.pid, to_name.collect::<Vec<_>>());
-        self.threads.extend(named);
+        self.threads.extend(target::names_of(self.pid, to_name));
+        self.threads_live = live;
         self.threads_first_seen = first_seen;
         let now = monotonic_ns();
         if now.saturating_sub(self.target_reread_ns) >= TARGET_REREAD_NS {

@@ -77,6 +77,16 @@ fn threads_started_after_attaching_are_sampled() {
         spinning >= 500,
         "only {spinning} samples in spin_here from a thread started after attaching"
     );
+    // And the agent, which reads only new threads' names, named it.
+    assert!(
+        recording
+            .meta
+            .threads
+            .values()
+            .any(|name| name == "spin-loop"),
+        "threads named: {:?}",
+        recording.meta.threads
+    );
 }
 
 #[test]
