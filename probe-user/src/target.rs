@@ -232,7 +232,15 @@ mod tests {
             .args(["-c", "0", "sleep", "5"])
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        // taskset sets the affinity, then becomes sleep.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while comm(pinned.id()) != "sleep" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "taskset never ran sleep"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let cpus = allowed_cpus(pinned.id());
         pinned.kill().unwrap();
         pinned.wait().unwrap();
@@ -246,7 +254,10 @@ mod tests {
             .spawn()
             .unwrap();
         let liveness = Liveness::new(child.id());
-        assert!(liveness.pidfd.is_some(), "pidfd_open failed on Linux ≥ 5.3");
+        assert!(
+            liveness.pidfd.is_some(),
+            "pidfd_open failed (Linux has it from 5.3)"
+        );
         assert!(liveness.is_alive());
         // Exited and not yet waited for: a zombie, whose /proc entry is still there.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
