@@ -99,15 +99,25 @@ fn the_agents_programs_are_timed_over_the_spans_and_only_them() {
     let cost = recording.meta.own_cost.clone().expect("own cost measured");
     let recorded = served_in(&recording);
     eprintln!("one span: {cost:?}; {recorded} requests recorded");
-    assert_eq!(cost.spans, 1);
+    // The first span starts anywhere in the first 9 s and the next 10 s after it: when the
+    // first started in the first second (one run in nine), the next starts before the 11 s are
+    // up, and their end cuts it short.
+    match cost.spans {
+        1 => assert!(
+            (SPAN_NS..SPAN_NS + 400_000_000).contains(&cost.measured_ns),
+            "{} ns measured in one span",
+            cost.measured_ns
+        ),
+        2 => assert!(
+            (SPAN_NS..2 * SPAN_NS).contains(&cost.measured_ns),
+            "{} ns measured in two spans, the second cut short by the end",
+            cost.measured_ns
+        ),
+        spans => panic!("{spans} spans in 11 s, one every 10 s"),
+    }
     assert!(
-        (SPAN_NS..SPAN_NS + 400_000_000).contains(&cost.measured_ns),
-        "{} ns measured",
-        cost.measured_ns
-    );
-    assert!(
-        cost.requests_served * 5 < recorded,
-        "{} requests counted in a 1 s span of an 11 s recording of {recorded}",
+        cost.requests_served * 4 < recorded,
+        "{} requests counted in at most 2 s of spans in an 11 s recording of {recorded}",
         cost.requests_served
     );
     assert!(program(&cost, "sk_data_ready").runs >= cost.requests_served);
