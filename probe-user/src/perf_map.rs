@@ -62,10 +62,6 @@ impl PerfMap {
         let (_, (end, name)) = self.code.range(..=addr).next_back()?;
         (addr < *end).then_some(name.as_str())
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.code.is_empty()
-    }
 }
 
 fn hex(field: &str) -> Option<u64> {

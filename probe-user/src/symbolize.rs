@@ -183,9 +183,10 @@ fn symbolize_user(
         }
     }
     // Code with no file behind it: a JIT's, named in its perf map if it writes one.
-    let perf_map = match unmapped.is_empty() {
-        true => None,
-        false => PerfMap::of_process(pid),
+    let perf_map = if unmapped.is_empty() {
+        None
+    } else {
+        PerfMap::of_process(pid)
     };
     for addr in unmapped {
         let name = perf_map.as_ref().and_then(|map| map.name_at(addr));
