@@ -102,23 +102,32 @@ fn the_agents_programs_are_timed_over_the_spans_and_only_them() {
     // The first span starts anywhere in the first 9 s and the next 10 s after it: when the
     // first started in the first second (one run in nine), the next starts before the 11 s are
     // up, and their end cuts it short.
-    match cost.spans {
-        1 => assert!(
-            (SPAN_NS..SPAN_NS + 400_000_000).contains(&cost.measured_ns),
-            "{} ns measured in one span",
-            cost.measured_ns
-        ),
-        2 => assert!(
-            (SPAN_NS..2 * SPAN_NS).contains(&cost.measured_ns),
-            "{} ns measured in two spans, the second cut short by the end",
-            cost.measured_ns
-        ),
+    // Requests counted in the spans: at most what their length holds, a fifth of the 11 s for
+    // one span, a quarter for two (the second cut short).
+    let span_share = match cost.spans {
+        1 => {
+            assert!(
+                (SPAN_NS..SPAN_NS + 400_000_000).contains(&cost.measured_ns),
+                "{} ns measured in one span",
+                cost.measured_ns
+            );
+            5
+        }
+        2 => {
+            assert!(
+                (SPAN_NS..2 * SPAN_NS).contains(&cost.measured_ns),
+                "{} ns measured in two spans, the second cut short by the end",
+                cost.measured_ns
+            );
+            4
+        }
         spans => panic!("{spans} spans in 11 s, one every 10 s"),
-    }
+    };
     assert!(
-        cost.requests_served * 4 < recorded,
-        "{} requests counted in at most 2 s of spans in an 11 s recording of {recorded}",
-        cost.requests_served
+        cost.requests_served * span_share < recorded,
+        "{} requests counted in {} span(s) of an 11 s recording of {recorded}",
+        cost.requests_served,
+        cost.spans
     );
     assert!(program(&cost, "sk_data_ready").runs >= cost.requests_served);
 
