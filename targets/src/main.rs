@@ -492,6 +492,9 @@ fn roundtrips(via: &str, report_phases: bool, until: Instant) {
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
+    // Kept open for the whole run: a connection counts as a server's (its requests timed)
+    // only while its port is one the process listens on.
+    let mut listening = None;
     // The two ends: (ours to write, ours to read) and the echo thread's (read, write).
     let (ours, theirs): ((OwnedFd, OwnedFd), (OwnedFd, OwnedFd)) = match via {
         "pipe" => {
@@ -509,6 +512,7 @@ fn roundtrips(via: &str, report_phases: bool, until: Instant) {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
             let client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
             let (server, _) = listener.accept().expect("accept");
+            listening = Some(listener);
             for stream in [&client, &server] {
                 stream.set_nodelay(true).expect("TCP_NODELAY");
             }
@@ -561,6 +565,7 @@ fn roundtrips(via: &str, report_phases: bool, until: Instant) {
         done.fetch_add(256, Ordering::Relaxed);
     }
     println!("rounds {}", done.load(Ordering::Relaxed));
+    drop(listening);
 }
 
 fn syscall_storm(until: Instant) {

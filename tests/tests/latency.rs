@@ -310,3 +310,21 @@ fn a_listener_takes_no_request_slot_from_the_connections_it_accepts() {
         "one connection has carried a request"
     );
 }
+
+#[test]
+fn the_round_trip_targets_tcp_exchanges_are_timed_as_requests() {
+    // The cost-per-event benchmark prices a request by this target's TCP round trips. Each
+    // is a request only while the port its server end is on is one the target listens on.
+    let _serial = serial();
+    let target = target(&["roundtrips", "--via", "tcp", "--duration", "10"]);
+    let recording = record_for(settings(target.pid()), Duration::from_secs(2));
+    let served = recording
+        .events()
+        .filter(|e| matches!(e, Event::RequestServed { .. }))
+        .count();
+    // Tens of thousands of round trips a second on this machine, even traced.
+    assert!(
+        served >= 10_000,
+        "{served} requests timed in 2 s of round trips"
+    );
+}
