@@ -34,6 +34,9 @@ pub enum EventKind {
     /// Carries nothing to analyse.
     Synthetic = 9,
     // 10 was a ring-buffer batch of timings, before the timing rings; never in a recording.
+    /// The trigger's latency rose on `cpu` (see [`latency_rising`]): sent only to wake the
+    /// agent, which drops it; never in a recording.
+    LatencyRising = 11,
 }
 
 /// One request latency or run-queue wait, in its CPU's timing ring (the kernel's `TIMINGS`).
@@ -114,6 +117,24 @@ pub struct LatencySlice {
     /// the buckets are cleared for a new slice.
     pub slice: u64,
     pub buckets: [u32; LATENCY_BUCKETS],
+    /// Requests counted, and of those the ones at or over the agent's watch mark
+    /// (`LATENCY_WATCH`) while it had one; for [`latency_rising`].
+    pub total: u32,
+    pub over_watch_mark: u32,
+    /// 1 once this slice has woken the agent: once is enough.
+    pub woke: u32,
+    pub _pad: u32,
+}
+
+/// Requests at or over the watch mark, in one CPU's slice, before the kernel wakes the agent:
+/// a lone slow request is no trend, and the agent looks at the whole window anyway.
+pub const LATENCY_RISING_MIN: u32 = 3;
+
+/// Whether the kernel wakes the agent for a slice in which `over` of `total` requests reached
+/// the watch mark: as many as 1% of them, so that the slice's own P99 is at the mark.
+#[inline(always)]
+pub fn latency_rising(over: u32, total: u32) -> bool {
+    over >= LATENCY_RISING_MIN && over as u64 * 100 >= total as u64
 }
 
 /// `state` of a [`EventKind::GoRuntime`] event: which runtime function was entered.
@@ -134,6 +155,7 @@ impl EventKind {
             7 => Some(Self::ExternalLatency),
             8 => Some(Self::GoRuntime),
             9 => Some(Self::Synthetic),
+            11 => Some(Self::LatencyRising),
             _ => None,
         }
     }
@@ -405,6 +427,19 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_rises_when_a_hundredth_of_a_slice_reaches_the_mark_and_not_for_one_or_two() {
+        assert!(!latency_rising(1, 1), "one slow request is no trend");
+        assert!(!latency_rising(2, 2));
+        assert!(latency_rising(3, 3));
+        assert!(latency_rising(10, 1_000));
+        assert!(
+            !latency_rising(9, 1_000),
+            "under 1%: the slice's P99 is under the mark"
+        );
+        assert!(latency_rising(u32::MAX, u32::MAX), "no overflow");
+    }
 
     #[test]
     fn latency_buckets_cover_every_value_in_order_within_a_sixteenth() {

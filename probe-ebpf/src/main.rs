@@ -33,11 +33,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use probe_common::{
-    latency_bucket, port_bit, thread_slots, Counter, EventKind, LatencySlice, ProbeConfig,
-    RawEvent, SocketState, ThreadState, TimingHead, TimingRecord, ANSWERED, COUNTER_SLOTS,
-    FLAG_PREEMPTED, FLAG_STACKS_REPEATED, GO_GC_MARK_TERMINATION, GO_GC_START, GO_START_THE_WORLD,
-    GO_STOP_THE_WORLD, IDLE, LATENCY_BUCKETS, LATENCY_SLICES_PER_CPU, NEVER_REPEAT, NO_STACK,
-    PORT_BITMAP_WORDS, SOCKET_SLOTS, SOCKET_SLOT_BITS, THREAD_SLOTS, WAITING,
+    latency_bucket, latency_rising, port_bit, thread_slots, Counter, EventKind, LatencySlice,
+    ProbeConfig, RawEvent, SocketState, ThreadState, TimingHead, TimingRecord, ANSWERED,
+    COUNTER_SLOTS, FLAG_PREEMPTED, FLAG_STACKS_REPEATED, GO_GC_MARK_TERMINATION, GO_GC_START,
+    GO_START_THE_WORLD, GO_STOP_THE_WORLD, IDLE, LATENCY_BUCKETS, LATENCY_SLICES_PER_CPU,
+    NEVER_REPEAT, NO_STACK, PORT_BITMAP_WORDS, SOCKET_SLOTS, SOCKET_SLOT_BITS, THREAD_SLOTS,
+    WAITING,
 };
 
 #[no_mangle]
@@ -115,6 +116,12 @@ static THREADS: Array<ThreadState> = Array::with_max_entries(THREAD_SLOTS, BPF_F
 /// agent raises the threshold to keep the walks within a budget (`offcpu_sampling`).
 #[map]
 static OFFCPU_SAMPLING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The agent's watch mark on the trigger's latency, as a `latency_bucket`; 0: none. While the
+/// target is calm the agent drains seldom, and a slice in which requests reach the mark (half
+/// the threshold) wakes it (`latency_rising`): it wakes when latency rises, not on a timer.
+#[map]
+static LATENCY_WATCH: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Local ports the target listens on, one bit per port, set by the agent (from sock_diag) at
 /// attach and re-read while attached. Arrivals, ACKs and retransmits run in softirq or timer
@@ -205,6 +212,17 @@ const WAKEUP_AT_BYTES: u64 = 2 << 20;
 /// iterations per event), which was the largest single cost of the request hooks.
 #[inline(always)]
 fn emit(fill: impl FnOnce(&mut RawEvent)) -> bool {
+    emit_flagged(fill, false)
+}
+
+/// [`emit`], waking the agent however little the ring holds.
+#[inline(always)]
+fn emit_waking(fill: impl FnOnce(&mut RawEvent)) -> bool {
+    emit_flagged(fill, true)
+}
+
+#[inline(always)]
+fn emit_flagged(fill: impl FnOnce(&mut RawEvent), wake: bool) -> bool {
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count(Counter::RingBufferFull);
         return false;
@@ -219,7 +237,11 @@ fn emit(fill: impl FnOnce(&mut RawEvent)) -> bool {
         (*event).user_stack_id = NO_STACK;
         fill(&mut *event);
     }
-    entry.submit(wakeup_flags());
+    entry.submit(if wake {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        wakeup_flags()
+    });
     count(Counter::EventsSent);
     true
 }
@@ -848,8 +870,9 @@ fn count_latency(cpu: u32, ended_ns: u64, duration: u64) {
         return;
     }
     if held < slice {
+        // The buckets and the counts after them, as whole words.
         let words = histogram.buckets.as_mut_ptr() as *mut u64;
-        for i in 0..LATENCY_BUCKETS / 2 {
+        for i in 0..LATENCY_BUCKETS / 2 + 2 {
             unsafe { core::ptr::write_volatile(words.add(i), 0) };
         }
         unsafe { core::ptr::write_volatile(&mut histogram.slice, slice) };
@@ -857,6 +880,21 @@ fn count_latency(cpu: u32, ended_ns: u64, duration: u64) {
     let bucket = latency_bucket(duration);
     if let Some(count) = histogram.buckets.get_mut(bucket) {
         unsafe { core::ptr::write_volatile(count, core::ptr::read_volatile(count) + 1) };
+    }
+    let total = unsafe { core::ptr::read_volatile(&histogram.total) } + 1;
+    unsafe { core::ptr::write_volatile(&mut histogram.total, total) };
+    if !matches!(LATENCY_WATCH.get(0), Some(&mark) if mark != 0 && bucket as u32 >= mark) {
+        return;
+    }
+    let over = unsafe { core::ptr::read_volatile(&histogram.over_watch_mark) } + 1;
+    unsafe { core::ptr::write_volatile(&mut histogram.over_watch_mark, over) };
+    if histogram.woke == 0 && latency_rising(over, total) {
+        histogram.woke = 1;
+        emit_waking(|event| {
+            event.kind = EventKind::LatencyRising as u32;
+            event.cpu = cpu;
+            event.ts_ns = ended_ns;
+        });
     }
 }
 

@@ -296,6 +296,7 @@ fn cpus_to_sample(online: &[u32], allowed: &BTreeSet<u32>) -> Vec<u32> {
 const SAMPLING_PROGRAM: &str = "on_cpu_sample";
 
 const OFFCPU_SAMPLING: &str = "OFFCPU_SAMPLING";
+const LATENCY_WATCH: &str = "LATENCY_WATCH";
 
 impl AttachedProbes {
     /// Samples at the calm rate (`calm`) or at full rate. The events are replaced, not
@@ -364,6 +365,15 @@ impl AttachedProbes {
         threshold
             .set(0, threshold_ms, 0)
             .map_err(|e| attach_err(OFFCPU_SAMPLING, e))
+    }
+
+    /// Sets the latency bucket at or over which requests count towards waking the agent
+    /// (`probe_common::latency_rising`); 0: none do.
+    pub fn set_latency_watch(&mut self, bucket: u32) -> Result<(), ProbeError> {
+        let mut watch: Array<_, u32> = kernel_map_mut(&mut self.ebpf, LATENCY_WATCH)?;
+        watch
+            .set(0, bucket, 0)
+            .map_err(|e| attach_err(LATENCY_WATCH, e))
     }
 
     pub fn write_hook_attached(&self) -> bool {

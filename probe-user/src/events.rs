@@ -211,7 +211,7 @@ impl Event {
                 tid: raw.tid,
                 which: raw.state,
             },
-            EventKind::Synthetic => return None,
+            EventKind::Synthetic | EventKind::LatencyRising => return None,
         })
     }
 }
@@ -351,6 +351,9 @@ impl Timing {
 pub struct Drained {
     pub events: Vec<RawEvent>,
     pub timings: Vec<Timing>,
+    /// The kernel woke the agent because the trigger's latency rose
+    /// (`EventKind::LatencyRising`, whose records are dropped here).
+    pub latency_rising: bool,
 }
 
 impl Drained {
@@ -378,7 +381,10 @@ impl Drained {
 
 /// Adds the event of one ring-buffer record; a record of another shape is dropped.
 pub fn decode_ring_record(bytes: &[u8], out: &mut Drained) {
-    out.events.extend(decode_raw(bytes));
+    match decode_raw(bytes) {
+        Some(raw) if raw.kind == EventKind::LatencyRising as u32 => out.latency_rising = true,
+        raw => out.events.extend(raw),
+    }
 }
 
 #[cfg(test)]
@@ -420,6 +426,7 @@ mod tests {
                 timing(2_000, 6_000_000_000, 0, EventKind::RequestDelivered),
                 timing(3_000, 40_000, 4244, EventKind::RunQueue),
             ],
+            ..Drained::default()
         };
         let events: Vec<Event> = drained
             .raw_events()

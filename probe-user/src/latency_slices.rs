@@ -140,6 +140,10 @@ mod tests {
         let empty = LatencySlice {
             slice: 0,
             buckets: [0; LATENCY_BUCKETS],
+            total: 0,
+            over_watch_mark: 0,
+            woke: 0,
+            _pad: 0,
         };
         let memory =
             Box::leak(vec![empty; cpus * LATENCY_SLICES_PER_CPU as usize].into_boxed_slice())

@@ -627,11 +627,13 @@ pub(crate) mod tests {
                 // Another process's: kept whole.
                 timing(1_000_000_600, 7, EventKind::RunQueue),
             ],
+            ..Drained::default()
         };
         // A later drain can bring earlier events (a timing recorded at an acknowledgement).
         let second = Drained {
             events: sample.raw_events[..5].to_vec(),
             timings: vec![timing(999_000_000, 42, EventKind::RequestDelivered)],
+            ..Drained::default()
         };
         writer.append(&first).unwrap();
         writer.append(&second).unwrap();

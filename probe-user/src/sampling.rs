@@ -15,7 +15,7 @@
 pub const FULL_RATE_HOLD_NS: u64 = 5_000_000_000;
 
 /// P99 at this fraction of the threshold or more switches to full rate.
-const FULL_RATE_AT_THRESHOLD_FRACTION: f64 = 0.5;
+pub const FULL_RATE_AT_THRESHOLD_FRACTION: f64 = 0.5;
 
 /// The calm rate as a whole number of full-rate periods (so calm samples weigh a whole number
 /// of full-rate samples): `sample_hz / calm_hz`, rounded; 1 means no calm rate.

@@ -224,6 +224,77 @@ fn a_lone_request_reaches_the_live_agent_promptly() {
     });
 }
 
+/// While requests are plentiful and calm the agent drains once a second; a rise in their
+/// latency to the watch mark wakes it at once (the kernel counts the trigger's latencies), so
+/// the trigger and full-rate sampling do not wait for the next drain.
+#[test]
+fn a_rise_in_latency_wakes_the_agent_that_drains_seldom() {
+    use p99probe::attach::TriggerLatency;
+    use p99probe::recorder::{monotonic_ns, LiveSession};
+
+    let _serial = serial();
+    let inject_after_ns = 4_000_000_000;
+    let server = target(&[
+        "server",
+        "--duration",
+        "30",
+        "--response-bytes",
+        "64",
+        "--stall-every",
+        "10",
+        "--stall-ms",
+        "5",
+        "--inject-after",
+        "4",
+    ]);
+    let stalls_from = monotonic_ns() + inject_after_ns;
+    let _load = client_load(server.port.unwrap(), 4, 20);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut session = LiveSession::start(&ProbeSettings {
+            track_delivery: false,
+            trigger_latency: Some(TriggerLatency {
+                kind: probe_common::EventKind::RequestServed,
+                window_ns: 1_000_000_000,
+            }),
+            ..settings(server.pid())
+        })
+        .unwrap();
+        session.watch_latency(Some(2_000_000));
+        let mut events = p99probe::events::Drained::default();
+        let mut longest_calm_gap_ns = 0;
+        let mut last = monotonic_ns();
+        let woken_at = loop {
+            session.next_events(&mut events).await.unwrap();
+            events.clear();
+            let now = monotonic_ns();
+            if now < stalls_from {
+                longest_calm_gap_ns = longest_calm_gap_ns.max(now - last);
+            }
+            last = now;
+            if std::mem::take(&mut events.latency_rising) && now >= stalls_from {
+                break Some(now);
+            }
+            if now > stalls_from + 3_000_000_000 {
+                break None;
+            }
+        };
+        let woken_ms =
+            woken_at.expect("no rise reached the agent") / 1_000_000 - stalls_from / 1_000_000;
+        let gap_ms = longest_calm_gap_ns / 1_000_000;
+        eprintln!("drains up to {gap_ms} ms apart while calm; woken {woken_ms} ms into the stalls");
+        assert!(
+            gap_ms >= 900,
+            "busy and calm, yet drains came every {gap_ms} ms at most"
+        );
+        // A slice is 50 ms; it takes 1% of its requests at 5 ms, about the first 10% of it.
+        assert!(woken_ms < 400, "woken {woken_ms} ms into the stalls");
+    });
+}
+
 /// Both ways of ending a request measure the same interval: every 10th request sleeps 5 ms in
 /// the server, and both runs must see a tenth of their requests at 5 ms and a bit more.
 ///
