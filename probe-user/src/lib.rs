@@ -17,6 +17,7 @@ pub mod goruntime;
 pub mod histogram;
 pub mod latency;
 pub mod latency_slices;
+pub mod latency_watch;
 pub mod listeners;
 pub mod monitor;
 pub mod offcpu_sampling;

@@ -15,6 +15,7 @@ use crate::events::{external_latency, Drained};
 use crate::flight::FlightRecorder;
 use crate::histogram::human_ns;
 use crate::latency::{parse_feed_line, LatencyKind, SlidingLatency};
+use crate::latency_watch::LatencyWatch;
 use crate::offcpu_sampling;
 use crate::own_cost::OwnCost;
 use crate::recorder::{after, monotonic_ns, status_line, LiveSession};
@@ -247,19 +248,6 @@ async fn joined(
 /// How often the live P99 is compared with the threshold (and a due capture started).
 const CHECK_EVERY_NS: u64 = 100_000_000;
 
-/// The latency at which the kernel should wake the agent (`LiveSession::watch_latency`): half
-/// the threshold, where sampling goes to full rate, while P99 is under it and no capture is
-/// open. Otherwise none, and drains keep their usual intervals: they are what the trigger
-/// and the capture wait for then.
-fn latency_watch_mark(
-    threshold_ns: Option<u64>,
-    p99_ns: Option<u64>,
-    capturing: bool,
-) -> Option<u64> {
-    let mark = (threshold_ns? as f64 * crate::sampling::FULL_RATE_AT_THRESHOLD_FRACTION) as u64;
-    (!capturing && p99_ns.is_none_or(|p99| p99 < mark)).then_some(mark)
-}
-
 pub async fn attach_and_watch(
     opts: &AttachOptions,
     stop: impl Future<Output = ()>,
@@ -321,6 +309,7 @@ pub async fn attach_and_watch(
     let mut events_per_s = 0.0;
     let mut last_prune = monotonic_ns();
     let mut last_check = 0u64;
+    let mut latency_watch = LatencyWatch::default();
     let mut drops = 0u64;
     let mut timing_history_cut = 0usize;
     // For the capture in progress: see `KernelCounters::timings_lost_before_ns`.
@@ -410,7 +399,13 @@ pub async fn attach_and_watch(
                 }
                 session.drain_promptly(pending.is_some());
                 let p99 = (current.count > 0).then_some(current.p99_ns);
-                session.watch_latency(latency_watch_mark(trigger.threshold_ns(), p99, pending.is_some()));
+                session.watch_latency(latency_watch.mark(
+                    now,
+                    trigger.threshold_ns(),
+                    p99,
+                    pending.is_some(),
+                    rising,
+                ));
                 if let Some(calm) =
                     sampling.observe(now, p99, trigger.threshold_ns(), pending.is_some())
                 {
@@ -529,38 +524,4 @@ pub async fn attach_and_watch(
         offcpu_sampling_changes,
         own_cost,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_kernel_watches_for_half_the_threshold_only_while_calm() {
-        let ms = 1_000_000;
-        assert_eq!(
-            latency_watch_mark(Some(10 * ms), Some(ms), false),
-            Some(5 * ms)
-        );
-        assert_eq!(
-            latency_watch_mark(Some(10 * ms), None, false),
-            Some(5 * ms),
-            "no requests yet"
-        );
-        assert_eq!(
-            latency_watch_mark(Some(10 * ms), Some(5 * ms), false),
-            None,
-            "at the mark"
-        );
-        assert_eq!(
-            latency_watch_mark(Some(10 * ms), Some(ms), true),
-            None,
-            "capturing"
-        );
-        assert_eq!(
-            latency_watch_mark(None, Some(ms), false),
-            None,
-            "threshold not learned"
-        );
-    }
 }

@@ -233,7 +233,8 @@ fn a_rise_in_latency_wakes_the_agent_that_drains_seldom() {
     use p99probe::recorder::{monotonic_ns, LiveSession};
 
     let _serial = serial();
-    let inject_after_ns = 4_000_000_000;
+    // Time to attach and then drain a second apart at least once before the stalls.
+    let inject_after_ns = 6_000_000_000;
     let server = target(&[
         "server",
         "--duration",
@@ -245,7 +246,7 @@ fn a_rise_in_latency_wakes_the_agent_that_drains_seldom() {
         "--stall-ms",
         "5",
         "--inject-after",
-        "4",
+        "6",
     ]);
     let stalls_from = monotonic_ns() + inject_after_ns;
     let _load = client_load(server.port.unwrap(), 4, 20);
