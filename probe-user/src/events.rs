@@ -379,7 +379,8 @@ impl Drained {
     }
 }
 
-/// Adds the event of one ring-buffer record; a record of another shape is dropped.
+/// Adds the event of one ring-buffer record; a record of another shape is dropped, and one
+/// that only woke the agent (`EventKind::LatencyRising`) is noted in `latency_rising`.
 pub fn decode_ring_record(bytes: &[u8], out: &mut Drained) {
     match decode_raw(bytes) {
         Some(raw) if raw.kind == EventKind::LatencyRising as u32 => out.latency_rising = true,

@@ -2238,9 +2238,13 @@ const ROUND_TRIP_VIAS: [&str; 2] = ["pipe", "tcp"];
 
 /// The configurations measured per event: the tool, and whether it traces the round-trip
 /// target itself or a bystander (a sleeping process), for which every event is filtered out.
-const EVENT_COST_CONFIGS: [(Tool, bool); 5] = [
+/// `attach` without one hook family at a time prices each family by difference, the kernel's
+/// dispatch to its programs included (which `kernel.bpf_stats_enabled` leaves out).
+const EVENT_COST_CONFIGS: [(Tool, bool); 7] = [
     (Tool::Nothing, true),
     (Tool::P99probe, true),
+    (Tool::WithoutRequestTiming, true),
+    (Tool::WithoutScheduler, true),
     (Tool::P99probe, false),
     (Tool::Bpftrace, true),
     (Tool::BccLibbpf, true),
@@ -2364,7 +2368,7 @@ impl EventCosts {
         let mut md = String::new();
         let _ = writeln!(md, "## Cost per event
 
-Two threads of `p99probe-target roundtrips` hand a byte back and forth on CPU 0 as fast as they can; each tool runs on CPU 1, {rounds} interleaved rounds of {}-second phases, each tool phase's ns per round trip against the mean of the nothing-phases either side. As in the interleaved phases, a phase in which the hypervisor took more than {:.0}% of either CPU is left out with its neighbours, and further rounds, up to half as many again, make up for it. A round trip through pipes is two context switches and two wakeups ({:.0} ns with nothing attached); over loopback TCP (to the target's own listening port, so p99probe times it as a request) it is also a request, its response and their segments ({:.0} ns). \"On a bystander\": p99probe attached to a sleeping process, so every hook run is one that turns the event away: the floor each hook costs for other processes' events. A bystander serves no requests, so `attach` keeps its response-write hook there, which runs for every send on the machine; on the round-trip target, serving tens of thousands of requests a second, it is detached, as under the servers' loads. Unlike the kernel-cost table, this includes the kernel's dispatch to the programs and whatever they cost around them.\n", PHASE.as_secs(), STEAL_LIMIT * 100.0, self.baseline_ns[0], self.baseline_ns[1]);
+Two threads of `p99probe-target roundtrips` hand a byte back and forth on CPU 0 as fast as they can; each tool runs on CPU 1, {rounds} interleaved rounds of {}-second phases, each tool phase's ns per round trip against the mean of the nothing-phases either side. As in the interleaved phases, a phase in which the hypervisor took more than {:.0}% of either CPU is left out with its neighbours, and further rounds, up to half as many again, make up for it. A round trip through pipes is two context switches and two wakeups ({:.0} ns with nothing attached); over loopback TCP (to the target's own listening port, so p99probe times it as a request) it is also a request, its response and their segments ({:.0} ns). \"On a bystander\": p99probe attached to a sleeping process, so every hook run is one that turns the event away: the floor each hook costs for other processes' events. A bystander serves no requests, so `attach` keeps its response-write hook there, which runs for every send on the machine; on the round-trip target, serving tens of thousands of requests a second, it is detached, as under the servers' loads. The rows without request timing and without the scheduler hooks (`--bench-without`) price each family by difference from the full `attach` row. Unlike the kernel-cost table, this includes the kernel's dispatch to the programs and whatever they cost around them.\n", PHASE.as_secs(), STEAL_LIMIT * 100.0, self.baseline_ns[0], self.baseline_ns[1]);
         let _ = writeln!(md, "| configuration | pipe: ns added per round trip, mean ± 95% CI | per context switch (half) | tcp: ns added per round trip (a request), mean ± 95% CI | phases (left out for steal), pipe / tcp |");
         let _ = writeln!(md, "|---|---|---|---|---|");
         for ((tool, on_target), per_via) in EVENT_COST_CONFIGS.iter().zip(&self.added_ns) {
