@@ -2928,14 +2928,16 @@ mod tests {
 
     #[test]
     fn per_event_goal_lines_say_met_only_when_every_peer_costs_more_apart() {
-        // Rows in EVENT_COST_CONFIGS order (nothing, p99probe, bystander, bpftrace,
-        // libbpf-tools); columns pipe, tcp.
+        // Rows in EVENT_COST_CONFIGS order (nothing, p99probe, without request timing,
+        // without the scheduler, bystander, bpftrace, libbpf-tools); columns pipe, tcp.
         let phases = |values: &[f64]| -> AddedNs { Ok((values.to_vec(), 0)) };
         let costs = EventCosts {
             baseline_ns: vec![5000.0, 15000.0],
             added_ns: vec![
                 vec![phases(&[-10.0, 10.0]), phases(&[-500.0, 500.0])],
                 vec![phases(&[800.0, 820.0, 810.0]), phases(&[1000.0, 3000.0])],
+                vec![phases(&[830.0, 810.0]), phases(&[780.0, 800.0])],
+                vec![phases(&[20.0, 40.0]), phases(&[360.0, 370.0])],
                 vec![phases(&[470.0, 480.0]), phases(&[1200.0, 1250.0])],
                 vec![
                     phases(&[10800.0, 11000.0, 10900.0]),
