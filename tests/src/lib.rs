@@ -181,14 +181,17 @@ pub fn record_to(settings: ProbeSettings, duration: Duration, out: &Path) -> Rec
         out: out.clone(),
         progress: false,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    block_on(record(&options, std::future::pending())).expect("recording failed");
+    Recording::load(&out).expect("recording reads back")
+}
+
+/// Runs `future` to its end on a runtime of the current thread, as the agent runs.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    runtime
-        .block_on(record(&options, std::future::pending()))
-        .expect("recording failed");
-    Recording::load(&out).expect("recording reads back")
+        .unwrap()
+        .block_on(future)
 }
 
 /// Drops `percent`% of incoming TCP segments from the given source ports on loopback while

@@ -179,11 +179,7 @@ fn a_lone_request_reaches_the_live_agent_promptly() {
     let _serial = serial();
     let server = target(&["server", "--duration", "30", "--response-bytes", "64"]);
     let port = server.port.unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    block_on(async {
         let mut session = LiveSession::start(&ProbeSettings {
             track_delivery: false,
             ..settings(server.pid())
@@ -250,11 +246,7 @@ fn a_rise_in_latency_wakes_the_agent_that_drains_seldom() {
     ]);
     let stalls_from = monotonic_ns() + inject_after_ns;
     let _load = client_load(server.port.unwrap(), 4, 20);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    block_on(async {
         let mut session = LiveSession::start(&ProbeSettings {
             track_delivery: false,
             trigger_latency: Some(TriggerLatency {
