@@ -15,7 +15,7 @@
 //! the drains it replaced. So a wake that finds the window's P99 still under the mark rests
 //! the watch for a while, and drains keep their usual busy interval meanwhile.
 
-use crate::sampling::FULL_RATE_AT_THRESHOLD_FRACTION;
+use crate::sampling::full_rate_mark_ns;
 
 /// How long the watch rests after a wake that found the window's P99 under the mark.
 pub const REST_NS: u64 = 5_000_000_000;
@@ -38,7 +38,7 @@ impl LatencyWatch {
         capturing: bool,
         woken: bool,
     ) -> Option<u64> {
-        let mark = (threshold_ns? as f64 * FULL_RATE_AT_THRESHOLD_FRACTION) as u64;
+        let mark = full_rate_mark_ns(threshold_ns?);
         let calm = !capturing && p99_ns.is_none_or(|p99| p99 < mark);
         if calm && woken {
             self.rest_until_ns = now_ns + REST_NS;

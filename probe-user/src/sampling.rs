@@ -15,7 +15,14 @@
 pub const FULL_RATE_HOLD_NS: u64 = 5_000_000_000;
 
 /// P99 at this fraction of the threshold or more switches to full rate.
-pub const FULL_RATE_AT_THRESHOLD_FRACTION: f64 = 0.5;
+const FULL_RATE_AT_THRESHOLD_FRACTION: f64 = 0.5;
+
+/// The P99 (ns) at or over which sampling goes to full rate: the smallest whole ns at the
+/// fraction of `threshold_ns`. Also where the kernel watches latency for the agent
+/// (`latency_watch`), so that the two agree on what calm is.
+pub fn full_rate_mark_ns(threshold_ns: u64) -> u64 {
+    (threshold_ns as f64 * FULL_RATE_AT_THRESHOLD_FRACTION).ceil() as u64
+}
 
 /// The calm rate as a whole number of full-rate periods (so calm samples weigh a whole number
 /// of full-rate samples): `sample_hz / calm_hz`, rounded; 1 means no calm rate.
@@ -79,9 +86,7 @@ impl SamplingGovernor {
             return None;
         }
         let near_threshold = match (p99_ns, threshold_ns) {
-            (Some(p99), Some(threshold)) => {
-                p99 as f64 >= threshold as f64 * FULL_RATE_AT_THRESHOLD_FRACTION
-            }
+            (Some(p99), Some(threshold)) => p99 >= full_rate_mark_ns(threshold),
             _ => false,
         };
         if capturing || near_threshold {
