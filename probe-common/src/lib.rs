@@ -386,6 +386,10 @@ pub struct ThreadState {
     /// Off-CPU intervals that may still repeat the walked stacks below before one is walked
     /// again to check them; `NEVER_REPEAT` once a check found another user stack there.
     pub repeats_left: u32,
+    /// The repeats the last check granted: each check that finds the same stacks again grants
+    /// twice as many, up to a bound (see the kernel's `offcpu_stacks`).
+    pub repeats_granted: u32,
+    pub _pad: u32,
     /// Where the last walked off-CPU interval blocked (a hash of the user instruction and
     /// stack pointers at the system call, its number and the wait state; 0: none), and its
     /// stacks.

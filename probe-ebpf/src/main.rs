@@ -155,6 +155,8 @@ const NEW_THREAD: ThreadState = ThreadState {
     flags: 0,
     tid: 0,
     repeats_left: 0,
+    repeats_granted: 0,
+    _pad: 0,
     walked_at: 0,
     walked_kernel_stack_id: NO_STACK,
     walked_user_stack_id: NO_STACK,
@@ -490,15 +492,20 @@ fn switched_in<C: EbpfContext>(
     }
 }
 
-/// Off-CPU intervals that repeat a walked one's stacks before the next is walked to check that
-/// the place still means those stacks.
-const REWALK_EVERY: u32 = 8;
+/// Off-CPU intervals that repeat a walked one's stacks after the first check that the place
+/// still means those stacks, before the next check: every 8th interval there is walked.
+const FIRST_REPEATS: u32 = 7;
+/// The most repeats between two checks: each check that finds the same stacks again doubles
+/// the repeats, so a thread that keeps blocking at one place (Go's sysmon, ~100 times a
+/// second) is walked there every 128th interval once it has held for ~250, not every 8th.
+const MOST_REPEATS: u32 = 127;
 
 /// The stacks of the current thread's off-CPU interval, which just ended, and whether they are
 /// a repeat (`FLAG_STACKS_REPEATED`: not walked, the last walked interval's). The two walks
 /// cost ~30 µs, with the CPU stalled. A place repeats only once two walks in a row there gave
-/// the same user stack; every `REWALK_EVERY`th interval there is walked again, and a thread
-/// whose place once gave another user stack is walked every time from then on.
+/// the same user stack; it is walked again after `FIRST_REPEATS` repeats, then after twice as
+/// many each time the stacks held, up to `MOST_REPEATS`; a thread whose place once gave
+/// another user stack is walked every time from then on.
 #[inline(always)]
 fn offcpu_stacks<C: EbpfContext>(
     ctx: &C,
@@ -531,9 +538,15 @@ fn offcpu_stacks<C: EbpfContext>(
     if same_place && walked && !same_stacks {
         thread.repeats_left = NEVER_REPEAT;
     } else if same_place && walked {
-        thread.repeats_left = REWALK_EVERY - 1;
+        let granted = match thread.repeats_granted {
+            0 => FIRST_REPEATS,
+            last => (last * 2 + 1).min(MOST_REPEATS),
+        };
+        thread.repeats_granted = granted;
+        thread.repeats_left = granted;
     } else {
         thread.repeats_left = 0;
+        thread.repeats_granted = 0;
         thread.walked_at = if walked { place } else { 0 };
     }
     thread.walked_kernel_stack_id = kernel;

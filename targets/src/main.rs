@@ -17,9 +17,13 @@ modes:
   sleeper   [--stall-ms 20] [--threads 1] [--linger SECS]
                                      THREADS threads that sleep in stall_here() in a loop; with
                                      --linger, the process stays that long after they end
-  stacks    [--paths 20000] [--nap-us 200]
-                                     a thread that naps once under each of PATHS distinct user
-                                     stacks (call paths through path_zero/path_one), in turn
+  stacks    [--paths 20000] [--nap-us 200] [--depth D] [--repeat 1] [--nap-step-us 0]
+                                     a thread that naps REPEAT times under each of PATHS
+                                     distinct user stacks (call paths through path_zero/
+                                     path_one, D deep; by default as deep as PATHS needs), in
+                                     turn, the Nth path's naps NAP + N x STEP µs long. Paths
+                                     that differ only above their last step block at one
+                                     place: one instruction, at one stack depth
   spinner   [--start-after SECS]     a thread that burns CPU in spin_here(); with --start-after
                                      it is created that long after the ready line
   worker    [--cpu N]                bursts of CPU work (work_burst) with 1 ms sleeps, pinned
@@ -187,15 +191,23 @@ fn sleeper(opts: &Opts, until: Instant) {
 fn distinct_stacks(opts: &Opts, until: Instant) {
     let paths = opts.get("--paths", 20_000u32);
     let nap_ns = opts.get("--nap-us", 200u64) * 1000;
-    let depth = u32::BITS - paths.saturating_sub(1).leading_zeros();
+    let depth = opts.get(
+        "--depth",
+        u32::BITS - paths.saturating_sub(1).leading_zeros(),
+    );
+    let repeat = opts.get("--repeat", 1u32);
+    let nap_step_ns = opts.get("--nap-step-us", 0u64) * 1000;
     let handle = std::thread::Builder::new()
         .name("path-walker".into())
         .spawn(move || {
             for bits in 0..paths {
-                if Instant::now() >= until {
-                    break;
+                let nap_ns = nap_ns + bits as u64 * nap_step_ns;
+                for _ in 0..repeat {
+                    if Instant::now() >= until {
+                        return;
+                    }
+                    descend(bits, depth, nap_ns);
                 }
-                descend(bits, depth, nap_ns);
             }
         })
         .unwrap();

@@ -102,6 +102,90 @@ fn sleeping_thread_yields_20ms_offcpu_intervals_in_stall_here() {
 }
 
 #[test]
+fn a_second_call_path_to_a_repeating_place_is_caught_by_its_next_walk() {
+    // Two call paths that block at one place (the same instruction at the same stack depth):
+    // 1,500 naps of 2 ms under path_zero → path_zero, then 3 ms ones under path_one →
+    // path_zero. Their lengths tell the two apart whatever the stacks say.
+    let _serial = serial();
+    let walker = target(&[
+        "stacks",
+        "--paths",
+        "2",
+        "--depth",
+        "2",
+        "--repeat",
+        "1500",
+        "--nap-us",
+        "2000",
+        "--nap-step-us",
+        "1000",
+    ]);
+    let mut probe = settings(walker.pid());
+    probe.offcpu_stack_budget = 0;
+    let recording = record_for(probe, Duration::from_secs(5));
+    let mut naps: Vec<(u64, bool, bool)> = recording
+        .events()
+        .filter_map(|event| match event {
+            Event::OffCpu {
+                ts_ns,
+                duration_ns,
+                user_stack,
+                preempted: false,
+                ..
+            } => {
+                let names = recording.stack_names(user_stack);
+                let second_path = duration_ns >= 2_600_000;
+                let named_second = names.iter().any(|f| f == "path_one");
+                names
+                    .iter()
+                    .any(|f| f == "path_zero")
+                    .then_some((ts_ns, second_path, named_second))
+            }
+            _ => None,
+        })
+        .collect();
+    naps.sort_unstable();
+    let first_path = naps.iter().filter(|&&(_, second, _)| !second).count() as u64;
+    let second_path = naps.len() as u64 - first_path;
+    let misnamed = naps
+        .iter()
+        .filter(|&&(_, second, named)| second != named)
+        .count() as u64;
+    let repeated = recording.meta.counters.stacks_repeated;
+    eprintln!(
+        "{first_path} naps on the first path, {second_path} on the second, {misnamed} \
+         named by the other path's stack, {repeated} stacks repeated"
+    );
+    assert!(
+        first_path >= 500 && second_path >= 500,
+        "too few naps on each path to tell: {first_path} and {second_path}"
+    );
+    // A repeat carries the place's last walked stacks, so the second path's first naps are
+    // named by the first path's, until the next walk there: at most 127 repeats after the
+    // last one. That walk finds another user stack, and from then on every nap is walked.
+    assert!(
+        misnamed <= 127,
+        "{misnamed} naps named by the other path's stack"
+    );
+    let told_apart = naps
+        .iter()
+        .position(|&(_, _, named)| named)
+        .expect("no nap was named by the second path's stack");
+    assert!(
+        naps[told_apart..].iter().all(|&(_, _, named)| named),
+        "a nap after the second path was told apart repeated the first path's stack"
+    );
+    // The first path held its stacks at every walk, so the walks came further and further
+    // apart: a dozen in 1,500 naps or so, where every 8th would be ~190. The second path's
+    // repeats are its misnamed naps; every other repeat was the first path's.
+    let first_path_walks = first_path - (repeated - misnamed);
+    assert!(
+        first_path_walks <= 30,
+        "{first_path_walks} of {first_path} naps on the first path walked its stacks"
+    );
+}
+
+#[test]
 fn fallback_chain_is_walked_in_order_and_reported() {
     let _serial = serial();
     let sleeper = target(&["sleeper", "--duration", "20"]);
