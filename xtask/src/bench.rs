@@ -2153,7 +2153,7 @@ fn stack_budget(root: &Path, scratch: &Path) -> Result<StackBudget> {
     let pid = sleepers.0.id();
     let _stats = BpfStats::enable()?;
     let configurations = [
-        ("every interval walked (`--offcpu-stack-budget 0`)", "0"),
+        ("every interval reported with its stacks (`--offcpu-stack-budget 0`)", "0"),
         ("default budget (`--offcpu-stack-budget 1000`)", "1000"),
     ];
     let mut rows: Vec<(&'static str, Vec<(f64, f64)>)> = configurations
@@ -2212,7 +2212,7 @@ impl StackBudget {
             "## Off-CPU stack budget
 "
         );
-        let _ = writeln!(md, "Target: {STACK_BUDGET_THREADS} threads sleeping {STACK_BUDGET_STALL_MS} ms at a time on CPU 0 (`p99probe-target sleeper`), far more off-CPU intervals than the default budget of stack walks; `p99probe attach` on CPU 1, {STACK_BUDGET_ROUNDS} runs of {} s per configuration, alternating, measured from 3 s after attaching. BPF time is all of p99probe's programs by `kernel.bpf_stats_enabled`; intervals are the target's voluntary context switches. Each cell is the median and, in brackets, the min–max.\n", STACK_BUDGET_SPAN.as_secs());
+        let _ = writeln!(md, "Target: {STACK_BUDGET_THREADS} threads sleeping {STACK_BUDGET_STALL_MS} ms at a time on CPU 0 (`p99probe-target sleeper`), far more off-CPU intervals than the default budget of stack walks; each thread blocks at one place, so most intervals repeat their thread's last walked stacks instead of walking them (see README); `p99probe attach` on CPU 1, {STACK_BUDGET_ROUNDS} runs of {} s per configuration, alternating, measured from 3 s after attaching. BPF time is all of p99probe's programs by `kernel.bpf_stats_enabled`; intervals are the target's voluntary context switches. Each cell is the median and, in brackets, the min–max.\n", STACK_BUDGET_SPAN.as_secs());
         let _ = writeln!(
             md,
             "| configuration | BPF ms/s | target's off-CPU intervals/s |\n|---|---|---|"
