@@ -2153,7 +2153,10 @@ fn stack_budget(root: &Path, scratch: &Path) -> Result<StackBudget> {
     let pid = sleepers.0.id();
     let _stats = BpfStats::enable()?;
     let configurations = [
-        ("every interval reported with its stacks (`--offcpu-stack-budget 0`)", "0"),
+        (
+            "every interval reported with its stacks (`--offcpu-stack-budget 0`)",
+            "0",
+        ),
         ("default budget (`--offcpu-stack-budget 1000`)", "1000"),
     ];
     let mut rows: Vec<(&'static str, Vec<(f64, f64)>)> = configurations
