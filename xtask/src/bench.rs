@@ -39,6 +39,9 @@ pub enum Tool {
     WithoutSampling,
     /// `attach` with no hook at all: the agent's own process and what it reads.
     AgentOnly,
+    /// `attach` with one scheduler hook per context switch (`sched_switch` alone), which walks
+    /// stacks as a thread leaves the CPU, against the default pair.
+    OneSchedulerHook,
 }
 
 impl Tool {
@@ -55,12 +58,13 @@ impl Tool {
     /// `p99probe attach` with one part of its cost taken away at a time: what `attach` costs
     /// a server is spread over its hook families, and these show each one's share. Only run
     /// when `--also` names them.
-    const DECOMPOSITION: [Tool; 5] = [
+    const DECOMPOSITION: [Tool; 6] = [
         Tool::WithoutRequestTiming,
         Tool::WithoutScheduler,
         Tool::WithoutGoRuntime,
         Tool::WithoutSampling,
         Tool::AgentOnly,
+        Tool::OneSchedulerHook,
     ];
 
     fn name(self) -> &'static str {
@@ -83,6 +87,7 @@ impl Tool {
             Tool::WithoutScheduler => "p99probe attach --bench-without scheduler",
             Tool::WithoutGoRuntime => "p99probe attach --bench-without go-runtime",
             Tool::WithoutSampling => "p99probe attach --sample-hz 0",
+            Tool::OneSchedulerHook => "p99probe attach --sched-hook tp-btf (one scheduler hook)",
             Tool::AgentOnly => {
                 "p99probe attach --bench-without request-timing,scheduler,go-runtime --sample-hz 0 (the agent alone)"
             }
@@ -100,6 +105,7 @@ impl Tool {
             Tool::WithoutScheduler => &["--bench-without", "scheduler"],
             Tool::WithoutGoRuntime => &["--bench-without", "go-runtime"],
             Tool::WithoutSampling => &["--sample-hz", "0"],
+            Tool::OneSchedulerHook => &["--sched-hook", "tp-btf"],
             Tool::AgentOnly => &[
                 "--bench-without",
                 "request-timing,scheduler,go-runtime",
