@@ -170,6 +170,10 @@ pub const FLAG_PREEMPTED: u32 = 1;
 /// interval did (the same user instruction and stack pointer, system call and wait state), so
 /// its stacks are that interval's, which the agent fills in. See `ThreadState::walked_at`.
 pub const FLAG_STACKS_REPEATED: u32 = 2;
+/// Not an interval to report: one left out (shorter than `--min-offcpu`, or not drawn in the
+/// sample) sent only for the stacks the hooks before the switch walked as it began, which later
+/// intervals at its place repeat. The agent keeps the stacks and drops the event.
+pub const FLAG_STACKS_ONLY: u32 = 4;
 
 /// One event as written by the kernel. Little-endian, 96 bytes, no padding holes.
 #[repr(C)]

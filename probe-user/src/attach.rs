@@ -43,7 +43,8 @@ pub enum SchedHook {
     /// Linux 6.16+) for the switch-in, where the thread is current again: as with
     /// finish_task_switch, stacks are walked only for intervals long enough to report.
     TpBtfExit,
-    /// BTF-typed sched_switch alone: stacks are walked at every switch-out of the target.
+    /// BTF-typed sched_switch alone: stacks are walked as the target's thread leaves the CPU,
+    /// unless it blocks where it keeps blocking, before the interval's length is known.
     TpBtf,
     /// Raw sched_switch tracepoint: works wherever BPF raw tracepoints do.
     RawTp,

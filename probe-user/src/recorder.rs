@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf, StackTraceMap};
 use aya::Ebpf;
-use probe_common::{latency_bucket, Counter, EventKind, RawEvent};
+use probe_common::{latency_bucket, Counter, EventKind, RawEvent, FLAG_STACKS_ONLY};
 use tokio::io::unix::AsyncFd;
 
 use crate::attach::{
@@ -100,6 +100,12 @@ fn give_way_to_target() -> String {
         Ok(scheduling) => scheduling.to_string(),
         Err(e) => format!("ordinary task (sched_setattr: {e})"),
     }
+}
+
+/// An off-CPU interval left out that the kernel sent only for the stacks it walked as the
+/// interval began (`FLAG_STACKS_ONLY`): the stack store keeps them for the repeats to come.
+fn only_for_stacks(event: &RawEvent) -> bool {
+    event.kind == EventKind::OffCpu as u32 && event.flags & FLAG_STACKS_ONLY != 0
 }
 
 fn drain(ring: &mut RingBuf<MapData>, out: &mut Drained) {
@@ -470,14 +476,19 @@ impl LiveSession {
         self.timings_written = timings_written;
         let new_events = &mut out.events[first_new_event..];
         let drained = new_events.len() + new_timings as usize;
-        (drained, self.take_in(new_events))
+        let (served, stacks_only) = self.take_in(new_events);
+        if stacks_only > 0 {
+            out.events.retain(|event| !only_for_stacks(event));
+        }
+        (drained, served)
     }
 
     /// Copies the stacks that newly drained `events` name out of the kernel and renames them,
-    /// counts off-CPU intervals for their governor, and returns how many requests were served.
-    /// One pass: a busy drain's events outgrow the CPU's caches, and each pass over them was
-    /// a read from memory.
-    fn take_in(&mut self, events: &mut [RawEvent]) -> u64 {
+    /// counts off-CPU intervals for their governor, and returns how many requests were served
+    /// and how many events came only for their stacks (`FLAG_STACKS_ONLY`), for the caller to
+    /// drop. One pass: a busy drain's events outgrow the CPU's caches, and each pass over them
+    /// was a read from memory.
+    fn take_in(&mut self, events: &mut [RawEvent]) -> (u64, usize) {
         let served_kind = EventKind::RequestServed as u32;
         // Counted by the kernel for the rings, read or not.
         let served_in_rings = self.attached.timings.served();
@@ -489,6 +500,7 @@ impl LiveSession {
             Some(trace.frames().iter().map(|f| f.ip).collect())
         };
         let mut served = 0;
+        let mut stacks_only = 0;
         for event in events {
             self.stacks.adopt(event, read);
             if event.kind == served_kind {
@@ -497,13 +509,17 @@ impl LiveSession {
             if event.kind != EventKind::OffCpu as u32 {
                 continue;
             }
+            if only_for_stacks(event) {
+                stacks_only += 1;
+                continue;
+            }
             if let Some((governor, decoded)) =
                 self.offcpu_sampling.as_mut().zip(Event::from_raw(event))
             {
                 governor.count(&decoded);
             }
         }
-        served + served_timings
+        (served + served_timings, stacks_only)
     }
 
     /// Frees the kernel's stack entries that are copied out and did not recur, and (less

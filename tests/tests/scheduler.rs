@@ -212,7 +212,7 @@ fn fallback_chain_is_walked_in_order_and_reported() {
         assert!(before[1].error.is_some());
     }
     // Where the kernel has sched_exit_tp, the chain stops there, before the flavour that walks
-    // stacks at every switch-out.
+    // stacks as threads leave the CPU.
     let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap();
     if kallsyms.contains(" __traceiter_sched_exit_tp\n") && tried.len() >= 3 {
         assert_eq!(hooks.scheduler, "tp_btf/sched_switch+sched_exit_tp");
@@ -239,7 +239,7 @@ fn forced_raw_tracepoint_hook_measures_the_same() {
 
 #[test]
 fn forced_sched_switch_only_hook_measures_the_same() {
-    // The flavour that walks stacks at every switch-out, kept for kernels without
+    // The flavour that walks stacks as threads leave the CPU, kept for kernels without
     // sched_exit_tp; the default chain no longer reaches it here.
     forced_hook_measures_the_same(SchedHook::TpBtf, "tp_btf/sched_switch");
 }
@@ -561,4 +561,74 @@ fn off_cpu_intervals_beyond_the_stack_budget_are_sampled_and_weighted_back() {
     assert_eq!(report.off_cpu_sampled_below_ms.spike, 0);
     assert!(!report.to_markdown().contains("off-CPU times are estimates"));
     assert!(report.off_cpu_top.spike.iter().all(|s| s.ci95.is_none()));
+}
+
+#[test]
+fn with_sched_switch_alone_a_place_walked_in_an_interval_left_out_names_its_repeats() {
+    // sched_switch alone walks a place as the thread leaves it, before the interval's length
+    // is known. Here the first path's 2 ms naps are all shorter than --min-offcpu, so its walks
+    // are left out; then the second path's 3 ms naps, reported, block at the same place and
+    // repeat those walks until the next check. Without the walks' stacks (sent alone), those
+    // repeats would have none.
+    let _serial = serial();
+    let walker = target(&[
+        "stacks",
+        "--paths",
+        "2",
+        "--depth",
+        "2",
+        "--repeat",
+        "1500",
+        "--nap-us",
+        "2000",
+        "--nap-step-us",
+        "1000",
+    ]);
+    let mut probe = settings(walker.pid());
+    probe.sched_hook = Some(SchedHook::TpBtf);
+    probe.min_offcpu_ns = 2_500_000;
+    probe.offcpu_stack_budget = 0;
+    let recording = record_for(probe, Duration::from_secs(5));
+    let mut naps: Vec<(u64, Vec<String>)> = Vec::new();
+    for event in recording.events() {
+        if let Event::OffCpu {
+            ts_ns,
+            duration_ns,
+            user_stack,
+            preempted: false,
+            ..
+        } = event
+        {
+            // Walks sent for their stacks alone are the agent's, not intervals it reports.
+            assert!(
+                duration_ns >= 2_500_000,
+                "a {duration_ns} ns interval reported"
+            );
+            naps.push((ts_ns, recording.stack_names(user_stack)));
+        }
+    }
+    naps.sort_unstable();
+    let has = |names: &[String], function: &str| names.iter().any(|f| f == function);
+    let unnamed = naps.iter().filter(|(_, n)| !has(n, "path_zero")).count();
+    let first_path_stacks = naps.iter().filter(|(_, n)| !has(n, "path_one")).count();
+    let counters = &recording.meta.counters;
+    eprintln!(
+        "{} naps reported, {unnamed} without the place's stack, {first_path_stacks} with the \
+         first path's; {} stacks missing",
+        naps.len(),
+        counters.stacks_missing
+    );
+    assert!(naps.len() >= 300, "only {} naps reported", naps.len());
+    assert_eq!(unnamed, 0, "reported naps without the place's stack");
+    // The first path's stacks stand in for the second's until the next walk there, at most 127
+    // repeats on; from that walk on, the place is walked every time.
+    assert!(
+        (1..=127).contains(&first_path_stacks),
+        "{first_path_stacks} naps repeated the first path's stacks"
+    );
+    let told_apart = naps
+        .iter()
+        .position(|(_, n)| has(n, "path_one"))
+        .expect("no nap was named by the second path's stack");
+    assert!(naps[told_apart..].iter().all(|(_, n)| has(n, "path_one")));
 }
