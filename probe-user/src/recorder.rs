@@ -678,7 +678,19 @@ impl LiveSession {
             settings: self.settings.clone(),
             counters: self.counters()?,
             own_cost: self.own_cost.as_ref().map(|meter| meter.cost().clone()),
-            threads: self.threads.clone(),
+            threads: {
+                // Names read when threads were first seen, brought up to date for those still
+                // alive: a runtime can rename a thread whenever it likes (a pool naming a
+                // worker for its task), and the capture should say what the thread is now.
+                let mut threads = self.threads.clone();
+                if !target_exited {
+                    threads.extend(target::names_of(
+                        self.pid,
+                        self.threads_live.iter().copied(),
+                    ));
+                }
+                threads
+            },
             maps: {
                 let mut maps = self.maps.clone();
                 if !target_exited {

@@ -14,9 +14,11 @@ fn usage() -> ! {
     eprintln!(
         "usage: p99probe-target MODE [--duration SECS] [options]
 modes:
-  sleeper   [--stall-ms 20] [--threads 1] [--linger SECS]
+  sleeper   [--stall-ms 20] [--threads 1] [--linger SECS] [--rename-after SECS]
                                      THREADS threads that sleep in stall_here() in a loop; with
-                                     --linger, the process stays that long after they end
+                                     --linger, the process stays that long after they end; with
+                                     --rename-after, each renames itself from stall-loop to
+                                     stall-renamed that long after the ready line
   stacks    [--paths 20000] [--nap-us 200] [--depth D] [--repeat 1] [--nap-step-us 0]
                                      a thread that naps REPEAT times under each of PATHS
                                      distinct user stacks (call paths through path_zero/
@@ -169,13 +171,21 @@ pub extern "C" fn work_burst(millis: u64) -> u64 {
 
 fn sleeper(opts: &Opts, until: Instant) {
     let stall_ms = opts.get("--stall-ms", 20u64);
+    let rename_at = Some(opts.get("--rename-after", -1.0f64))
+        .filter(|&secs| secs >= 0.0)
+        .map(|secs| Instant::now() + Duration::from_secs_f64(secs));
     let handles: Vec<_> = (0..opts.get("--threads", 1u32))
         .map(|_| {
             std::thread::Builder::new()
                 .name("stall-loop".into())
                 .spawn(move || {
+                    let mut rename_at = rename_at;
                     while Instant::now() < until {
                         stall_here(stall_ms);
+                        if rename_at.is_some_and(|at| Instant::now() >= at) {
+                            rename_at = None;
+                            std::fs::write("/proc/thread-self/comm", "stall-renamed").unwrap();
+                        }
                     }
                 })
                 .unwrap()

@@ -148,3 +148,21 @@ fn pin_all_threads(pid: u32, cpus: &str) {
         .unwrap();
     assert!(status.success(), "taskset -a -p -c {cpus} {pid}: {status}");
 }
+
+#[test]
+fn a_thread_renamed_long_after_it_was_first_seen_is_captured_under_its_new_name() {
+    // The agent reads a thread's name when it first sees it and once more a second later; a
+    // thread a runtime renames after that must still carry its current name in a capture.
+    let _serial = serial();
+    let sleeper = target(&["sleeper", "--rename-after", "4", "--duration", "20"]);
+    let recording = record_for(settings(sleeper.pid()), Duration::from_secs(6));
+    let names: Vec<&String> = recording.meta.threads.values().collect();
+    assert!(
+        names.iter().any(|name| *name == "stall-renamed"),
+        "threads named: {names:?}"
+    );
+    assert!(
+        !names.iter().any(|name| *name == "stall-loop"),
+        "a thread kept the name it had before: {names:?}"
+    );
+}
