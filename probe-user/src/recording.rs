@@ -33,7 +33,8 @@ pub struct KernelCounters {
     #[serde(default)]
     pub requests_untimed: u64,
     /// Off-CPU intervals whose stacks were not walked but repeat the thread's last walked ones
-    /// (`FLAG_STACKS_REPEATED`).
+    /// (`FLAG_STACKS_REPEATED`). With `sched_switch` alone, which decides as the thread leaves
+    /// the CPU, intervals left out afterwards are counted too.
     #[serde(default)]
     pub stacks_repeated: u64,
     /// Request latencies and run-queue waits written to the kernel's timing rings (not in
