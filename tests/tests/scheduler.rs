@@ -101,13 +101,11 @@ fn sleeping_thread_yields_20ms_offcpu_intervals_in_stall_here() {
     );
 }
 
-#[test]
-fn a_second_call_path_to_a_repeating_place_is_caught_by_its_next_walk() {
-    // Two call paths that block at one place (the same instruction at the same stack depth):
-    // 1,500 naps of 2 ms under path_zero → path_zero, then 3 ms ones under path_one →
-    // path_zero. Their lengths tell the two apart whatever the stacks say.
-    let _serial = serial();
-    let walker = target(&[
+/// Two call paths that block at one place (the same instruction at the same stack depth):
+/// 1,500 naps of 2 ms under path_zero → path_zero, then 3 ms ones under path_one → path_zero.
+/// Their lengths tell the two apart whatever the stacks say.
+fn two_paths_at_one_place() -> Spawned {
+    target(&[
         "stacks",
         "--paths",
         "2",
@@ -119,7 +117,13 @@ fn a_second_call_path_to_a_repeating_place_is_caught_by_its_next_walk() {
         "2000",
         "--nap-step-us",
         "1000",
-    ]);
+    ])
+}
+
+#[test]
+fn a_second_call_path_to_a_repeating_place_is_caught_by_its_next_walk() {
+    let _serial = serial();
+    let walker = two_paths_at_one_place();
     let mut probe = settings(walker.pid());
     probe.offcpu_stack_budget = 0;
     let recording = record_for(probe, Duration::from_secs(5));
@@ -571,19 +575,7 @@ fn with_sched_switch_alone_a_place_walked_in_an_interval_left_out_names_its_repe
     // repeat those walks until the next check. Without the walks' stacks (sent alone), those
     // repeats would have none.
     let _serial = serial();
-    let walker = target(&[
-        "stacks",
-        "--paths",
-        "2",
-        "--depth",
-        "2",
-        "--repeat",
-        "1500",
-        "--nap-us",
-        "2000",
-        "--nap-step-us",
-        "1000",
-    ]);
+    let walker = two_paths_at_one_place();
     let mut probe = settings(walker.pid());
     probe.sched_hook = Some(SchedHook::TpBtf);
     probe.min_offcpu_ns = 2_500_000;

@@ -56,8 +56,8 @@ impl Tool {
         Tool::BusyNeighbour,
     ];
     /// `p99probe attach` with one part of its cost taken away at a time: what `attach` costs
-    /// a server is spread over its hook families, and these show each one's share. Only run
-    /// when `--also` names them.
+    /// a server is spread over its hook families, and these show each one's share; and, last,
+    /// with one scheduler hook per switch instead of two. Only run when `--also` names them.
     const DECOMPOSITION: [Tool; 6] = [
         Tool::WithoutRequestTiming,
         Tool::WithoutScheduler,
