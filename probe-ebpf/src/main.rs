@@ -462,10 +462,17 @@ fn switched_in<C: EbpfContext>(
         } else {
             offcpu_sampled_below_ms(duration)
         };
-        if sampled_below_ms == LEFT_OUT {
-            if !thread_is_current {
-                send_walked_stacks(thread, &out, cpu, now);
-            }
+        // With the hooks before the switch, stacks walked as the thread left must reach the
+        // agent even when their interval is left out (shorter than `--min-offcpu`, or not drawn
+        // in the sample): later intervals at the place repeat them. The interval then goes for
+        // its stacks alone (`FLAG_STACKS_ONLY`); walks are rare, one in 8 to 128 intervals at a
+        // place, so these are too.
+        let left_out = sampled_below_ms == LEFT_OUT;
+        let walked_as_it_left = !thread_is_current
+            && out.flags & FLAG_STACKS_REPEATED == 0
+            && out.kernel_stack_id != NO_STACK
+            && out.user_stack_id != NO_STACK;
+        if left_out && !walked_as_it_left {
             return;
         }
         let (kernel_stack_id, user_stack_id, repeated) = if thread_is_current {
@@ -480,11 +487,9 @@ fn switched_in<C: EbpfContext>(
         if cfg.debug != 0 && user_stack_id == NO_STACK && !repeated {
             warn!(ctx, "off-CPU interval of tid {} has no user stack", tid);
         }
-        let flags = if repeated {
-            out.flags | FLAG_STACKS_REPEATED
-        } else {
-            out.flags
-        };
+        let repeated_flag = if repeated { FLAG_STACKS_REPEATED } else { 0 };
+        let stacks_only_flag = if left_out { FLAG_STACKS_ONLY } else { 0 };
+        let flags = out.flags | repeated_flag | stacks_only_flag;
         let sent = emit(|event| {
             event.kind = EventKind::OffCpu as u32;
             event.cpu = cpu;
@@ -504,34 +509,6 @@ fn switched_in<C: EbpfContext>(
             // never reaches it, so none may repeat it.
             thread.walked_at = 0;
         }
-    }
-}
-
-/// An off-CPU interval left out (shorter than `--min-offcpu`, or not drawn in the sample) whose
-/// stacks were walked as it began, by the hooks before the switch: later intervals at its place
-/// repeat them, so the agent gets them alone (`FLAG_STACKS_ONLY`). Walks are rare, one place
-/// in 8 to 128 intervals there, so these are too.
-#[inline(always)]
-fn send_walked_stacks(thread: &mut ThreadState, out: &ThreadState, cpu: u32, now: u64) {
-    if out.flags & FLAG_STACKS_REPEATED != 0
-        || out.kernel_stack_id == NO_STACK
-        || out.user_stack_id == NO_STACK
-    {
-        return;
-    }
-    let sent = emit(|event| {
-        event.kind = EventKind::OffCpu as u32;
-        event.cpu = cpu;
-        event.ts_ns = now;
-        event.tid = out.tid;
-        event.tgid = config().target_tgid;
-        event.state = out.state;
-        event.flags = out.flags | FLAG_STACKS_ONLY;
-        event.kernel_stack_id = out.kernel_stack_id;
-        event.user_stack_id = out.user_stack_id;
-    });
-    if !sent {
-        thread.walked_at = 0;
     }
 }
 
