@@ -410,10 +410,12 @@ impl LiveSession {
     pub fn finish_own_cost(&mut self) -> Option<OwnCost> {
         let meter = self.own_cost.as_mut()?;
         let attached = &self.attached;
+        // Requests served as of the last drain, not now: those served since are in no
+        // recording, and under a heavy load writing out the last drain takes tens of ms.
         meter.finish(
             monotonic_ns(),
             || attached.program_runs(),
-            attached.timings.served(),
+            self.served_in_rings,
         );
         Some(meter.cost().clone())
     }
