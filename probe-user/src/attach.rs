@@ -112,6 +112,9 @@ pub struct AttachReport {
     /// How the agent's own threads are scheduled (set once they are).
     #[serde(default)]
     pub agent: Option<String>,
+    /// Present when a benchmark asked for programs that do nothing.
+    #[serde(default)]
+    pub empty_programs: Option<String>,
 }
 
 impl fmt::Display for AttachReport {
@@ -137,6 +140,9 @@ impl fmt::Display for AttachReport {
         }
         if let Some(agent) = &self.agent {
             write!(f, "; agent: {agent}")?;
+        }
+        if let Some(empty) = &self.empty_programs {
+            write!(f, "; programs: {empty}")?;
         }
         if let Some(go) = &self.go {
             write!(f, "; Go {}: {}", go.version, go.probes.join(", "))?;
@@ -176,6 +182,9 @@ pub struct ProbeSettings {
     pub trigger_latency: Option<TriggerLatency>,
     /// Benchmarks only: hook families left unattached, to tell what each one costs.
     pub omitted: Vec<HookFamily>,
+    /// Benchmarks only: every hook attached, every program returning at once (see
+    /// [`EMPTY_PROGRAMS`]).
+    pub empty_programs: bool,
 }
 
 /// A family of hooks that a benchmark can leave out (`--bench-without`): what `attach` costs
@@ -198,6 +207,12 @@ impl HookFamily {
 
 /// How the report names a family left out.
 const OMITTED: &str = "omitted for a benchmark (--bench-without)";
+
+/// How the report says that the programs do nothing. With no request seen, the write hook's
+/// governor would keep that hook on; it stays off instead, as under a load whose requests
+/// the programs do see.
+pub const EMPTY_PROGRAMS: &str =
+    "every program returns at once, for a benchmark (--bench-empty-programs); write hook off";
 
 /// What the kernel's trigger histograms count (see `latency_slices`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -917,6 +932,11 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .set_global("CONFIG", &config, true)
+        .set_global(
+            "BENCH_EMPTY_PROGRAMS",
+            &(settings.empty_programs as u32),
+            true,
+        )
         .set_max_entries(
             TIMINGS_MAP,
             (possible_cpus << config.timing_ring_bits) as u32,
@@ -998,6 +1018,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         timing_requests,
     )?;
     if !timing_requests
+        || settings.empty_programs
         || (settings.write_hook == WriteHookPolicy::Never && !settings.track_delivery)
     {
         write_hook.detach(&mut ebpf)?;
@@ -1030,7 +1051,8 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         write_hook,
         write_hook_fixed: settings.track_delivery
             || settings.write_hook != WriteHookPolicy::WhileRateIsLow
-            || !timing_requests,
+            || !timing_requests
+            || settings.empty_programs,
         report: AttachReport {
             scheduler: chosen.map_or(OMITTED.to_string(), |hook| hook.to_string()),
             scheduler_attempts: attempts,
@@ -1040,6 +1062,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
             go,
             synthetic,
             agent: None,
+            empty_programs: settings.empty_programs.then(|| EMPTY_PROGRAMS.to_string()),
         },
     })
 }

@@ -173,6 +173,10 @@ pub struct ProbeArgs {
     /// what each one costs the target.
     #[arg(long, hide = true, value_enum, value_delimiter = ',')]
     pub bench_without: Vec<HookFamily>,
+    /// Benchmarks only: attach every hook with programs that return at once, to measure what
+    /// the hooks cost apart from the programs' work.
+    #[arg(long, hide = true)]
+    pub bench_empty_programs: bool,
 }
 
 impl ProbeArgs {
@@ -191,6 +195,7 @@ impl ProbeArgs {
             synthetic_syscall_events: self.synthetic_syscall_events,
             trigger_latency: None,
             omitted: self.bench_without.clone(),
+            empty_programs: self.bench_empty_programs,
         }
     }
 }

@@ -163,6 +163,7 @@ pub fn settings(pid: u32) -> ProbeSettings {
         synthetic_syscall_events: false,
         trigger_latency: None,
         omitted: Vec::new(),
+        empty_programs: false,
     }
 }
 

@@ -80,3 +80,62 @@ fn an_omitted_hook_family_records_nothing_of_its_kind_and_the_others_still_recor
     );
     assert!(hooks.wakeup.contains("omitted for a benchmark"), "{hooks}");
 }
+
+/// `--bench-empty-programs` prices the hooks apart from the programs' work, so it must attach
+/// every hook `attach` attaches, have each one run under load, and have none of them do
+/// anything: no event, no timing.
+#[test]
+fn empty_programs_run_at_every_hook_and_record_nothing() {
+    let _serial = serial();
+    let server = target(&["server", "--duration", "30", "--response-bytes", "64"]);
+    let _load = client_load(server.port.unwrap(), 4, 25);
+    let settings = ProbeSettings {
+        min_offcpu_ns: 0,
+        empty_programs: true,
+        // Spans back to back: every program's runs are counted over the whole recording.
+        own_cost_every_ns: p99probe::own_cost::SPAN_NS,
+        ..settings(server.pid())
+    };
+    let recording = record_for(settings, Duration::from_secs(3));
+    let hooks = &recording.meta.hooks;
+    let cost = recording.meta.own_cost.clone().expect("own cost measured");
+    eprintln!(
+        "{hooks}; {:?}; {:?}",
+        recording.meta.counters, cost.programs
+    );
+
+    assert!(!hooks.to_string().contains("omitted"), "{hooks}");
+    assert_eq!(
+        hooks.empty_programs.as_deref(),
+        Some(p99probe::attach::EMPTY_PROGRAMS)
+    );
+    // What each family's programs would have recorded, had they done their work: the
+    // server answers thousands of requests a second, and its threads block between them.
+    for program in [
+        "sk_data_ready",
+        "sched_switch",
+        "sched_wakeup",
+        "on_cpu_sample",
+    ] {
+        let runs: u64 = cost
+            .programs
+            .iter()
+            .filter(|p| p.program.starts_with(program))
+            .map(|p| p.runs)
+            .sum();
+        assert!(runs > 0, "{program}* never ran: {:?}", cost.programs);
+    }
+    // The response-write hook runs for every send on the machine, and with no request seen
+    // its governor would keep it on. Under a load whose requests are timed it is detached.
+    assert!(
+        !cost
+            .programs
+            .iter()
+            .any(|p| p.program.starts_with("sock_send") && p.runs > 0),
+        "{:?}",
+        cost.programs
+    );
+    assert_eq!(counts(&recording), (0, 0, 0));
+    assert_eq!(recording.meta.counters.events_sent, 0);
+    assert_eq!(recording.meta.counters.timings_recorded, 0);
+}

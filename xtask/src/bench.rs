@@ -42,6 +42,10 @@ pub enum Tool {
     /// `attach` with one scheduler hook per context switch (`sched_switch` alone), which walks
     /// stacks as a thread leaves the CPU, against the default pair.
     OneSchedulerHook,
+    /// `attach` with every hook attached and every program returning at once: what the hooks
+    /// cost by being there (dispatch, sampling interrupts, uprobe traps), the floor of any
+    /// tool that follows the same events, apart from what the programs do.
+    EmptyPrograms,
 }
 
 impl Tool {
@@ -56,15 +60,17 @@ impl Tool {
         Tool::BusyNeighbour,
     ];
     /// `p99probe attach` with one part of its cost taken away at a time: what `attach` costs
-    /// a server is spread over its hook families, and these show each one's share; and, last,
-    /// with one scheduler hook per switch instead of two. Only run when `--also` names them.
-    const DECOMPOSITION: [Tool; 6] = [
+    /// a server is spread over its hook families, and these show each one's share; then with
+    /// one scheduler hook per switch instead of two, and with every hook but programs that do
+    /// nothing. Only run when `--also` names them.
+    const DECOMPOSITION: [Tool; 7] = [
         Tool::WithoutRequestTiming,
         Tool::WithoutScheduler,
         Tool::WithoutGoRuntime,
         Tool::WithoutSampling,
         Tool::AgentOnly,
         Tool::OneSchedulerHook,
+        Tool::EmptyPrograms,
     ];
 
     fn name(self) -> &'static str {
@@ -88,6 +94,9 @@ impl Tool {
             Tool::WithoutGoRuntime => "p99probe attach --bench-without go-runtime",
             Tool::WithoutSampling => "p99probe attach --sample-hz 0",
             Tool::OneSchedulerHook => "p99probe attach --sched-hook tp-btf (one scheduler hook)",
+            Tool::EmptyPrograms => {
+                "p99probe attach --bench-empty-programs (every hook, each program returning at once)"
+            }
             Tool::AgentOnly => {
                 "p99probe attach --bench-without request-timing,scheduler,go-runtime --sample-hz 0 (the agent alone)"
             }
@@ -106,6 +115,7 @@ impl Tool {
             Tool::WithoutGoRuntime => &["--bench-without", "go-runtime"],
             Tool::WithoutSampling => &["--sample-hz", "0"],
             Tool::OneSchedulerHook => &["--sched-hook", "tp-btf"],
+            Tool::EmptyPrograms => &["--bench-empty-programs"],
             Tool::AgentOnly => &[
                 "--bench-without",
                 "request-timing,scheduler,go-runtime",
