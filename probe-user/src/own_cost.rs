@@ -240,6 +240,21 @@ impl OwnCostMeter {
         }
     }
 
+    /// When [`OwnCostMeter::poll`] next has something to do: the end of the span in
+    /// progress, or the start of the next. `None` once measuring has been refused. The agent
+    /// wakes for it, so that a span lasts [`SPAN_NS`] and not until whichever drain follows
+    /// (drains of a calm, busy target come a second apart).
+    pub fn next_due_ns(&self) -> Option<u64> {
+        if self.cost.unmeasured.is_some() {
+            return None;
+        }
+        Some(
+            self.span
+                .as_ref()
+                .map_or(self.next_ns, |span| span.since_ns + SPAN_NS),
+        )
+    }
+
     /// Whether the kernel is timing programs for this meter right now.
     pub fn measuring(&self) -> bool {
         self.span.is_some()
@@ -353,6 +368,27 @@ mod tests {
         assert_eq!((cost.spans, cost.programs[0].runs), (2, 24));
         assert_eq!(cost.measured_ns, SPAN_NS + SPAN_NS / 4);
         assert_eq!(cost.requests_served, 9);
+    }
+
+    #[test]
+    fn the_meter_is_due_at_each_edge_of_its_spans_and_never_once_refused() {
+        let mut meter = OwnCostMeter::first_at(2 * SPAN_NS, 10 * SPAN_NS);
+        assert_eq!(meter.next_due_ns(), Some(2 * SPAN_NS));
+        // Polled late, as a drain may be: the span runs from then.
+        meter.poll(2 * SPAN_NS + 7, timing, Vec::new, 0);
+        assert_eq!(meter.next_due_ns(), Some(3 * SPAN_NS + 7));
+        meter.poll(3 * SPAN_NS + 7, timing, Vec::new, 0);
+        assert!(!meter.measuring());
+        assert_eq!(meter.next_due_ns(), Some(12 * SPAN_NS + 7));
+
+        let mut refused = OwnCostMeter::first_at(0, 10 * SPAN_NS);
+        refused.poll(
+            0,
+            || Err(std::io::ErrorKind::PermissionDenied.into()),
+            Vec::new,
+            0,
+        );
+        assert_eq!(refused.next_due_ns(), None);
     }
 
     #[test]

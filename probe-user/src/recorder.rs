@@ -305,6 +305,12 @@ impl LiveSession {
         } else {
             DRAIN_INTERVAL
         };
+        let interval = match self.own_cost.as_ref().and_then(OwnCostMeter::next_due_ns) {
+            Some(due_ns) => {
+                interval.min(Duration::from_nanos(due_ns.saturating_sub(monotonic_ns())))
+            }
+            None => interval,
+        };
         tokio::select! {
             guard = self.ring.readable_mut() => {
                 // Cleared before the drain, so that a wakeup during it is not lost.

@@ -107,7 +107,9 @@ fn the_agents_programs_are_timed_over_the_spans_and_only_them() {
     let span_share = match cost.spans {
         1 => {
             assert!(
-                (SPAN_NS..SPAN_NS + 400_000_000).contains(&cost.measured_ns),
+                // The agent wakes at the span's end: it does not wait for the next drain,
+                // which for a busy target can be a second away.
+                (SPAN_NS..SPAN_NS + 250_000_000).contains(&cost.measured_ns),
                 "{} ns measured in one span",
                 cost.measured_ns
             );
