@@ -136,12 +136,12 @@ impl OwnCost {
             .map(|ns| format!(", {ns:.0} ns per request served"))
             .unwrap_or_default();
         Some(format!(
-            "p99probe's own kernel time: {:.2} ms/s ({:.2}% of one CPU) in {:.0} program runs/s{per_request}, measured over {} span(s) of {:.1} s; the kernel's dispatch to the programs (tens of ns per run) is not included",
+            "p99probe's own kernel time: {:.2} ms/s ({:.2}% of one CPU) in {:.0} program runs/s{per_request}, measured over {} span(s), {:.1} s in all; the kernel's dispatch to the programs (tens of ns per run) is not included",
             self.ms_per_s(),
             self.ms_per_s() / 10.0,
             self.runs_per_s(),
             self.spans,
-            self.measured_ns as f64 / self.spans as f64 / 1e9,
+            self.measured_ns as f64 / 1e9,
         ))
     }
 }
@@ -333,7 +333,7 @@ mod tests {
         assert_eq!(cost.ns_per_request(), None);
         let line = cost.summary().unwrap();
         assert!(line.contains("2.00 ms/s (0.20% of one CPU)"), "{line}");
-        assert!(line.contains("2 span(s) of 0.8 s"), "{line}");
+        assert!(line.contains("2 span(s), 1.5 s in all"), "{line}");
         assert!(!line.contains("per request"), "{line}");
     }
 

@@ -298,7 +298,8 @@ fn analysis_commands_write_their_files() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains("p99probe's own kernel time: ")
-            && stdout.contains(" measured over 1 span(s)"),
+            && stdout.contains(" span(s), ")
+            && stdout.contains(" s in all;"),
         "the agent's own kernel time not reported: {stdout}"
     );
     let info = p99probe(&["info", rec_s]);

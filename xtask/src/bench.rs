@@ -2683,7 +2683,7 @@ mod tests {
 
     #[test]
     fn p99probes_report_of_itself_is_read_from_its_exit_lines() {
-        let printed = "0 capture(s); 5 events sent\np99probe's own kernel time: 33.55 ms/s (3.35% of one CPU) in 277648 program runs/s, measured over 1 span(s) of 1.0 s\n";
+        let printed = "0 capture(s); 5 events sent\np99probe's own kernel time: 33.55 ms/s (3.35% of one CPU) in 277648 program runs/s, measured over 1 span(s), 1.0 s in all\n";
         assert_eq!(self_reported_ms_per_s(printed), Some(33.55));
         assert_eq!(self_reported_ms_per_s("0 capture(s)\n"), None);
         assert_eq!(
