@@ -32,6 +32,51 @@ fn busy_loop_dominates_the_oncpu_flame_graph() {
     );
 }
 
+/// At the full rate (`record` always samples at it), a sample that interrupted the kernel has
+/// its kernel stack walked, from the system call's entry; only calm-rate samples keep just the
+/// interrupted address. `attach`'s switch between the rates is checked in attach.rs, where a
+/// spinning server leaves too few full-rate samples in the kernel to rest this on.
+#[test]
+fn full_rate_samples_in_a_system_call_have_their_kernel_stack_walked() {
+    use p99probe::events::Event;
+    use p99probe::symbolize::KERNEL_NOT_WALKED_NAME;
+    let _serial = serial();
+    // Two threads handing a byte back and forth through pipes: on a CPU, mostly in read and
+    // write.
+    let pingpong = target(&["pingpong", "--duration", "20"]);
+    let recording = record_for(settings(pingpong.pid()), Duration::from_secs(2));
+    let (mut samples, mut in_kernel, mut from_a_system_call) = (0, 0, 0);
+    for event in recording.events() {
+        let Event::OnCpuSample { kernel_stack, .. } = event else {
+            continue;
+        };
+        samples += 1;
+        if kernel_stack.is_none() {
+            continue;
+        }
+        in_kernel += 1;
+        let names = recording.stack_names(kernel_stack);
+        assert!(
+            !names.iter().any(|f| f == KERNEL_NOT_WALKED_NAME),
+            "a full-rate sample without its kernel stack: {names:?}"
+        );
+        if names.iter().any(|f| f.starts_with("entry_SYSCALL")) {
+            from_a_system_call += 1;
+        }
+    }
+    eprintln!(
+        "{samples} samples, {in_kernel} in the kernel, {from_a_system_call} from a system call"
+    );
+    assert!(
+        in_kernel * 2 > samples,
+        "{in_kernel} of {samples} in the kernel"
+    );
+    assert!(
+        from_a_system_call * 2 > in_kernel,
+        "{from_a_system_call} of {in_kernel} kernel stacks reach the system call's entry"
+    );
+}
+
 #[test]
 fn code_a_jit_generated_is_named_from_the_perf_map_it_wrote() {
     // Java, Node and .NET run generated code with no file behind it; they name it for
