@@ -1017,8 +1017,9 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         settings.track_delivery,
         timing_requests,
     )?;
-    if !timing_requests
-        || settings.empty_programs
+    // A benchmark that times no request, or whose programs do nothing, has no use for it.
+    let write_hook_unused = !timing_requests || settings.empty_programs;
+    if write_hook_unused
         || (settings.write_hook == WriteHookPolicy::Never && !settings.track_delivery)
     {
         write_hook.detach(&mut ebpf)?;
@@ -1051,8 +1052,7 @@ pub fn attach(settings: &ProbeSettings) -> Result<AttachedProbes, ProbeError> {
         write_hook,
         write_hook_fixed: settings.track_delivery
             || settings.write_hook != WriteHookPolicy::WhileRateIsLow
-            || !timing_requests
-            || settings.empty_programs,
+            || write_hook_unused,
         report: AttachReport {
             scheduler: chosen.map_or(OMITTED.to_string(), |hook| hook.to_string()),
             scheduler_attempts: attempts,

@@ -316,3 +316,16 @@ pub fn wrk_on_cpu1(port: u16, connections: u32, seconds: u32) -> Spawned {
         later_lines: None,
     }
 }
+
+/// Whether a full-rate on-CPU sample's kernel stack (`names`, root first) reaches a system
+/// call's entry. Panics, naming `sample`, when the stack carries the calm rate's not-walked
+/// marker: no full-rate sample may.
+pub fn full_rate_stack_from_a_system_call(names: &[String], sample: &str) -> bool {
+    assert!(
+        !names
+            .iter()
+            .any(|f| f == p99probe::symbolize::KERNEL_NOT_WALKED_NAME),
+        "{sample}: a full-rate sample without its kernel stack: {names:?}"
+    );
+    names.iter().any(|f| f.starts_with("entry_SYSCALL"))
+}
