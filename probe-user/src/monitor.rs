@@ -475,6 +475,7 @@ pub async fn attach_and_watch(
             _ = &mut stop => break,
         }
     }
+    let own_cost = session.finish_own_cost();
     if let Some(err) = failed {
         drop(session);
         // The other captures being written end before the error does (and likely fail too).
@@ -508,7 +509,6 @@ pub async fn attach_and_watch(
     let stacks_freed = session.stacks_freed;
     let write_hook_changes = std::mem::take(&mut session.write_hook_changes);
     let offcpu_sampling_changes = std::mem::take(&mut session.offcpu_sampling_changes);
-    let own_cost = session.finish_own_cost();
     drop(session);
     written.extend(capturer.finish().await?);
     Ok(AttachSummary {

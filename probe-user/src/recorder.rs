@@ -320,11 +320,13 @@ impl LiveSession {
                 slept.map_err(|e| attach_err("the drain timer", e.to_string()))?;
             }
         }
+        // Before the drain, which under a heavy load can take a tenth of a second: a span
+        // ends when it is due, not when the drain is done.
+        self.measure_own_cost();
         let (drained, served) = self.drain_into(out);
         self.last_drained = drained;
         self.govern_write_hook(served);
         self.govern_offcpu_sampling();
-        self.measure_own_cost();
         self.free_kernel_stacks()
     }
 
@@ -412,16 +414,17 @@ impl LiveSession {
     }
 
     /// What the agent's kernel programs have cost so far, ending the span in progress: for
-    /// the end of a run.
+    /// the end of a run, called the moment it ends and before the last drain. Ended after
+    /// it, the span would also time the programs while the agent drains and writes out its
+    /// last events, which under a heavy load takes a tenth of a second or more; and the
+    /// last drain, reading after this, records every request the span counted.
     pub fn finish_own_cost(&mut self) -> Option<OwnCost> {
         let meter = self.own_cost.as_mut()?;
         let attached = &self.attached;
-        // Requests served as of the last drain, not now: those served since are in no
-        // recording, and under a heavy load writing out the last drain takes tens of ms.
         meter.finish(
             monotonic_ns(),
             || attached.program_runs(),
-            self.served_in_rings,
+            attached.timings.served(),
         );
         Some(meter.cost().clone())
     }
@@ -800,9 +803,9 @@ pub async fn record(
             }
         }
     }
+    let own_cost = session.finish_own_cost();
     session.drain_now(&mut drained);
     recording.append(&drained)?;
-    let own_cost = session.finish_own_cost();
     let end_ns = monotonic_ns();
     progress.finish_and_clear();
     // Nothing prunes the store while recording: it holds the stacks of every event written.

@@ -53,10 +53,14 @@ fn the_agents_programs_are_timed_over_the_spans_and_only_them() {
     );
     assert_eq!(cost.unmeasured, None);
     assert!(cost.spans >= 3, "{} spans in 3 s", cost.spans);
+    // From the agent's first wake to the moment the recording ends, which comes after the
+    // 3 s by as much as one drain takes (up to 0.3 s in a debug build under this load): the
+    // bound is the recording's own length, not the 3 s asked for.
     assert!(
-        (2_700_000_000..=3_300_000_000).contains(&cost.measured_ns),
-        "{} ns measured of 3 s",
-        cost.measured_ns
+        (2_700_000_000..=recording.duration_ns()).contains(&cost.measured_ns),
+        "{} ns measured of a recording of {} ns, 3 s asked for",
+        cost.measured_ns,
+        recording.duration_ns()
     );
     assert!(recorded > 1000, "only {recorded} requests recorded");
     assert!(
