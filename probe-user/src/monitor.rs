@@ -475,14 +475,13 @@ pub async fn attach_and_watch(
             _ = &mut stop => break,
         }
     }
-    let own_cost = session.finish_own_cost();
     if let Some(err) = failed {
         drop(session);
         // The other captures being written end before the error does (and likely fail too).
         let _ = capturer.finish().await;
         return Err(err);
     }
-    session.drain_now(&mut batch);
+    let own_cost = session.end_run(&mut batch);
     for timing in batch.timings.drain(..) {
         flight.push_timing(timing);
     }

@@ -413,12 +413,8 @@ impl LiveSession {
         );
     }
 
-    /// What the agent's kernel programs have cost so far, ending the span in progress: for
-    /// the end of a run, called the moment it ends and before the last drain. Ended after
-    /// it, the span would also time the programs while the agent drains and writes out its
-    /// last events, which under a heavy load takes a tenth of a second or more; and the
-    /// last drain, reading after this, records every request the span counted.
-    pub fn finish_own_cost(&mut self) -> Option<OwnCost> {
+    /// What the agent's kernel programs have cost so far, ending the span in progress.
+    fn finish_own_cost(&mut self) -> Option<OwnCost> {
         let meter = self.own_cost.as_mut()?;
         let attached = &self.attached;
         meter.finish(
@@ -465,9 +461,16 @@ impl LiveSession {
         Some(self.attached.latency_slices.as_mut()?.percentiles(now_ns))
     }
 
-    /// Drains everything the kernel holds.
-    pub fn drain_now(&mut self, out: &mut Drained) {
+    /// Ends the run the moment it is over: ends the own-cost span in progress, then drains
+    /// everything the kernel holds into `out`, and returns what the agent's kernel programs
+    /// cost. The span ends first: ended after the drain, it would also time the programs
+    /// while the agent drains and writes out its last events, which under a heavy load
+    /// takes a tenth of a second or more; and the drain, reading after it, records every
+    /// request the span counted.
+    pub fn end_run(&mut self, out: &mut Drained) -> Option<OwnCost> {
+        let own_cost = self.finish_own_cost();
         self.drain_into(out);
+        own_cost
     }
 
     /// Drains the ring buffer (and the new timings of the timing rings, while reading them)
@@ -803,8 +806,7 @@ pub async fn record(
             }
         }
     }
-    let own_cost = session.finish_own_cost();
-    session.drain_now(&mut drained);
+    let own_cost = session.end_run(&mut drained);
     recording.append(&drained)?;
     let end_ns = monotonic_ns();
     progress.finish_and_clear();
